@@ -325,7 +325,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         _finite("student loss", loss.detach(), step)
         (loss / len(batches)).backward()
         with torch.no_grad():  # validity monitor (Eq. 7); every batch here pairs G with a real sample
-            m = (torch.ones_like(x_real) if mask is None else mask.expand_as(x_real)).flatten(1)
+            m = (torch.ones_like(x_real) if mask is None else mask.expand_as(x_real)).float().flatten(1)
             per_elem = lambda d: ((d.float().flatten(1) ** 2 * m).sum(1) / m.sum(1)).mean()
             stats["delta2"] = per_elem(x_real - x_gen)  # E||x - G||^2 / d
             if c.monitor_every and step % c.monitor_every == 0:  # the other branch: one extra teacher call
