@@ -1,0 +1,184 @@
+"""Tiny random Wan2.1 models and data in the real on-disk layouts, for the CPU tests of wan_dfd.py.
+
+build_pipeline(dir)        a diffusers WanPipeline folder (transformer/, vae/, text_encoder/, tokenizer/,
+                           scheduler/, model_index.json) with a 2-layer transformer, a 4x-time / 8x-space VAE,
+                           a 1-layer UMT5 and a WordLevel tokenizer, loadable with HF_HUB_OFFLINE=1.
+make_videos(dir, ...)      synthetic mp4s with captions (sidecar .txt, or a CSV / JSONL manifest).
+to_original_keys(sd)       a diffusers transformer state dict renamed to the original Wan key names
+                           (the inverse of diffusers' convert_wan_transformer_to_diffusers).
+write_dmd2_checkpoints     one DMD2 checkpoint in every format --dmd2-ckpt accepts.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+
+TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                   out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+WORDS = ("a red ball rolls left right blue square moves up down green circle grows shrinks over the "
+         "slowly quickly on white black background cat dog jumps").split()
+
+
+def tiny_transformer(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**TRANSFORMER)
+    with torch.no_grad():  # diffusers zero-inits nothing here, but make the output layer non-trivial anyway
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_text_encoder(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                     relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def build_pipeline(path: str, seed: int = 0) -> str:
+    """Saves a tiny WanPipeline at `path` (the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(**VAE).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=tiny_tokenizer(), text_encoder=tiny_text_encoder(seed + 2), vae=vae,
+                       scheduler=sched, transformer=tiny_transformer(seed))
+    pipe.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Videos
+
+
+def write_video(path: str, frames: np.ndarray, fps: int) -> None:
+    """frames: uint8 [T, H, W, 3]."""
+    import av
+    with av.open(path, "w") as out:
+        s = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+
+
+def synthetic_frames(i: int, T: int, H: int, W: int) -> np.ndarray:
+    """A coloured square moving across a gradient; different for every i."""
+    rng = np.random.default_rng(i)
+    base = np.linspace(0, 255, W, dtype=np.float32)[None, None, :, None] * rng.uniform(0.2, 1, 3)
+    frames = np.broadcast_to(base, (T, H, W, 3)).copy()
+    col = rng.integers(0, 256, 3)
+    for t in range(T):
+        x = (i * 7 + 3 * t) % max(W - 8, 1)
+        frames[t, H // 4:H // 4 + 8, x:x + 8] = col
+    return frames.astype(np.uint8)
+
+
+def make_videos(path: str, n: int = 4, T: int = 12, H: int = 40, W: int = 56, fps: int = 8,
+                captions: str = "txt", broken: int = 0) -> list[str]:
+    """n synthetic mp4s (plus `broken` unreadable ones) with captions as sidecar .txt, or a
+    captions.csv / captions.jsonl manifest. Returns the captions in file order."""
+    os.makedirs(path, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"clip{i:02d}.mp4"
+        write_video(os.path.join(path, name), synthetic_frames(i, T, H, W), fps)
+        rows.append((name, " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4))))
+    for i in range(broken):
+        name = f"broken{i}.mp4"
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b"this is not a video")
+        rows.append((name, "broken clip"))
+    if captions == "txt":
+        for name, cap in rows:
+            with open(os.path.join(path, name[:-4] + ".txt"), "w") as f:
+                f.write(cap + "\n")
+    elif captions == "csv":
+        with open(os.path.join(path, "captions.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["video", "caption"])
+            w.writerows(rows)
+    elif captions == "jsonl":
+        with open(os.path.join(path, "captions.jsonl"), "w") as f:
+            for name, cap in rows:
+                f.write(json.dumps({"video": name, "caption": cap}) + "\n")
+    return [cap for _, cap in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# DMD2 checkpoints in every accepted format
+
+_TO_ORIGINAL = [  # diffusers name -> original Wan name, applied in this order
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn2", "cross_attn"), ("attn1", "self_attn"),
+    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("norm2", "norm__swap"), ("norm3", "norm2"), ("norm__swap", "norm3"),
+]
+
+
+def to_original_keys(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k == "scale_shift_table":
+            k = "head.modulation"
+        elif k.startswith("proj_out."):
+            k = "head.head." + k[len("proj_out."):]
+        elif k.endswith(".scale_shift_table"):
+            k = k[: -len("scale_shift_table")] + "modulation"
+        for a, b in _TO_ORIGINAL:
+            k = k.replace(a, b)
+        out[k] = v.clone()
+    return out
+
+
+def write_dmd2_checkpoints(path: str, generator: torch.nn.Module, critic: torch.nn.Module,
+                           generator_ema: torch.nn.Module | None = None) -> dict[str, str]:
+    """Writes the same generator (and critic) as: a diffusers folder, a .safetensors file, a Self-Forcing
+    style .pt (original keys under FSDP / DDP prefixes), and a torch.distributed.checkpoint folder
+    (FastGen style: {"model": {"net.*", "fake_score.*"}}). Returns {format: path}."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    g = {k: v.detach().clone().contiguous() for k, v in generator.state_dict().items()}
+    c = {k: v.detach().clone().contiguous() for k, v in critic.state_dict().items()}
+    ge = g if generator_ema is None else {k: v.detach().clone() for k, v in generator_ema.state_dict().items()}
+    out = {}
+    out["folder"] = os.path.join(path, "dmd2_diffusers")
+    generator.save_pretrained(out["folder"])
+    out["safetensors"] = os.path.join(path, "dmd2.safetensors")
+    save_file(g, out["safetensors"])
+    out["pt"] = os.path.join(path, "dmd2.pt")
+    wrap = lambda sd, pre: {pre + k: v for k, v in to_original_keys(sd).items()}
+    torch.save({"generator": wrap(g, "model._fsdp_wrapped_module."),
+                "generator_ema": wrap(ge, "module."),
+                "critic": wrap(c, "model._fsdp_wrapped_module.")}, out["pt"])
+    out["dcp"] = os.path.join(path, "dmd2_dcp")
+    state = {"model": {**{"net." + k: v for k, v in g.items()}, **{"fake_score." + k: v for k, v in c.items()}}}
+    dcp.save(state, checkpoint_id=out["dcp"], no_dist=True)
+    return out
