@@ -407,6 +407,35 @@ def test_p0_reproduces_dmd_bit_for_bit():
     assert any(gr.abs().sum() > 0 for gr in grads)  # the step did something
 
 
+def test_grad_accum_averages_micro_batches():
+    """grad_accum = 2: the update uses the mean of the two micro-batches' gradients, each micro-batch with
+    its own draws from the (seed, step, -1, a, rank) generator; the logs are micro-batch means too."""
+    c = dfd.DFDConfig(p=0.0, seed=3, grad_accum=2, grad_clip=0.0)
+    student, fake, teacher, x_real = _setup(seed=12)
+    x_real2 = torch.randn(x_real.shape, generator=gen(99))
+    ref = copy.deepcopy(student)
+    step = 4
+    logs = dfd.student_step(student, teacher, fake, torch.optim.SGD(student.parameters(), lr=1.0),
+                            [(x_real, None), (x_real2, None)], c, step)
+    losses = []
+    for a, xr in enumerate((x_real, x_real2)):
+        g = torch.Generator().manual_seed(dfd._seed(c.seed, step, -1, a, 0))
+        x_in, t_in = dfd.student_input(xr, c.student_ts, g)
+        G = ref(x_in, t_in, None)
+        eps = torch.randn(xr.shape, generator=g)
+        t = dfd.sample_t(xr.shape[0], c, g, "cpu")
+        with torch.no_grad():
+            x_tilde = dfd.forward_diffusion(G.detach(), eps, t)
+            x0_teacher, x0_fake = teacher(x_tilde, t, None), fake(x_tilde, t, None)
+        loss, _ = dfd.dm_loss(G, x0_teacher, x0_fake)
+        loss.backward()
+        losses.append(loss.item())
+    for new, old in zip(student.parameters(), ref.parameters()):
+        torch.testing.assert_close(new, old.detach() - old.grad / 2, rtol=1e-6, atol=1e-7)
+    assert logs["loss_student"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert losses[0] != pytest.approx(losses[1])  # the two micro-batches really differ
+
+
 def test_p0_p1_teacher_inputs_and_shared_eps_t():
     """p = 1: the teacher sees the real sample noised with the SAME eps and t as the fake's input
     (x_t - x~_t = alpha_t (x - G)); p = 0: the teacher sees exactly the fake's input."""
