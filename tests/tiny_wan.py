@@ -182,3 +182,25 @@ def write_dmd2_checkpoints(path: str, generator: torch.nn.Module, critic: torch.
     state = {"model": {**{"net." + k: v for k, v in g.items()}, **{"fake_score." + k: v for k, v in c.items()}}}
     dcp.save(state, checkpoint_id=out["dcp"], no_dist=True)
     return out
+
+
+_CACHE: dict[str, str] = {}
+
+
+def cached_pipeline() -> str:
+    """One tiny pipeline folder per test session (built on first use, removed at exit)."""
+    if "pipe" not in _CACHE:
+        import atexit
+        import shutil
+        import tempfile
+        root = tempfile.mkdtemp(prefix="tiny_wan_")
+        atexit.register(shutil.rmtree, root, True)
+        _CACHE["pipe"] = build_pipeline(os.path.join(root, "wan"))
+    return _CACHE["pipe"]
+
+
+def quiet_env() -> dict:
+    """Environment for subprocess runs: offline hub, one thread, repo root on the path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
