@@ -265,11 +265,18 @@ def _read_raw(path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_dcp(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a torch.distributed.checkpoint folder: allocate them from its metadata, then load."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    sd: dict[str, Any] = {}
-    dcp.load(sd, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return _flatten(sd)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = dcp.FileSystemReader(path)
+    meta = reader.read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+          if isinstance(m, TensorStorageMetadata)}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+        dcp.load(sd, storage_reader=reader, no_dist=True)
+    return sd
 
 
 def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tensor] | None:
@@ -623,7 +630,7 @@ def read_video_frames(path: str, num_frames: int, fps: float, height: int, width
     import av
     want = [k / fps for k in range(num_frames)]
     picked: list[np.ndarray] = []
-    last = None
+    last, last_t, step = None, 0.0, 0.0
     try:
         with av.open(path) as box:
             stream = box.streams.video[0]
@@ -633,12 +640,12 @@ def read_video_frames(path: str, num_frames: int, fps: float, height: int, width
                     picked.append(last)  # the frame on screen at the wanted time
                 if len(picked) == num_frames:
                     break
-                last = frame.to_ndarray(format="rgb24")
-            duration = float(stream.duration * stream.time_base) if stream.duration else None
+                last, last_t = frame.to_ndarray(format="rgb24"), t
+            step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
-    if last is not None and len(picked) == num_frames - 1 and (duration is None or duration >= want[-1]):
-        picked.append(last)
+    if last is not None and len(picked) == num_frames - 1 and want[-1] < last_t + step - 1e-6:
+        picked.append(last)  # the last wanted time falls on the clip's final frame
     if len(picked) < num_frames:
         raise ValueError(f"{path}: too short ({len(picked)} of {num_frames} frames at {fps:g} fps)")
     x = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).float()  # [T, 3, h, w]

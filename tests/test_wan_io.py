@@ -1,0 +1,137 @@
+"""wan_dfd's file handling: every --dmd2-ckpt format, weight mismatches, data shards, video I/O."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny_wan
+import wan_dfd
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return tiny_wan.tiny_transformer(0), tiny_wan.tiny_transformer(1), tiny_wan.tiny_transformer(2)
+
+
+def _same(net, ref):
+    return all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+
+
+def test_every_dmd2_format_loads_identical_weights(tmp_path, nets):
+    gen, critic, ema = nets
+    assert not _same(gen, critic)
+    paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path), gen, critic, ema)
+    adapter = wan_dfd.WanAdapter()
+    for fmt, path in paths.items():
+        net = tiny_wan.tiny_transformer(3)
+        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(path, "generator"), path, adapter.convert_state_dict)
+        assert _same(net, gen), fmt
+        c = wan_dfd.read_checkpoint(path, "critic")
+        if fmt in ("pt", "dcp"):
+            wan_dfd.load_weights(net, c, path, adapter.convert_state_dict)
+            assert _same(net, critic), fmt
+        else:
+            assert c is None, fmt  # plain weights: the fake score will start from the teacher
+    # the .pt holds an EMA under DDP's "module." prefix; the others fall back to the generator
+    net = tiny_wan.tiny_transformer(3)
+    wan_dfd.load_weights(net, wan_dfd.read_checkpoint(paths["pt"], "generator_ema"), "pt", adapter.convert_state_dict)
+    assert _same(net, ema)
+    wan_dfd.load_weights(net, wan_dfd.read_checkpoint(paths["dcp"], "generator_ema"), "dcp")
+    assert _same(net, gen)
+
+
+def test_original_keys_round_trip_through_diffusers_converter(nets):
+    sd = nets[0].state_dict()
+    orig = tiny_wan.to_original_keys(sd)
+    assert "head.head.weight" in orig and any("self_attn.q" in k for k in orig)
+    back = wan_dfd.WanAdapter().convert_state_dict(orig)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_weight_mismatches_are_listed(tmp_path, nets):
+    net = tiny_wan.tiny_transformer(3)
+    sd = dict(nets[0].state_dict())
+    dropped = sd.pop("proj_out.weight")
+    with pytest.raises(ValueError, match=r"ckpt: weights do not fit WanTransformer3DModel: 1 missing \[proj_out.weight\]"):
+        wan_dfd.load_weights(net, sd, "ckpt")
+    with pytest.raises(ValueError, match=r"1 unexpected \[extra.bias\]"):
+        wan_dfd.load_weights(net, {**sd, "proj_out.weight": dropped, "extra.bias": torch.zeros(1)}, "ckpt")
+    with pytest.raises(ValueError, match=r"1 shape mismatches \[proj_out.weight: file \(3, 3\) vs model"):
+        wan_dfd.load_weights(net, {**sd, "proj_out.weight": torch.zeros(3, 3)}, "ckpt")
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="broken.safetensors: cannot read weights"):
+        wan_dfd.read_checkpoint(str(bad))
+    with pytest.raises(ValueError, match="no such file"):
+        wan_dfd.read_checkpoint(str(tmp_path / "absent.pt"))
+
+
+def test_strip_prefixes():
+    t = torch.zeros(1)
+    sd = {"module.model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.w": t,
+          "module.model._orig_mod.head.b": t}
+    assert set(wan_dfd.strip_prefixes(sd)) == {"blocks.0.w", "head.b"}
+
+
+def _write_data(folder, n=5, per_shard=2, negative=True):
+    w = wan_dfd.ShardWriter(str(folder), per_shard)
+    for i in range(n):
+        w.add({"latents": torch.full((16, 2, 2, 2), float(i)), "text": torch.full((512, 32), float(i))})
+    return w.close({"adapter": "wan"}, {"text": torch.zeros(512, 32)} if negative else None)
+
+
+def test_shards_round_trip_and_stream_position(tmp_path):
+    m = _write_data(tmp_path)
+    assert m["count"] == 5 and len(m["shards"]) == 3 and m["shapes"]["latents"] == [16, 2, 2, 2]
+    data = wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    assert [int(data[i]["latents"][0, 0, 0, 0]) for i in range(5)] == [0, 1, 2, 3, 4]
+    ids = lambda it, k: [next(it)["latents"][:, 0, 0, 0, 0].tolist() for _ in range(k)]
+    full = ids(data.batches(0, 2, 0, 1, seed=3), 7)  # 14 samples: crosses two epoch boundaries
+    assert sorted(sum(full[:2], []) + [full[2][0]]) == [0, 1, 2, 3, 4]  # epoch 0 is a permutation
+    assert ids(data.batches(4, 2, 0, 1, seed=3), 3) == full[4:7]  # resuming at position 4 repeats the stream
+    # two ranks with per-rank batch 1 see exactly the single-rank stream of batch 2
+    r0, r1 = ids(data.batches(0, 1, 0, 2, seed=3), 7), ids(data.batches(0, 1, 1, 2, seed=3), 7)
+    assert [a + b for a, b in zip(r0, r1)] == full
+
+
+def test_bad_data_gets_one_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="no manifest.json"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    _write_data(tmp_path, negative=False)
+    with pytest.raises(ValueError, match="no negative-prompt embedding"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    _write_data(tmp_path)
+    with pytest.raises(ValueError, match="manifest has no mask"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "mask"))
+    shard = tmp_path / "shard-00001.safetensors"
+    save_file({"latents": torch.zeros(2, 16, 2, 2, 3), "text": torch.zeros(2, 512, 32)}, str(shard))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: 'latents' has shape \(2, 16, 2, 2, 3\), manifest says \(2, 16, 2, 2, 2\)"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    os.remove(shard)
+    with pytest.raises(ValueError, match="shard-00001.safetensors is listed in the manifest but missing"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+
+
+def test_video_frames_resampled_resized_and_round_trip(tmp_path):
+    """A 16-frame 8 fps clip whose brightness encodes the frame index, read at 4 fps: frames 0, 2, 4, ..."""
+    T, H, W = 16, 48, 64
+    frames = np.stack([np.full((H, W, 3), 10 + 15 * i, np.uint8) for i in range(T)])
+    path = str(tmp_path / "ramp.mp4")
+    wan_dfd.write_mp4(path, frames, fps=8)
+    x = wan_dfd.read_video_frames(path, num_frames=5, fps=4, height=32, width=32)
+    assert x.shape == (5, 32, 32, 3) and x.dtype == torch.uint8
+    got = x.float().mean(dim=(1, 2, 3))
+    assert torch.allclose(got, torch.tensor([10.0 + 15 * 2 * k for k in range(5)]), atol=4), got
+    with pytest.raises(ValueError, match="too short"):
+        wan_dfd.read_video_frames(path, num_frames=9, fps=4, height=32, width=32)  # needs 2 s, clip is 2 s - 1 frame
+    (tmp_path / "junk.mp4").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.mp4: unreadable video"):
+        wan_dfd.read_video_frames(str(tmp_path / "junk.mp4"), 5, 4, 32, 32)
