@@ -183,15 +183,20 @@ STUDENT_TS = (0.999, 0.937, 0.833, 0.624)  # [1, .75, .5, .25] shifted by s = 5,
 
 
 def sample(student: Denoiser, noise: torch.Tensor, cond: Any, ts=STUDENT_TS,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """The few-step sampler (DMD2 style): predict x0, re-noise it with fresh noise to the next t, repeat."""
+           generator: torch.Generator | None = None, renoise: bool = True) -> torch.Tensor:
+    """The few-step sampler. renoise=True (DMD2 style, the default): predict x0, re-noise it with fresh noise
+    to the next t, repeat. renoise=False: re-noise with the noise the prediction implies instead,
+    eps_hat = (x_t - alpha_t x0_hat) / sigma_t, i.e. the deterministic flow-ODE (Euler / DDIM) step."""
     x = noise
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), float(t), device=x.device)
         x0 = student(x, tt, cond)
         if i + 1 < len(ts):
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = forward_diffusion(x0, fresh, torch.full_like(tt, ts[i + 1]))
+            if renoise:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                eps = eps_from_x0(x, x0, tt)
+            x = forward_diffusion(x0, eps, torch.full_like(tt, ts[i + 1]))
     return x0
 
 
