@@ -248,7 +248,7 @@ def _read_raw(path: str) -> dict[str, torch.Tensor]:
                 if files:
                     sd = {}
                     for f in files:
-                        sd.update(load_file(os.path.join(folder, f)))
+                        sd.update(_read_raw(os.path.join(folder, f)))
                     return sd
             raise ValueError(f"{path}: folder holds neither *.safetensors weights, transformer/*.safetensors, "
                              "nor a torch.distributed.checkpoint (.metadata)")

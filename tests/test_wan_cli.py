@@ -1,0 +1,241 @@
+"""wan_dfd.py end to end on a tiny random Wan, run as subprocesses (cleanrl style):
+synthetic mp4s -> prepare -> train -> kill -> resume (same weights as an unbroken run) -> sample (playable mp4s)
+-> export (drops into diffusers' WanPipeline and gives the frames `sample` gave); plus every bad input's message."""
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dfd
+import tiny_wan
+import wan_dfd
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "wan_dfd.py")
+SIZE = ["--num-frames", "9", "--height", "32", "--width", "48", "--fps", "8"]
+
+
+def run(args, **kw):
+    r = subprocess.run([sys.executable, SCRIPT, *args], env=tiny_wan.quiet_env(), capture_output=True, text=True, **kw)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan_e2e")
+    pipe = tiny_wan.cached_pipeline()
+    captions = tiny_wan.make_videos(str(root / "videos"), n=4, captions="csv", broken=1)
+    data = str(root / "data")
+    r = run(["prepare", "--model-dir", pipe, "--videos", str(root / "videos"), "--out", data, *SIZE,
+             "--per-shard", "3", "--store-dtype", "fp32", "--device", "cpu"])
+    assert "prepared 4 samples in 2 shards" in r.stderr and "broken0.mp4: " in r.stderr
+    dmd2 = tiny_wan.write_dmd2_checkpoints(str(root / "dmd2"), tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6))
+    return {"root": root, "pipe": pipe, "data": data, "dmd2": dmd2, "captions": captions}
+
+
+def train_args(s, out, *more):
+    return ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--out", out,
+            "--steps", "6", "--batch-size", "2", "--fake-updates", "1", "--save-every", "2", "--ema", "0.9",
+            "--lr", "1e-4", "--lr-fake", "1e-4", "--monitor-every", "2", "--device", "cpu", *more]
+
+
+def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
+    m = json.load(open(os.path.join(setup["data"], "manifest.json")))
+    assert m["count"] == 4 and m["shapes"] == {"latents": [16, 3, 4, 6], "text": [512, 32]}
+    assert [os.path.basename(s["file"]) for s in m["skipped"]] == ["broken0.mp4"]
+    data = wan_dfd.LatentShards(setup["data"], ("latents", "text"))
+    enc = wan_dfd.WanEncoders(setup["pipe"], torch.device("cpu"))
+    torch.testing.assert_close(data[1]["text"], enc.encode_text([setup["captions"][1]])["text"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.negative["text"], enc.negative()["text"], atol=1e-5, rtol=0)
+    frames = wan_dfd.read_video_frames(str(setup["root"] / "videos" / "clip02.mp4"), 9, 8, 32, 48)
+    torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames)["latents"], atol=1e-4, rtol=0)
+
+
+def test_train_kill_resume_sample_export(setup):
+    s, root = setup, setup["root"]
+    run_a, run_b = str(root / "run_a"), str(root / "run_b")
+    run(train_args(s, run_a))  # no subcommand: train
+    logs = [json.loads(line) for line in open(os.path.join(run_a, "metrics.jsonl"))]
+    assert [r["step"] for r in logs] == list(range(6))
+    for key in ("loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake", "delta2", "dfd", "step_time_s",
+                "peak_mem_gb", "dm_normaliser", "t_mean"):
+        assert all(key in r and r[key] == r[key] for r in logs), key
+    assert {r["dfd"] for r in logs} == {0.0, 1.0}  # both branches of the p = 0.5 coin were taken
+    assert "teacher_gap" in logs[0] and "teacher_gap" not in logs[1]
+    # the same run, killed (SIGKILL) right after its first checkpoint, then resumed
+    proc = subprocess.Popen([sys.executable, SCRIPT, "train", *train_args(s, run_b)], env=tiny_wan.quiet_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(run_b, "checkpoints", "latest")
+    t0 = time.time()
+    while not os.path.exists(latest) and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert open(latest).read().strip() == "step-000001"
+    assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
+    run(["train", *train_args(s, run_b), "--resume"])
+    a, b = (os.path.join(r, "checkpoints", "step-000005") for r in (run_a, run_b))
+    for name in ("student", "fake", "ema"):
+        wa, wb = load_file(f"{a}/{name}.safetensors"), load_file(f"{b}/{name}.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    st_a, st_b = (torch.load(f"{x}/state.pt", weights_only=False) for x in (a, b))
+    assert st_a["position"] == st_b["position"] == 6 * 2  # 6 steps x (1 fake + 1 student) micro-batches
+    ex = st_a["optim"]["student"]["state"]
+    k = next(iter(ex))
+    assert torch.equal(ex[k]["exp_avg_sq"], st_b["optim"]["student"]["state"][k]["exp_avg_sq"])
+    student0 = tiny_wan.tiny_transformer(5).state_dict()
+    assert any(not torch.equal(student0[k], v) for k, v in load_file(f"{a}/student.safetensors").items())  # it trained
+    # sample: 2 prompts x 2 seeds -> 4 playable mp4s named by prompt index and seed
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red ball rolls left\nblue square moves up\n")
+    out = str(root / "samples")
+    run(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--prompts", str(prompts), "--seeds", "0", "7",
+         "--out", out, *SIZE, "--device", "cpu", "--save-latents"])
+    import av
+    names = sorted(os.path.basename(p) for p in glob.glob(f"{out}/*.mp4"))
+    assert names == ["prompt000_seed0.mp4", "prompt000_seed7.mp4", "prompt001_seed0.mp4", "prompt001_seed7.mp4"]
+    for n in names:
+        with av.open(f"{out}/{n}") as box:
+            frames = [f.to_ndarray(format="rgb24") for f in box.decode(video=0)]
+        assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    lat = {n: load_file(f"{out}/{n[:-4]}.safetensors")["latents"] for n in names}
+    assert not torch.allclose(lat["prompt000_seed0.mp4"], lat["prompt000_seed7.mp4"])
+    # export -> diffusers folder; through WanPipeline it gives sample's latents and frames
+    exp = str(root / "export")
+    run(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp])
+    assert os.path.exists(f"{exp}/config.json") and glob.glob(f"{exp}/*.safetensors")
+    net = wan_dfd.WanAdapter().load_network(exp)
+    ema = load_file(f"{a}/ema.safetensors")  # export and sample default to the EMA
+    assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items() if k in ema)
+    lat_p, frames_p = pipeline_student(s["pipe"], net, "a red ball rolls left", seed=7)
+    torch.testing.assert_close(lat_p[0], lat["prompt000_seed7.mp4"], atol=1e-4, rtol=1e-4)
+    mine = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), text=False).decode(lat["prompt000_seed7.mp4"][None])
+    assert (frames_p[0] * 255 - mine[0].float()).abs().max() <= 1.0
+
+
+def pipeline_student(pipe_dir, net, prompt, seed):
+    """diffusers' WanPipeline running the DMD sampler: FlowMatchEulerDiscreteScheduler with stochastic_sampling
+    (predict x0, re-noise with fresh noise) at the student's sigmas, no CFG."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)
+    sched.set_timesteps = functools.partial(sched.set_timesteps, sigmas=list(dfd.STUDENT_TS))
+    pipe = WanPipeline.from_pretrained(pipe_dir, transformer=net, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, 16, 3, 4, 6), generator=g)
+    torch.manual_seed(seed)
+    torch.randn(noise.shape)  # the pipeline re-noises from the global RNG: align it with sample's generator
+    kw = dict(prompt=prompt, height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=1.0)
+    lat = pipe(**kw, latents=noise.clone(), output_type="latent").frames
+    torch.manual_seed(seed)
+    torch.randn(noise.shape)
+    frames = pipe(**kw, latents=noise.clone(), output_type="np").frames
+    return lat, torch.as_tensor(frames)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                    reason="diffusers 0.42.1 needs accelerate for WanTransformer3DModel.from_pretrained")
+def test_export_loads_with_from_pretrained(setup, tmp_path):
+    from diffusers import WanTransformer3DModel
+    run(["export", "--model-dir", setup["pipe"], "--ckpt", setup["dmd2"]["folder"], "--out", str(tmp_path / "e")])
+    net = WanTransformer3DModel.from_pretrained(str(tmp_path / "e"))
+    ref = tiny_wan.tiny_transformer(5).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+
+
+def main_error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        wan_dfd.main(wan_dfd.WanAdapter(), argv)
+    return str(e.value.code)
+
+
+def test_bad_inputs_get_one_clear_line(setup, tmp_path):
+    s = setup
+    base = lambda **over: sum(([f"--{k.replace('_', '-')}", v] for k, v in
+                               {"model_dir": s["pipe"], "data": s["data"], "dmd2_ckpt": s["dmd2"]["pt"],
+                                "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()), [])
+    cases = [
+        (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
+        (base(steps="0"), "--steps 0: must be >= 1"),
+        (base(batch_size="3", grad_accum="2"), "--batch-size 3 is not a multiple of ranks x --grad-accum = 1 x 2"),
+        (base(model_dir=str(tmp_path / "nope")), "--model-dir .*nope: no such folder"),
+        (base(data=str(tmp_path / "nodata")), "--data .*nodata: no such folder"),
+        (base(dmd2_ckpt=str(tmp_path / "x.pt")), "--dmd2-ckpt .*x.pt: no such file"),
+    ]
+    for argv, msg in cases:
+        got = main_error(["train", *argv])
+        assert re.search(msg, got) and "\n" not in got, (argv, got)
+    # a corrupt model folder: garbage config, then truncated weights
+    bad = tmp_path / "badmodel"
+    shutil.copytree(s["pipe"], bad)
+    (bad / "transformer" / "config.json").write_text("{garbage")
+    assert "transformer/config.json: not a WanTransformer3DModel config" in main_error(["train", *base(model_dir=str(bad))])
+    shutil.copy(os.path.join(s["pipe"], "transformer", "config.json"), bad / "transformer" / "config.json")
+    w = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    assert "diffusion_pytorch_model.safetensors: cannot read weights" in main_error(["train", *base(model_dir=str(bad))])
+    # data: wrong shapes, missing negative embedding, text width the transformer cannot take
+    d2 = tmp_path / "d2"
+    shutil.copytree(s["data"], d2)
+    shard = sorted(glob.glob(f"{d2}/shard-*.safetensors"))[0]
+    t = load_file(shard)
+    save_file({"latents": t["latents"][:, :, :2].contiguous(), "text": t["text"]}, shard)
+    assert "'latents' has shape (3, 16, 2, 4, 6), manifest says (3, 16, 3, 4, 6)" in main_error(["train", *base(data=str(d2))])
+    save_file(t, shard)
+    os.remove(d2 / "negative.safetensors")
+    assert "no negative-prompt embedding" in main_error(["train", *base(data=str(d2))])
+    d3 = tmp_path / "d3"
+    w3 = wan_dfd.ShardWriter(str(d3))
+    w3.add({"latents": torch.zeros(16, 3, 4, 6), "text": torch.zeros(512, 8)})
+    w3.close({}, {"text": torch.zeros(512, 8)})
+    assert "text embeddings have shape (512, 8); the transformer wants [L, 32]" in main_error(["train", *base(data=str(d3))])
+    # sample: missing prompt file; export of a checkpoint that does not fit
+    assert "missing.txt: no such file or folder" in main_error(
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--prompts", str(tmp_path / "missing.txt")])
+    other = tmp_path / "other.safetensors"
+    save_file({"blocks.0.x": torch.zeros(1)}, str(other))
+    assert "weights do not fit WanTransformer3DModel" in main_error(
+        ["export", "--model-dir", s["pipe"], "--ckpt", str(other), "--out", str(tmp_path / "ex")])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(setup, tmp_path):
+    s = setup
+    out = str(tmp_path / "run")
+    common = ["--model-dir", s["pipe"], "--dmd2-ckpt", s["dmd2"]["safetensors"], "--out", out, "--device", "cpu",
+              "--batch-size", "2", "--fake-updates", "0", "--save-every", "1", "--monitor-every", "0"]
+    wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--data", s["data"], "--steps", "1"])
+    ckpt = os.path.join(out, "checkpoints", "step-000000")
+    digest = lambda: {f: hashlib.sha256(open(os.path.join(ckpt, f), "rb").read()).hexdigest() for f in os.listdir(ckpt)}
+    before = digest()
+    nan = tmp_path / "nan"
+    shutil.copytree(s["data"], nan)
+    for shard in glob.glob(f"{nan}/shard-*.safetensors"):
+        t = load_file(shard)
+        save_file({"latents": torch.full_like(t["latents"], float("nan")), "text": t["text"]}, shard)
+    msg = main_error(["train", *common, "--data", str(nan), "--steps", "3", "--resume"])
+    assert msg.startswith("error: training stopped: non-finite") and "step-000000 is untouched" in msg, msg
+    assert digest() == before and open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-000000"
+
+
+def test_help_and_cli_error_format(capsys):
+    for cmd, flag in (("train", "--dmd2-ckpt"), ("prepare", "--videos"), ("sample", "--prompts"), ("export", "--ckpt")):
+        with pytest.raises(SystemExit) as e:
+            wan_dfd.main(wan_dfd.WanAdapter(), [cmd, "--help"])
+        assert e.value.code == 0 and flag in capsys.readouterr().out
+    r = subprocess.run([sys.executable, SCRIPT, "--p", "2", "--model-dir", ".", "--data", "."], env=tiny_wan.quiet_env(),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == "error: --p 2.0: must be in [0, 1]", r.stderr
