@@ -45,15 +45,19 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import sys
 import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import dfd
+import wan_dfd
 
 COND_T = 1e-4  # timestep of conditioning frames: the pipeline's conditional_frame_timestep ("t = 0")
 TEXT_LEN = 512  # prompt tokens, padded: the pipeline's max_sequence_length
@@ -98,60 +102,17 @@ def ensure_padding_mask_resize() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading.
-
-
-def load_transformer(folder: str, dtype: torch.dtype = torch.float32):
-    """CosmosTransformer3DModel from a diffusers folder (config.json + safetensors, sharded or not), built from
-    its config and filled with load_state_dict so that it works without `accelerate` (diffusers' from_pretrained
-    needs it for this class). fp32 by default: FSDP's MixedPrecisionPolicy casts for compute."""
-    from diffusers import CosmosTransformer3DModel
-    from safetensors.torch import load_file
-
-    ensure_padding_mask_resize()
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise ValueError(f"{folder}: not a diffusers transformer folder (no config.json)")
-    model = CosmosTransformer3DModel.from_config(CosmosTransformer3DModel.load_config(folder))
-    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["diffusion_pytorch_model.safetensors"]
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{folder}: missing weight file {name}")
-        state.update(load_file(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match config.json; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model = model if dtype == torch.float32 else model.to(dtype)
-    return model.eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The condition and the denoiser adapter.
+# The denoiser adapter: x0 from the transformer, with the image kept clean.
 
 
 @dataclass
 class CosmosCond:
     """What the networks are conditioned on, for a batch of B videos.
-
-    prompt:   [B, 512, D] text embedding (D = 100352 for the real model).
-    image:    [B, 16, Tc, h, w] normalised clean latent of the conditioning frame(s) (Tc = 1: the image).
-    negative: [B or 1, 512, D] embedding of the negative prompt, used by a guided teacher only.
-    """
+    prompt: [B, 512, D] text embedding (D = 100352 for the real model).
+    image:  [B, 16, Tc, h, w] normalised clean latent of the conditioning frame(s) (Tc = 1: the image)."""
 
     prompt: torch.Tensor
     image: torch.Tensor
-    negative: torch.Tensor | None = None
-
-    def to(self, device, dtype: torch.dtype | None = None) -> "CosmosCond":
-        move = lambda x: None if x is None else x.to(device=device, dtype=dtype or x.dtype)
-        return CosmosCond(move(self.prompt), self.image.to(device), move(self.negative))
 
 
 def frame_mask(T: int, n_cond: int, device=None) -> torch.Tensor:
@@ -171,40 +132,442 @@ def with_image(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.cat([image.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1), x[:, :, image.shape[2]:]], dim=2)
 
 
-class CosmosDenoiser(torch.nn.Module):
+class CosmosDenoiser(wan_dfd.WanDenoiser):
     """denoise(x_t, t, cond) -> x0 for Cosmos-Predict2.5, with image conditioning and optional guidance.
 
     x_t [B, 16, T, h, w], t [B] in [0, 1]. Conditioning frames enter as the clean latent with timestep COND_T
-    and come out as exactly that latent; generated frames give x0 = x_t - t v. With g != 1 and a negative
-    embedding in `cond`, x0 = uncond + g (cond - uncond) (the paper's form; guidance_scale = g - 1 in the
-    pipeline). Wraps the transformer so that the student and the fake score are trainable modules
-    (gradients flow through the transformer; nothing is detached here).
+    and come out as exactly that latent; generated frames give x0 = x_t - t v. With a guidance g and the
+    negative-prompt embedding `uncond` [1, 512, D], x0 = uncond + g (cond - uncond) (the paper's form;
+    guidance_scale = g - 1 in the pipeline), both branches in one forward of batch 2B. Gradients flow
+    through the transformer (student, fake score); nothing is detached here. The constructor (net, guidance,
+    uncond, compute_dtype) is WanDenoiser's; only the forward differs.
     """
-
-    def __init__(self, transformer: torch.nn.Module, g: float = 1.0):
-        super().__init__()
-        self.transformer = transformer
-        self.g = g
 
     def velocity(self, x_in: torch.Tensor, t_in: torch.Tensor, cond_mask: torch.Tensor,
                  prompt: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.transformer.parameters()).dtype
-        padding_mask = x_in.new_zeros(1, 1, *x_in.shape[-2:], dtype=dtype)  # all zeros, as in the pipeline
-        return self.transformer(hidden_states=x_in.to(dtype), timestep=t_in,  # t stays fp32, as in the pipeline
-                                encoder_hidden_states=prompt.to(dtype), condition_mask=cond_mask.to(dtype),
-                                padding_mask=padding_mask, return_dict=False)[0].float()
+        dt = self.compute_dtype or x_in.dtype
+        padding_mask = x_in.new_zeros(1, 1, *x_in.shape[-2:], dtype=dt)  # all zeros, batch 1, as in the pipeline
+        return self.net(hidden_states=x_in.to(dt), timestep=t_in.float(), encoder_hidden_states=prompt.to(dt),
+                        condition_mask=cond_mask.to(dt), padding_mask=padding_mask, return_dict=False)[0].float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: CosmosCond) -> torch.Tensor:
         B, _, T, h, w = x_t.shape
         m = frame_mask(T, cond.image.shape[2], x_t.device)  # [1, 1, T, 1, 1]
         x_in = with_image(x_t.float(), cond.image.float())
-        t_in = m * COND_T + (1 - m) * t.float().reshape(B, 1, 1, 1, 1)  # [B, 1, T, 1, 1]
+        t_in = m * COND_T + (1 - m) * t.float().reshape(B, 1, 1, 1, 1)  # [B, 1, T, 1, 1], fp32 like the pipeline
         cond_mask = m.expand(B, 1, T, h, w)
-        if self.g != 1.0 and cond.negative is not None:  # one call on the doubled batch [cond; uncond]
-            prompt = torch.cat([cond.prompt, cond.negative.expand(B, -1, -1).to(cond.prompt.dtype)])
-            v_c, v_u = self.velocity(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]),
+        if self.guidance is not None and self.guidance != 1.0:
+            prompt = torch.cat([cond.prompt, self.uncond.expand(B, -1, -1).to(cond.prompt.dtype)])
+            v_c, v_u = self.velocity(x_in.repeat(2, 1, 1, 1, 1), t_in.repeat(2, 1, 1, 1, 1),
                                      cond_mask.repeat(2, 1, 1, 1, 1), prompt).chunk(2)
-            x0 = dfd.cfg(x_in - t_in * v_c, x_in - t_in * v_u, self.g)
+            x0 = dfd.cfg(x_in - t_in * v_c, x_in - t_in * v_u, self.guidance)
         else:
             x0 = x_in - t_in * self.velocity(x_in, t_in, cond_mask, cond.prompt)
         return with_image(x0, cond.image.float()).to(x_t.dtype)
+
+
+def sample_ode(student, noise: torch.Tensor, cond, ts=dfd.STUDENT_TS, generator=None) -> torch.Tensor:
+    """dfd.sample without fresh noise: between steps x0 is re-noised with the noise the current x_t implies,
+    eps = (x_t - (1 - t) x0) / t. That is the Euler step of diffusers' FlowMatchEulerDiscreteScheduler, the
+    only few-step rule under which the Cosmos pipeline keeps its conditioning frame clean (`export`)."""
+    x = noise
+    for i, t in enumerate(ts):
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        x0 = student(x, tt, cond)
+        if i + 1 < len(ts):
+            x = dfd.forward_diffusion(x0, dfd.eps_from_x0(x, x0, tt), torch.full_like(tt, ts[i + 1]))
+    return x0
+
+
+def pipeline_scheduler(ts) -> tuple[Any, float]:
+    """A FlowMatchEulerDiscreteScheduler whose set_timesteps(len(ts)) gives (nearly) the student's times, and
+    the largest difference. Its sigmas are shift_s(linspace(1, u, n)) with u = s / (N + s - 1) for config
+    (shift s, num_train_timesteps N); the paper's times are s = 5, N = 16: [1, .9375, .8333, .625]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    n, best = len(ts), None
+    for s in [1.0 + 0.5 * k for k in range(39)]:  # shifts 1 .. 20
+        u_last = ts[-1] / (s - (s - 1) * ts[-1])  # inverse shift of the last time
+        N = max(2, round(s / u_last - s + 1))
+        u = torch.linspace(1.0, s / (N + s - 1), n, dtype=torch.float64)
+        err = (dfd.shift_t(u, s) - torch.tensor(ts, dtype=torch.float64)).abs().max().item()
+        if best is None or err < best[0]:
+            best = (err, s, N)
+    err, s, N = best
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=s), err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text: the pipeline's Qwen2.5-VL encoding, a per-unique-prompt store, and online encoding.
+
+
+def load_text_encoder(model_dir: str, dtype: torch.dtype = torch.bfloat16):
+    """(tokenizer, Qwen2.5-VL text encoder) from the pipeline folder's tokenizer/ and text_encoder/."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    for sub in ("tokenizer", "text_encoder"):
+        if not os.path.isdir(os.path.join(model_dir, sub)):
+            raise ValueError(f"--model-dir {model_dir}: no {sub}/ folder (expected a Cosmos-Predict2.5 diffusers folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(model_dir, "text_encoder"),
+                                                                          dtype=dtype)
+    except Exception as e:
+        raise ValueError(f"--model-dir {model_dir}: cannot load the text encoder "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    """[B, 512, D] prompt embeddings exactly as the pipeline makes them: its own `_get_prompt_embeds` (chat
+    template, padding to 512, every layer normalised and concatenated), run on a stand-in for the pipeline
+    object so that neither the transformer nor the VAE is loaded. Works on an FSDP-sharded encoder."""
+    from diffusers import Cosmos2_5_PredictBasePipeline
+
+    device = device or next(text_encoder.parameters()).device
+    host = types.SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, _execution_device=device)
+    return Cosmos2_5_PredictBasePipeline._get_prompt_embeds(host, prompt=list(prompts), max_sequence_length=TEXT_LEN,
+                                                            device=device, dtype=text_encoder.dtype)
+
+
+def default_negative_prompt() -> str:
+    """The pipeline's negative prompt, the unconditional branch unless --negative-prompt is given."""
+    from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
+
+    return DEFAULT_NEGATIVE_PROMPT
+
+
+PROMPTS = "prompts"  # data sub-folder: <key>.txt (the caption) and, with --text cache, <key>.safetensors
+
+
+def prompt_key(caption: str) -> torch.Tensor:
+    """The first 8 bytes of sha256(caption) as 8 integers in [0, 255]: exact in every storage dtype (bf16
+    included), so shards can carry it as an ordinary tensor. [8] float32."""
+    return torch.tensor(list(hashlib.sha256(caption.encode()).digest()[:8]), dtype=torch.float32)
+
+
+def key_name(key: torch.Tensor) -> str:
+    return bytes(int(b) for b in key.round().tolist()).hex()
+
+
+class PromptStore:
+    """The data folder's prompts/: one caption file per unique prompt and, when cached, its embedding.
+
+    get(keys [B, 8]) -> [B, 512, D]: the cached embedding (read once, kept while it is in use) or, when the
+    data were prepared with --text online, the caption encoded now by `encoder` (tokenizer, text encoder)."""
+
+    def __init__(self, folder: str, encoder=None):
+        self.folder, self.encoder = os.path.join(folder, PROMPTS), encoder
+        self.memo: dict[str, torch.Tensor] = {}
+
+    def put(self, caption: str, embedding: torch.Tensor | None) -> torch.Tensor:
+        from safetensors.torch import save_file
+
+        key = prompt_key(caption)
+        name = os.path.join(self.folder, key_name(key))
+        os.makedirs(self.folder, exist_ok=True)
+        if not os.path.exists(name + ".txt"):
+            wan_dfd._atomic(name + ".txt", lambda p: open(p, "w").write(caption))
+        if embedding is not None and not os.path.exists(name + ".safetensors"):
+            wan_dfd._atomic(name + ".safetensors", lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
+        return key
+
+    def get(self, keys: torch.Tensor, device) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        names = [key_name(k) for k in keys.cpu()]
+        if self.encoder is not None:  # online: encode the batch's captions now
+            captions = []
+            for n in names:
+                path = os.path.join(self.folder, n + ".txt")
+                if not os.path.exists(path):
+                    raise ValueError(f"{path}: caption missing (data prepared without it?)")
+                captions.append(open(path).read())
+            return encode_prompts(*self.encoder, captions, device).float()
+        out = []
+        for n in names:
+            if n not in self.memo:
+                path = os.path.join(self.folder, n + ".safetensors")
+                if not os.path.exists(path):
+                    raise ValueError(f"{path}: cached prompt embedding missing (prepare with --text cache, "
+                                     "or train on data prepared with --text online)")
+                if len(self.memo) > 256:
+                    self.memo.clear()
+                self.memo[n] = load_file(path)["text"]
+            out.append(self.memo[n])
+        return torch.stack(out).to(device).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoders for prepare / sample: the Wan 2.1 VAE (wan_dfd's WanEncoders, same class and normalisation)
+# and Qwen2.5-VL.
+
+
+class CosmosEncoders:
+    """encode_video(frames) -> latents of the clip and of its first frame alone; encode_text(captions) ->
+    prompt keys (the captions, and with --text cache their embeddings, go to <out>/prompts/); negative()."""
+
+    def __init__(self, args, device: torch.device):
+        dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
+        self.vae = wan_dfd.WanEncoders(args.model_dir, device, text=False)
+        self.tokenizer, self.text_encoder = load_text_encoder(args.model_dir, dtype)
+        self.text_encoder.to(device)
+        self.device, self.cache = device, args.text == "cache"
+        self.store = PromptStore(args.out)
+        self.negative_prompt = args.negative_prompt if args.negative_prompt is not None else default_negative_prompt()
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 [T, H, W, 3] -> {"latents": [16, T', h, w], "image": [16, 1, h, w]}. The image latent is the
+        first frame encoded alone, as the pipeline encodes its conditioning image (the causal VAE gives the
+        same first latent frame either way; stored separately so training never depends on that)."""
+        return {"latents": self.vae.encode_video(frames)["latents"],
+                "image": self.vae.encode_video(frames[:1])["latents"]}
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        emb = encode_prompts(self.tokenizer, self.text_encoder, captions, self.device) if self.cache else None
+        keys = [self.store.put(c, None if emb is None else emb[i]) for i, c in enumerate(captions)]
+        return {"text_key": torch.stack(keys)}
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        return {"text": encode_prompts(self.tokenizer, self.text_encoder, [self.negative_prompt], self.device)[0]}
+
+
+def read_tensors(path: str, flag: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise ValueError(f"{flag} {path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def read_image(path: str, height: int, width: int) -> torch.Tensor:
+    """A conditioning image as uint8 [1, H, W, 3], resized to cover height x width and centre-cropped exactly
+    like the training clips' frames (wan_dfd.read_video_frames; PyAV reads still images too). ValueError when
+    it cannot be read or is smaller than the video (it would be upscaled)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:
+        raise ValueError(f"--images {path}: unreadable image ({type(e).__name__})") from None
+    if h < height or w < width:
+        raise ValueError(f"--images {path}: image is {w}x{h}, smaller than the video {width}x{height} "
+                         "(give a larger image or lower --width/--height)")
+    try:
+        return wan_dfd.read_video_frames(path, 1, 1.0, height, width)
+    except ValueError as e:
+        raise ValueError(f"--images {path}: unreadable image ({str(e).partition(': ')[2]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The adapter wan_dfd's drivers call (interface in wan_dfd's module docstring).
+
+
+class CosmosAdapter:
+    """Cosmos-Predict2.5 image-to-video. Data: latents [16, T, h, w], image [16, 1, h, w], text_key [8]."""
+
+    name = "cosmos"
+    data_keys = ("latents", "image", "text_key")
+
+    def __init__(self):
+        self.compute_dtype: torch.dtype | None = None
+        self.args = None
+        self._vae = None
+        self._prompts: PromptStore | None = None
+
+    def configure(self, args) -> None:
+        self.args = args
+
+    def add_args(self, cmd: str, p) -> None:
+        """Cosmos's flags and defaults on top of wan_dfd's shared ones."""
+        if cmd == "prepare":
+            self.add_prepare_args(p)
+        elif cmd == "train":
+            p.set_defaults(guidance=3.0, steps=300)  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
+            p.description = "DFD post-training (default); --guidance is g in uncond + g (cond - uncond), 3.0"
+        elif cmd == "sample":
+            p.add_argument("--images", nargs="+", help="conditioning image per prompt (or one for all prompts); "
+                           "resized to cover --height x --width and centre-cropped like the training frames")
+        elif cmd == "export":
+            p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS),
+                           help="the student's times, for the pipeline scheduler written to out/scheduler")
+
+    def load_network(self, model_dir: str) -> nn.Module:
+        """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32, built from its config
+        on the meta device and filled by wan_dfd.load_weights (clear mismatch errors; needs no accelerate)."""
+        from diffusers import CosmosTransformer3DModel
+
+        ensure_padding_mask_resize()
+        folder = os.path.join(model_dir, "transformer") if os.path.isdir(os.path.join(model_dir, "transformer")) else model_dir
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"--model-dir {model_dir}: no transformer/config.json (expected a diffusers "
+                             "Cosmos-Predict2.5 folder)")
+        try:
+            with torch.device("meta"):
+                net = CosmosTransformer3DModel.from_config(CosmosTransformer3DModel.load_config(folder))
+        except Exception as e:
+            raise ValueError(f"{cfg_path}: not a CosmosTransformer3DModel config ({type(e).__name__}: {str(e)[:200]})") from None
+        net = net.to_empty(device="cpu")  # no non-persistent buffers: RoPE is computed in forward
+        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(folder), f"--model-dir {folder}")
+        return net.eval()
+
+    def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original Cosmos key names (FastGen / cosmos-predict2.5 checkpoints, `net.` stripped) -> diffusers',
+        with diffusers' own single-file converter."""
+        from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+
+        if not any(k.startswith(("blocks.", "x_embedder.", "final_layer.", "t_embedder.")) for k in sd):
+            return sd
+        return convert_cosmos_transformer_checkpoint_to_diffusers(dict(sd))
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        return list(net.transformer_blocks)
+
+    def fp32_modules(self, net: nn.Module) -> list[nn.Module]:
+        return [net.learnable_pos_embed] if net.learnable_pos_embed is not None else []  # diffusers' fp32 list
+
+    def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
+        return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), self.compute_dtype)
+
+    def _store(self, device) -> PromptStore:
+        if self._prompts is None:
+            folder = self.args.data
+            online = not any(f.endswith(".safetensors") for f in os.listdir(os.path.join(folder, PROMPTS)))
+            encoder = open_sharded_text_encoder(self.args, device) if online else None
+            self._prompts = PromptStore(folder, encoder)
+        return self._prompts
+
+    def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> CosmosCond:
+        prompt = items["text"].float() if "text" in items else self._store(device).get(items["text_key"], device)
+        return CosmosCond(prompt.to(device), items["image"].float().to(device))
+
+    def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
+        x_real = items["latents"].float()
+        return x_real, self.make_cond(items, device), generated_mask(x_real, items["image"].shape[2])
+
+    def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
+        cfg = net.config
+        lat, img = tuple(shapes["latents"]), tuple(shapes["image"])
+        ph, pw = cfg.patch_size[1:]
+        if not (len(lat) == 4 and lat[0] == cfg.out_channels and lat[2] % ph == 0 and lat[3] % pw == 0):
+            raise ValueError(f"data latents have shape {lat}; the transformer wants [{cfg.out_channels}, T, H, W] "
+                             f"with H, W multiples of its patch size {ph}, {pw}")
+        if len(img) != 4 or img[0] != lat[0] or tuple(img[2:]) != tuple(lat[2:]) or not 1 <= img[1] < lat[1]:
+            raise ValueError(f"data image latents have shape {img}; need [{lat[0]}, Tc, {lat[2]}, {lat[3]}] with "
+                             f"1 <= Tc < {lat[1]} (conditioning frames, then at least one generated frame)")
+        if not os.path.isdir(os.path.join(self.args.data, PROMPTS)):
+            raise ValueError(f"--data {self.args.data}: no {PROMPTS}/ folder (prepare it with cosmos_dfd.py)")
+
+    # --- prepare / sample / export ------------------------------------------------------------------
+
+    def add_prepare_args(self, p) -> None:
+        p.add_argument("--text", default="cache", choices=("cache", "online"),
+                       help="cache: store one embedding per unique caption (103 MB each for the real encoder); "
+                            "online: store captions only, `train` encodes them with the sharded text encoder")
+        p.add_argument("--negative-prompt", default=None, help="unconditional branch (default: the pipeline's)")
+
+    def open_encoders(self, args, device: torch.device) -> CosmosEncoders:
+        return CosmosEncoders(args, device)
+
+    def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Per video: {"text": [512, D], "image": [16, 1, h, w]}; from --prompts + --images, or --embeddings
+        (tensors "text" [N, 512, D] and, unless --images is given, "image" [N, 16, 1, h, w])."""
+        emb = read_tensors(args.embeddings, "--embeddings") if args.embeddings else {}
+        if args.prompts is not None:
+            prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()]
+            tokenizer, te = load_text_encoder(args.model_dir, self.compute_dtype or torch.float32)
+            text = encode_prompts(tokenizer, te.to(device), prompts, device).float() if prompts else None
+        else:
+            text = emb.get("text")
+        if text is None or text.ndim != 3:
+            raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)" if args.prompts else
+                             f"--embeddings {args.embeddings}: need a tensor 'text' of shape [N, 512, D]")
+        text = text.float()
+        h, w = args.height // 8, args.width // 8
+        if args.images:
+            if len(args.images) not in (1, len(text)):
+                raise ValueError(f"--images: {len(args.images)} images for {len(text)} prompts (give one, or one "
+                                 "per prompt); every video needs its conditioning frame")
+            paths = args.images * len(text) if len(args.images) == 1 else args.images
+            vae = self._decoder(args, device)
+            image = torch.stack([vae.encode_video(read_image(p, args.height, args.width))["latents"] for p in paths])
+        elif "image" in emb:
+            image = emb["image"].float()
+        else:
+            raise ValueError("missing conditioning frame: give --images (one per prompt, or one for all) or "
+                             "--embeddings with an 'image' tensor [N, 16, 1, h, w]")
+        if image.ndim != 5 or tuple(image.shape[1:2]) != (16,) or tuple(image.shape[3:]) != (h, w) or len(image) != len(text):
+            raise ValueError(f"conditioning image latents have shape {tuple(image.shape)}; need [{len(text)}, 16, 1, "
+                             f"{h}, {w}] for --height {args.height} --width {args.width}")
+        return [{"text": t.cpu(), "image": i.cpu()} for t, i in zip(text, image)]
+
+    def noise_shape(self, args) -> tuple[int, int, int, int]:
+        return (16, (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+
+    def _decoder(self, args, device) -> "wan_dfd.WanEncoders":
+        if self._vae is None:
+            self._vae = wan_dfd.WanEncoders(args.model_dir, device, text=False)
+        return self._vae
+
+    def decode(self, latents: torch.Tensor, args) -> torch.Tensor:
+        return self._decoder(args, latents.device).decode(latents)
+
+    def save_pretrained(self, net: nn.Module, out: str) -> None:
+        """The transformer folder (config.json + safetensors; CosmosTransformer3DModel.from_pretrained(out)) and
+        out/scheduler/, the FlowMatchEulerDiscreteScheduler under which the pipeline runs `sample_ode`."""
+        net.save_pretrained(out, safe_serialization=True)
+        ts = tuple(self.args.student_ts)
+        scheduler, err = pipeline_scheduler(ts)
+        scheduler.save_pretrained(os.path.join(out, "scheduler"))
+        scheduler.set_timesteps(len(ts))
+        print(f"pipeline scheduler: FlowMatchEulerDiscreteScheduler(shift={scheduler.config.shift}, "
+              f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(ts)} steps at "
+              f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(ts)}, max diff {err:.2g})",
+              file=sys.stderr)
+
+
+def open_sharded_text_encoder(args, device: torch.device):
+    """(tokenizer, text encoder) for online prompt encoding during training: loaded in the compute dtype and,
+    under torchrun, sharded with FSDP2 per decoder layer (its vision tower is a unit of its own that is never
+    gathered), so each rank holds 1/world of the 8.3B parameters."""
+    d = wan_dfd.setup_distributed(args.device)  # idempotent: the driver has already started the group
+    dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
+    tokenizer, te = load_text_encoder(args.model_dir, dtype)
+    if d.world > 1:
+        layers = list(te.model.language_model.layers) + [te.model.visual]
+        wan_dfd.shard(te, layers, d, None, (), checkpointing=False, trainable=False)
+    else:
+        te.to(device)
+    return tokenizer, te
+
+
+def main(argv=None) -> Any:
+    """The four subcommands with Cosmos's flags (no subcommand: train). Until wan_dfd.main calls
+    adapter.add_args / adapter.configure itself, the parser is assembled here from wan_dfd's pieces."""
+    import argparse
+
+    adapter = CosmosAdapter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*wan_dfd.SUBCOMMANDS, "-h", "--help"):
+        argv = ["train", *argv]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for cmd in wan_dfd.SUBCOMMANDS:
+        sp = sub.add_parser(cmd)
+        getattr(wan_dfd, f"add_{cmd}_args")(sp)
+        adapter.add_args(cmd, sp)
+    args = parser.parse_args(argv)
+    adapter.configure(args)
+    try:
+        return getattr(wan_dfd, f"run_{args.cmd}")(adapter, args)
+    finally:
+        wan_dfd.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

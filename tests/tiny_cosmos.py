@@ -127,3 +127,27 @@ def load_pipeline(path: str, **components):
 
     return Cosmos2_5_PredictBasePipeline.from_pretrained(path, safety_checker=PassThroughSafetyChecker(),
                                                          **components)
+
+
+# diffusers name -> name in NVIDIA's original Cosmos-Predict2 / 2.5 checkpoints (which FastGen's DMD2 keeps under
+# "net."), applied in this order; the inverse of what diffusers' single-file converter does
+_ORIGINAL_NAMES = (
+    ("transformer_blocks", "blocks"), ("time_embed.t_embedder", "t_embedder.1"), ("time_embed.norm", "t_embedding_norm"),
+    ("norm1.linear_1", "adaln_modulation_self_attn.1"), ("norm1.linear_2", "adaln_modulation_self_attn.2"),
+    ("norm2.linear_1", "adaln_modulation_cross_attn.1"), ("norm2.linear_2", "adaln_modulation_cross_attn.2"),
+    ("norm3.linear_1", "adaln_modulation_mlp.1"), ("norm3.linear_2", "adaln_modulation_mlp.2"),
+    ("attn1", "self_attn"), ("attn2", "cross_attn"), ("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"),
+    ("to_out.0", "output_proj"), ("norm_q", "q_norm"), ("norm_k", "k_norm"), ("ff.net.0.proj", "mlp.layer1"),
+    ("ff.net.2", "mlp.layer2"), ("patch_embed.proj", "x_embedder.proj.1"),
+    ("norm_out.linear_1", "final_layer.adaln_modulation.1"), ("norm_out.linear_2", "final_layer.adaln_modulation.2"),
+    ("proj_out", "final_layer.linear"))
+
+
+def to_original_keys(sd: dict) -> dict:
+    """A diffusers CosmosTransformer3DModel state dict under the original checkpoint's key names."""
+    out = {}
+    for k, v in sd.items():
+        for new, old in _ORIGINAL_NAMES:
+            k = k.replace(new, old)
+        out[k] = v
+    return out
