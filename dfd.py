@@ -320,7 +320,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
         x_gen = student(x_in, t_in, cond)  # G, with grad
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
-        t = sample_t(B, c, g, x_real.device)
+        t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size
         x_clean = pick(x_gen, x_real, use_real.to(x_real.device))  # G (DMD) or x (DFD)
         with torch.no_grad():
             x0_fake = fake(forward_diffusion(x_gen.detach(), eps, t), t, cond)  # s_fake(x~_t)
