@@ -327,6 +327,21 @@ def test_sample_shapes_and_times():
     torch.testing.assert_close(out, 0.5 * x, rtol=1e-6, atol=1e-6)
 
 
+def test_sample_deterministic_ode_step():
+    """renoise=False re-noises with the noise the prediction implies: x' = (1 - t') x0_hat + t' eps_hat."""
+    student = Recorder(lambda x_t, t, c: 0.5 * x_t)
+    noise = torch.randn(4, 3, generator=gen(16))
+    out = dfd.sample(student, noise, None, renoise=False)
+    x = noise
+    for i, (t, t_next) in enumerate(zip(dfd.STUDENT_TS[:-1], dfd.STUDENT_TS[1:])):
+        x0 = 0.5 * x
+        x = (1 - t_next) * x0 + t_next * (x - (1 - t) * x0) / t
+        torch.testing.assert_close(student.calls[i + 1][0], x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, 0.5 * x, rtol=1e-6, atol=1e-6)
+    # and it is deterministic: no generator is consumed
+    assert torch.equal(out, dfd.sample(lambda x_t, t, c: 0.5 * x_t, noise, None, renoise=False))
+
+
 def test_student_input_noised_data():
     x_real = torch.randn(6, 2, 3, generator=gen(12))
     x_in, t_in = dfd.student_input(x_real, dfd.STUDENT_TS, gen(13))
@@ -434,6 +449,16 @@ def test_grad_accum_averages_micro_batches():
         torch.testing.assert_close(new, old.detach() - old.grad / 2, rtol=1e-6, atol=1e-7)
     assert logs["loss_student"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     assert losses[0] != pytest.approx(losses[1])  # the two micro-batches really differ
+
+
+def test_micro_batches_of_different_sizes():
+    """A short last micro-batch (the end of a data set) works and draws t for its own size."""
+    student, fake, teacher_net, x_real = _setup(seed=13)
+    teacher = Recorder(teacher_net)
+    logs = dfd.student_step(student, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.1),
+                            [(x_real, None), (x_real[:3], None)], dfd.DFDConfig(p=1.0, grad_accum=2), 0)
+    assert [c[1].shape for c in teacher.calls] == [(8,), (3,)]
+    assert math.isfinite(logs["loss_student"])
 
 
 def test_p0_p1_teacher_inputs_and_shared_eps_t():
