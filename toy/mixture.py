@@ -121,14 +121,14 @@ class ToyConfig:
     std: float = 0.2  # component std s (VEEGAN / PacGAN use 0.02; see toy-readme for why 0.2)
     guidance: float = 3.0  # g of the CFG teacher on ring_cond (Cosmos uses 3); ignored without labels
     teacher: str = "exact"  # exact | mlp (the stage-0 MLP as the teacher)
-    hidden: int = 128  # MLP width (student, fake score, stage-0 fit)
+    hidden: int = 64  # MLP width (student, fake score, stage-0 fit)
     batch: int = 256  # per update, both networks
     lr: float = 1e-3  # Adam, student
     lr_fake: float = 1e-3  # Adam, fake score
     fake_updates: int = 4  # k fake-score updates per student update (FastGen student_update_freq = 5)
     fit_steps: int = 400  # stage 0: MLP regression on the exact x0
-    stage1_steps: int = 200  # stage 1: DMD pre-training (stopped while modes are still missing)
-    steps: int = 200  # stage 2 arms; stage 3 runs stage1_steps + steps
+    stage1_steps: int = 200  # stage 1: DMD pre-training, short on purpose: a still-degraded student
+    steps: int = 100  # stage 2 arms (the paper post-trains 100-300 steps); stage 3 runs stage1_steps + steps
     n_eval: int = 2500  # samples per evaluation (VEEGAN / PacGAN use 2,500)
 
 
@@ -368,7 +368,7 @@ def markdown(summary: dict, n_seeds: int, title: str) -> str:
 
 
 def run_suite(cfg: ToyConfig, datasets: list[str], arms: list[str], seeds: int, out_dir: str, workers: int,
-              threads: int) -> dict:
+              threads: int, theory_too: bool = False) -> dict:
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -411,6 +411,11 @@ def run_suite(cfg: ToyConfig, datasets: list[str], arms: list[str], seeds: int, 
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=1, allow_nan=True)
     print(text)
+    if theory_too:
+        from toy import theory
+
+        print()
+        report["theory"] = theory.report(out_dir, std=cfg.std)
     print(f"\n{time.time() - t0:.1f} s; wrote {', '.join(sorted(os.listdir(out_dir)))} to {out_dir}")
     return report
 
@@ -423,10 +428,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (demo 1, --all 5)")
     ap.add_argument("--steps", type=int, default=None, help="student steps per stage-2 arm")
     ap.add_argument("--stage1-steps", type=int, default=None, help="student steps of DMD pre-training")
+    ap.add_argument("--fit-steps", type=int, default=None, help="stage-0 regression steps of the MLP init")
     ap.add_argument("--std", type=float, default=None, help="component std s")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale g of the ring_cond teacher")
     ap.add_argument("--teacher", choices=["exact", "mlp"], default="exact")
-    ap.add_argument("--all", action="store_true", help="every dataset and arm, 5 seeds")
+    ap.add_argument("--all", action="store_true", help="every dataset and arm, 5 seeds, and toy/theory.py")
     ap.add_argument("--out", default=os.path.join("out", "toy"), help="output folder (default out/toy)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 with --all, else 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (tiny MLPs: 1 is fastest)")
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
     if seeds < 1:
         raise SystemExit(f"--seeds: expected >= 1, got {seeds}")
     cfg = ToyConfig(teacher=a.teacher)
-    for k in ("steps", "stage1_steps", "std", "guidance"):
+    for k in ("steps", "stage1_steps", "fit_steps", "std", "guidance"):
         v = getattr(a, k)
         if v is not None:
             if v <= 0 and k != "guidance":
@@ -459,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     print(f"toy: datasets {datasets}, arms {arms}, {seeds} seed(s), stage 1 {cfg.stage1_steps} + stage 2 "
           f"{cfg.steps} steps, teacher {cfg.teacher}; output -> {os.path.abspath(a.out)}")
-    return run_suite(cfg, datasets, arms, seeds, a.out, workers, a.threads)
+    return run_suite(cfg, datasets, arms, seeds, a.out, workers, a.threads, theory_too=a.all)
 
 
 if __name__ == "__main__":
