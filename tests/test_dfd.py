@@ -149,6 +149,31 @@ def test_score_space_term_matches_eq8_in_score_units():
     torch.testing.assert_close(lhs, a / s**2 * ((xf - xt) - (G - x)), rtol=1e-10, atol=1e-10)
 
 
+def test_dm_loss_bool_mask_same_as_float_mask():
+    g = gen(17)
+    x, xt, xf = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    mask = torch.tensor([True, False, True]).reshape(1, 3, 1)
+    la, da, sa = loss_and_dx(x, xt, xf, mask=mask)
+    lb, db, sb = loss_and_dx(x, xt, xf, mask=mask.float())
+    assert torch.equal(la, lb) and torch.equal(da, db) and torch.equal(sa["dm_normaliser"], sb["dm_normaliser"])
+
+
+def test_fake_score_loss():
+    """E || fake(alpha_t G + sigma_t eps, t) - G ||^2, G detached; with a mask the mean runs over the mask."""
+    g = gen(18)
+    G = torch.randn(3, 2, 5, generator=g, requires_grad=True)
+    eps, t = torch.randn(3, 2, 5, generator=g), torch.rand(3, generator=g)
+    fake = Recorder(lambda x_t, t, c: 0.3 * x_t)
+    loss = dfd.fake_score_loss(fake, G, eps, t, None)
+    x_t = dfd.forward_diffusion(G.detach(), eps, t)
+    assert torch.equal(fake.calls[0][0], x_t) and torch.equal(fake.calls[0][1], t)
+    torch.testing.assert_close(loss, ((0.3 * x_t - G.detach()) ** 2).mean(), rtol=1e-6, atol=0)
+    assert not loss.requires_grad  # G is detached and this fake has no parameters
+    mask = torch.tensor([1.0, 0.0]).reshape(1, 2, 1)
+    lm = dfd.fake_score_loss(fake, G, eps, t, None, mask)
+    torch.testing.assert_close(lm, ((0.3 * x_t - G.detach())[:, :1] ** 2).mean(), rtol=1e-6, atol=0)
+
+
 def dmd2_reference(latents, x_t, t, eps_real, eps_fake):
     """DMD2's distribution-matching loss (tianweiy/DMD2, sd_guidance.py, compute_distribution_matching_loss),
     re-derived from its description: eps-prediction networks, their eps converted to x0 with the
