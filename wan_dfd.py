@@ -36,7 +36,8 @@ The file has two halves.
     make_cond(items, device) -> cond          the conditioning alone (sampling)
     compute_dtype: torch.dtype | None         set by the drivers before denoiser(): bf16 under mixed precision
     check_data(shapes: dict[str, tuple], net) -> None       raise ValueError when the data cannot feed `net`
-    add_prepare_args(parser); open_encoders(args, device)  -> Encoders with .encode_video(frames uint8 [T,H,W,3])
+    add_args(cmd, parser), configure(args)   optional: extra flags / defaults per subcommand; sees the parsed args
+    open_encoders(args, device)  -> Encoders with .encode_video(frames uint8 [T,H,W,3])
         -> dict, .encode_text(list[str]) -> dict of [N, ...], .negative() -> dict (the unconditional branch)
     sample_items(args, encoders_or_None) -> list[dict]      per-prompt conditioning for `sample`
     noise_shape(args) -> tuple                               latent shape of one sample [C, T, H, W]
@@ -845,9 +846,10 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         data = LatentShards(args.data, adapter.data_keys)
         teacher_net = adapter.load_network(args.model_dir)
         adapter.check_data(data.shapes, teacher_net)
-        resume = None
+        resume, resumed_from = None, None
         if args.resume is not None:
-            resume = load_checkpoint(os.path.join(args.out, CKPT_DIR) if args.resume == "latest" else args.resume)
+            resumed_from = latest_checkpoint(args.out if args.resume == "latest" else args.resume)
+            resume = load_checkpoint(resumed_from)
         student_net = adapter.load_network(args.model_dir)
         fake_net = adapter.load_network(args.model_dir)
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
@@ -904,7 +906,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
     log = MetricLog(os.path.join(args.out, "metrics.jsonl"), args.steps, start, d.main)
     last: dict = {}
     clock = [time.perf_counter()]
-    saved = [latest_checkpoint(args.out) if resume is not None else None]
+    saved = [resumed_from]
 
     def on_log(step: int, logs: dict) -> None:
         now = time.perf_counter()
@@ -924,6 +926,9 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             saved[0] = save_checkpoint(args.out, step, nets, {"student": opt_s, "fake": opt_f}, extra, d, args.keep)
             clock[0] = time.perf_counter()  # do not bill the save to the next step
 
+    import warnings
+    # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     try:
         dfd.train(student, teacher, fake, opt_s, opt_f, batches, args.steps, c, start_step=start, rank=d.rank,
                   ema=ema, log=on_log, on_step_end=on_step_end)
@@ -973,6 +978,9 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
     part = writer.close(info, negative if d.main else None)
     parts = [None] * d.world
     dist.all_gather_object(parts, part)
+    if sum(p["count"] for p in parts) == 0:  # every rank sees this, so all stop together
+        first = next((sk["reason"] for p in parts for sk in p["skipped"]), "?")
+        raise SystemExit(f"error: --videos {args.videos}: none of the {len(videos)} videos was usable ({first})")
     manifest = part
     if d.main:
         shapes = [p["shapes"] for p in parts if p["shapes"]]
@@ -1113,16 +1121,19 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
         argv = ["train", *argv]
     parser = argparse.ArgumentParser(description=description)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, add, extra, helptext in (
-            ("prepare", add_prepare_args, adapter.add_prepare_args, "videos + captions -> latent shards"),
-            ("train", add_train_args, None, "DFD post-training (default)"),
-            ("sample", add_sample_args, None, "checkpoint + prompts -> mp4s"),
-            ("export", add_export_args, None, "student -> diffusers transformer folder")):
+    for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
+                                ("train", add_train_args, "DFD post-training (default)"),
+                                ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
+                                ("export", add_export_args, "student -> diffusers transformer folder")):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         add(sp)
-        if extra is not None:
-            extra(sp)
+        if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
+            adapter.add_args(name, sp)
+        elif name == "prepare" and hasattr(adapter, "add_prepare_args"):
+            adapter.add_prepare_args(sp)
     args = parser.parse_args(argv)
+    if hasattr(adapter, "configure"):
+        adapter.configure(args)
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export}[args.cmd]
     try:
         return run(adapter, args)
@@ -1294,8 +1305,8 @@ class WanAdapter:
 
     # --- prepare / sample ---------------------------------------------------------------------------
 
-    def add_prepare_args(self, p: argparse.ArgumentParser) -> None:
-        pass  # Wan needs nothing beyond the shared flags
+    def add_args(self, cmd: str, p: argparse.ArgumentParser) -> None:
+        pass  # Wan needs nothing beyond the shared flags, and their defaults are Wan's
 
     def open_encoders(self, args, device: torch.device) -> WanEncoders:
         dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
