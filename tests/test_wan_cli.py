@@ -203,6 +203,12 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     w3.add({"latents": torch.zeros(16, 3, 4, 6), "text": torch.zeros(512, 8)})
     w3.close({}, {"text": torch.zeros(512, 8)})
     assert "text embeddings have shape (512, 8); the transformer wants [L, 32]" in main_error(["train", *base(data=str(d3))])
+    # prepare: an empty folder, and a folder whose only video is unreadable
+    (tmp_path / "empty").mkdir()
+    prep = ["prepare", "--model-dir", s["pipe"], "--out", str(tmp_path / "p"), *SIZE, "--device", "cpu"]
+    assert "empty: no video files" in main_error([*prep, "--videos", str(tmp_path / "empty")])
+    tiny_wan.make_videos(str(tmp_path / "junk"), n=0, broken=1)
+    assert "none of the 1 videos was usable (" in main_error([*prep, "--videos", str(tmp_path / "junk")])
     # sample: missing prompt file; export of a checkpoint that does not fit
     assert "missing.txt: no such file or folder" in main_error(
         ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--prompts", str(tmp_path / "missing.txt")])
