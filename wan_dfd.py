@@ -52,11 +52,8 @@ token count and zero-padded to 512; latents are normalised as (z - latents_mean)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -815,7 +812,9 @@ def compute_dtype(args: argparse.Namespace, d: Dist) -> torch.dtype | None:
     return None
 
 
-def dfd_config(args: argparse.Namespace, ranks: int) -> dfd.DFDConfig:
+def dfd_config(args: argparse.Namespace, ranks: int | None = None) -> dfd.DFDConfig:
+    """The method settings (dfd.DFDConfig) from the train flags (`ranks` is accepted and unused: every draw
+    already depends on the rank inside dfd)."""
     return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, space=args.space,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
@@ -842,7 +841,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
     if args.resume is None and args.dmd2_ckpt is None:
         raise SystemExit("error: --dmd2-ckpt is required (DFD post-trains a DMD2 student; or pass --resume)")
     try:
-        c = dfd_config(args, d.world)
+        c = dfd_config(args)
         data = LatentShards(args.data, adapter.data_keys)
         teacher_net = adapter.load_network(args.model_dir)
         adapter.check_data(data.shapes, teacher_net)

@@ -47,7 +47,7 @@ def reference(pipe, data_dir, dmd2, args):
     student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
     opt = lambda net: torch.optim.AdamW(net.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     opt_s, opt_f = opt(student_net), opt(fake_net)
-    c = wan_dfd.dfd_config(args, 2)
+    c = wan_dfd.dfd_config(args)
     streams = [data.batches(0, 1, r, 2, args.seed) for r in range(2)]
     nxt = lambda r: adapter.make_batch(next(streams[r]), torch.device("cpu"))
 
