@@ -477,6 +477,9 @@ class CosmosAdapter:
     def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """Per video: {"text": [512, D], "image": [16, 1, h, w]}; from --prompts + --images, or --embeddings
         (tensors "text" [N, 512, D] and, unless --images is given, "image" [N, 16, 1, h, w])."""
+        if args.num_frames < 5:
+            raise ValueError(f"--num-frames {args.num_frames}: the first latent frame is the image; ask for at least "
+                             "5 frames (one generated latent frame)")
         emb = read_tensors(args.embeddings, "--embeddings") if args.embeddings else {}
         if args.prompts is not None:
             prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()]

@@ -41,10 +41,10 @@ def pipe(tiny_dir):
 
 def encode_image(vae, video):
     """Normalised VAE latent (argmax), as the pipeline's prepare_latents computes it."""
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=video.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=video.device).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        return (vae.encode(video).latent_dist.mode() - mean) / std
+        return (vae.encode(video.to(vae.dtype)).latent_dist.mode().float() - mean) / std
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -168,18 +168,27 @@ def test_pipeline_scheduler_fits_student_times():
     assert C.pipeline_scheduler(exact)[1] < 1e-6
 
 
-def test_original_cosmos_keys_load(tmp_path):
-    """A FastGen-style .pt ({"generator", "critic"} with original key names under `net.`) loads into the
-    same weights as the diffusers model it came from."""
+def test_every_dmd2_format_loads(tmp_path):
+    """--dmd2-ckpt as a diffusers folder, a .safetensors, a FastGen-style .pt ({"generator", "critic"} with the
+    original NVIDIA key names under `net.`) and a torch.distributed.checkpoint folder: identical weights."""
+    import torch.distributed.checkpoint as dcp
+
     gen, critic = tiny_cosmos.tiny_transformer(5), tiny_cosmos.tiny_transformer(6)
-    wrap = lambda net: {"net." + k: v for k, v in tiny_cosmos.to_original_keys(net.state_dict()).items()}
-    path = str(tmp_path / "dmd2.pt")
-    torch.save({"generator": wrap(gen), "critic": wrap(critic)}, path)
+    original = lambda net: {"net." + k: v for k, v in tiny_cosmos.to_original_keys(net.state_dict()).items()}
+    paths = {"folder": str(tmp_path / "folder"), "safetensors": str(tmp_path / "g.safetensors"),
+             "pt": str(tmp_path / "dmd2.pt"), "dcp": str(tmp_path / "dcp")}
+    gen.save_pretrained(paths["folder"])
+    save_file({k: v.contiguous() for k, v in gen.state_dict().items()}, paths["safetensors"])
+    torch.save({"generator": original(gen), "critic": original(critic)}, paths["pt"])
+    dcp.save({"model": {**{"net." + k: v for k, v in gen.state_dict().items()},
+                        **{"fake_score." + k: v for k, v in critic.state_dict().items()}}},
+             checkpoint_id=paths["dcp"], no_dist=True)
     adapter = C.CosmosAdapter()
-    for role, ref in (("generator", gen), ("critic", critic)):
-        net = tiny_cosmos.tiny_transformer(7)
-        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(path, role), path, adapter.convert_state_dict)
-        assert same_weights(net.state_dict(), ref.state_dict()), role
+    for fmt, path in paths.items():
+        for role, ref in (("generator", gen), ("critic", critic)) if fmt in ("pt", "dcp") else (("generator", gen),):
+            net = tiny_cosmos.tiny_transformer(7)
+            wan_dfd.load_weights(net, wan_dfd.read_checkpoint(path, role), path, adapter.convert_state_dict)
+            assert same_weights(net.state_dict(), ref.state_dict()), (fmt, role)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,6 +355,7 @@ def test_bad_inputs(e2e, tmp_path):
     fails([*sample, "--images", str(broken)], r"broken.jpg: unreadable image")
     fails(sample, r"missing conditioning frame: give --images")
     fails([*sample, "--images", s["image"], s["image"]], r"--images: 2 images for 1 prompts")
+    fails([*sample, "--images", s["image"], "--num-frames", "1"], r"--num-frames 1: the first latent frame is the image")
     emb = str(tmp_path / "emb.safetensors")
     save_file({"text": torch.zeros(1, 512, tiny_cosmos.PROMPT_DIM)}, emb)
     with_emb = [a if a != str(prompts) else emb for a in sample]
@@ -441,3 +451,35 @@ def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
         assert a["dfd"] == b["dfd"]
         assert abs(a["loss_student"] - b["loss_student"]) <= 1e-5 * max(1.0, abs(b["loss_student"]))
         assert abs(a["delta2"] - b["delta2"]) <= 1e-5 * b["delta2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real weights (opt-in: pytest -m gpu with DFD_COSMOS_DIR set to the diffusers/base/post-trained folder)
+
+
+@pytest.mark.gpu
+def test_real_teacher_matches_pipeline():
+    """The adapter on the real 2B model in bf16 on a GPU reproduces two steps of the pipeline (480x832, 9 frames)."""
+    folder = os.environ.get("DFD_COSMOS_DIR")
+    if not folder or not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU and DFD_COSMOS_DIR (Cosmos-Predict2.5-2B, branch diffusers/base/post-trained)")
+    from diffusers import UniPCMultistepScheduler
+
+    net = C.CosmosAdapter().load_network(folder).to("cuda", torch.bfloat16)
+    p = tiny_cosmos.load_pipeline(folder, transformer=net, torch_dtype=torch.bfloat16).to("cuda")
+    with torch.no_grad():
+        emb, neg = p.encode_prompt("a robot arm welds a metal frame", device="cuda")
+    image = torch.rand(1, 3, 1, 480, 832, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = p(video=image.cuda(), prompt_embeds=emb, negative_prompt_embeds=neg, height=480, width=832, num_frames=9,
+            num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+            num_latent_conditional_frames=1).frames.float()
+    c = encode_image(p.vae, image.cuda())  # in the pipeline's VAE dtype, as it encodes
+    teacher = C.CosmosDenoiser(net, 3.0, neg, torch.bfloat16)
+    sched = UniPCMultistepScheduler.from_config(p.scheduler.config)
+    sched.set_timesteps(2, device="cuda")
+    x = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        for i, timestep in enumerate(sched.timesteps):
+            t = sched.sigmas[i].expand(1).cuda()
+            x = sched.step(dfd.v_from_x0(x, teacher(x, t, C.CosmosCond(emb, c)), t), timestep, x).prev_sample
+    assert (x[:, :, 1:] - out[:, :, 1:]).abs().mean() < 2e-2 * out[:, :, 1:].abs().mean()  # bf16
