@@ -114,6 +114,15 @@ def test_train_kill_resume_sample_export(setup):
         assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
     lat = {n: load_file(f"{out}/{n[:-4]}.safetensors")["latents"] for n in names}
     assert not torch.allclose(lat["prompt000_seed0.mp4"], lat["prompt000_seed7.mp4"])
+    # precomputed embeddings instead of text: the same video
+    emb = str(root / "emb.safetensors")
+    enc = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), vae=False)
+    save_file({"text": enc.encode_text(["blue square moves up"])["text"]}, emb)
+    wan_dfd.main(wan_dfd.WanAdapter(), ["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb,
+                                        "--seeds", "7", "--out", str(root / "emb_out"), *SIZE, "--device", "cpu",
+                                        "--save-latents"])
+    again = load_file(str(root / "emb_out" / "prompt000_seed7.safetensors"))["latents"]
+    torch.testing.assert_close(again, lat["prompt001_seed7.mp4"], atol=1e-5, rtol=1e-5)
     # export -> diffusers folder; through WanPipeline it gives sample's latents and frames
     exp = str(root / "export")
     run(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp])
@@ -212,6 +221,10 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     # sample: missing prompt file; export of a checkpoint that does not fit
     assert "missing.txt: no such file or folder" in main_error(
         ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--prompts", str(tmp_path / "missing.txt")])
+    bad_emb = tmp_path / "emb.safetensors"
+    save_file({"prompt": torch.zeros(1, 512, 32)}, str(bad_emb))
+    assert "need a tensor 'text' of shape [N, 512, D]" in main_error(
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--embeddings", str(bad_emb)])
     other = tmp_path / "other.safetensors"
     save_file({"blocks.0.x": torch.zeros(1)}, str(other))
     assert "weights do not fit WanTransformer3DModel" in main_error(

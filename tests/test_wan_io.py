@@ -112,6 +112,9 @@ def test_bad_data_gets_one_clear_message(tmp_path):
     save_file({"latents": torch.zeros(2, 16, 2, 2, 3), "text": torch.zeros(2, 512, 32)}, str(shard))
     with pytest.raises(ValueError, match=r"shard-00001.safetensors: 'latents' has shape \(2, 16, 2, 2, 3\), manifest says \(2, 16, 2, 2, 2\)"):
         wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    save_file({"latents": torch.zeros(2, 16, 2, 2, 2)}, str(shard))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors has no tensor 'text' \(has latents\)"):
+        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
     os.remove(shard)
     with pytest.raises(ValueError, match="shard-00001.safetensors is listed in the manifest but missing"):
         wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
