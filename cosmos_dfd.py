@@ -1,9 +1,19 @@
 """DFD post-training of Cosmos-Predict2.5-2B image-to-video through diffusers (the paper's second setting).
 
 The paper (Sec. 5.1.2, Table 2): Cosmos-Predict2.5-2B distilled into a 4-step student with DMD2, then 300 DFD
-steps from that checkpoint; 81 frames at 480p, batch 16 (up to 128, Sec. 5.4), CFG 3.0, lr 1e-5 for student
+steps from that checkpoint; 81 frames at 480p, batch 16 (up to 128, Sec. 5.3), CFG 3.0, lr 1e-5 for student
 and fake score, 5 fake-score updates per student update, p = 0.5. The loss and the loop are dfd.py's; this
-file only says how Cosmos-Predict2.5 turns (x_t, t, condition) into an x0 estimate.
+file only says how Cosmos-Predict2.5 turns (x_t, t, condition) into an x0 estimate (CosmosAdapter); the
+subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are wan_dfd.py's generic drivers.
+
+Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` runs as a world of one):
+  torchrun --nproc_per_node=8 cosmos_dfd.py prepare --model-dir Cosmos-Predict2.5-2B --videos clips/ --out data/
+  torchrun --nproc_per_node=8 cosmos_dfd.py --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/
+  python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
+  python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
+Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 5 fake updates, lr 1e-5, the 4-step
+t = [0.999, 0.937, 0.833, 0.624]). `prepare --text cache` (default) stores one embedding per unique caption;
+`--text online` stores captions and `train` encodes them with the FSDP-sharded text encoder.
 
 Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and transformer_cosmos.py)
   classes      Cosmos2_5_PredictBasePipeline; CosmosTransformer3DModel (transformer/), AutoencoderKLWan, the
@@ -37,6 +47,11 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                so g = s + 1: the paper's g = 3.0 is guidance_scale = 2.0, the pipeline's default 7.0 is g = 8.0.
                The unconditional branch keeps the image condition and swaps the prompt for the negative prompt
                (the pipeline's DEFAULT_NEGATIVE_PROMPT unless one is given). Guiding v or x0 is the same.
+  export       the pipeline calls scheduler.set_timesteps(n) itself and keeps its conditioning frame clean only
+               on a deterministic path (velocity there := eps0 - c, eps0 the initial noise); with fresh noise
+               between steps (dfd.sample) that frame ends as c + t_last (noise - eps0). The exported student
+               therefore comes with a FlowMatchEulerDiscreteScheduler (pipeline_scheduler) under which the
+               pipeline computes `sample_ode`, dfd.sample with the implied instead of fresh noise.
   torchvision  the transformer resizes its padding mask with torchvision, which the pipeline module imports
                only if it is installed; PyPI's torchvision does not import beside a CPU torch build.
                `ensure_padding_mask_resize` gives the transformer module the one function it calls where
@@ -528,6 +543,9 @@ class CosmosAdapter:
         scheduler, err = pipeline_scheduler(ts)
         scheduler.save_pretrained(os.path.join(out, "scheduler"))
         scheduler.set_timesteps(len(ts))
+        if err > 0.01:
+            print(f"warning: no FlowMatchEulerDiscreteScheduler config reproduces the student times {list(ts)}; "
+                  "the pipeline will run the nearest ones below", file=sys.stderr)
         print(f"pipeline scheduler: FlowMatchEulerDiscreteScheduler(shift={scheduler.config.shift}, "
               f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(ts)} steps at "
               f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(ts)}, max diff {err:.2g})",
