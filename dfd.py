@@ -122,7 +122,7 @@ def dm_loss(
     dims = tuple(range(1, x.ndim))
     with torch.no_grad():
         gap = (xf - x0_teacher.float()).abs()
-        normaliser = (gap * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True)  # [B, 1, ...]
+        normaliser = (gap * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True).clamp_min(1)  # [B, 1, ...]
         direction = x0_fake.float() - x0_teacher.float()
         if x_real is not None:
             direction = direction - (xf - x_real.float())
@@ -179,7 +179,9 @@ def fake_score_loss(fake: Denoiser, x_gen: torch.Tensor, eps: torch.Tensor, t: t
 # ---------------------------------------------------------------------------------------------------
 # Few-step student: t list, training input, and the sampler.
 
-STUDENT_TS = (0.999, 0.937, 0.833, 0.624)  # [1, .75, .5, .25] shifted by s = 5, as in the paper's 4-step student
+# The 4-step student's times: [1, .75, .5, .25] shifted by s = 5 (.9375, .8333, .625), written as in FastGen's
+# Wan configs, the codebase the paper's experiments use.
+STUDENT_TS = (0.999, 0.937, 0.833, 0.624)
 
 
 def sample(student: Denoiser, noise: torch.Tensor, cond: Any, ts=STUDENT_TS,
@@ -311,11 +313,12 @@ def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step
 def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[Batch], c: DFDConfig,
                  step: int, rank: int = 0) -> dict[str, float]:
     """One student update with the DMD (Eq. 3) or DFD (Eq. 8) gradient, chosen by the coin (Eq. 10)."""
-    B = batches[0][0].shape[0]
-    use_real = dfd_coin(step, c.p, c.seed, B if c.per_sample_coin else None, rank)
-    logs: dict[str, float] = {"dfd": use_real.float().mean().item()}
+    sizes = [b[0].shape[0] for b in batches]
+    coins = dfd_coin(step, c.p, c.seed, sum(sizes) if c.per_sample_coin else None, rank)
+    logs: dict[str, float] = {"dfd": coins.float().mean().item()}
     for a, batch in enumerate(batches):
         x_real, cond, mask = _unpack(batch)
+        use_real = coins.split(sizes)[a] if c.per_sample_coin else coins
         g = _generator(c, x_real.device, step, -1, a, rank)
         x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
         x_gen = student(x_in, t_in, cond)  # G, with grad
@@ -331,7 +334,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         (loss / len(batches)).backward()
         with torch.no_grad():  # validity monitor (Eq. 7); every batch here pairs G with a real sample
             m = (torch.ones_like(x_real) if mask is None else mask.expand_as(x_real)).float().flatten(1)
-            per_elem = lambda d: ((d.float().flatten(1) ** 2 * m).sum(1) / m.sum(1)).mean()
+            per_elem = lambda d: ((d.float().flatten(1) ** 2 * m).sum(1) / m.sum(1).clamp_min(1)).mean()
             stats["delta2"] = per_elem(x_real - x_gen)  # E||x - G||^2 / d
             if c.monitor_every and step % c.monitor_every == 0:  # the other branch: one extra teacher call
                 x_other = pick(x_gen, x_real, ~use_real.to(x_real.device))
@@ -359,9 +362,10 @@ def train(student: torch.nn.Module, teacher: Denoiser, fake: torch.nn.Module, st
     warned = False
     for step in range(start_step, steps):
         logs: dict[str, float] = {}
-        for j in range(c.fake_updates):
+        for j in range(c.fake_updates):  # logged: the mean over the step's fake-score updates
             batches = [next(data) for _ in range(c.grad_accum)]
-            logs.update(fake_score_step(student, fake, fake_opt, batches, c, step, j, rank))
+            for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank).items():
+                logs[k] = logs.get(k, 0.0) + v / c.fake_updates
         batches = [next(data) for _ in range(c.grad_accum)]
         logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank))
         if ema is not None and c.ema > 0:

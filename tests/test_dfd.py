@@ -486,6 +486,18 @@ def test_micro_batches_of_different_sizes():
     assert math.isfinite(logs["loss_student"])
 
 
+def test_per_sample_coin_with_micro_batches_of_different_sizes():
+    """The per-sample coin covers every sample of the step once: micro-batches get consecutive slices."""
+    student, fake, teacher_net, x_real = _setup(seed=14)
+    c = dfd.DFDConfig(p=0.5, grad_accum=2, per_sample_coin=True, seed=5)
+    teacher = Recorder(teacher_net)
+    logs = dfd.student_step(student, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0),
+                            [(x_real, None), (x_real[:3], None)], c, 7)
+    coins = dfd.dfd_coin(7, 0.5, seed=5, batch=11)
+    assert [call[1].shape for call in teacher.calls] == [(8,), (3,)]
+    assert logs["dfd"] == pytest.approx(coins.float().mean().item())
+
+
 def test_p0_p1_teacher_inputs_and_shared_eps_t():
     """p = 1: the teacher sees the real sample noised with the SAME eps and t as the fake's input
     (x_t - x~_t = alpha_t (x - G)); p = 0: the teacher sees exactly the fake's input."""
