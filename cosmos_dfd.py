@@ -568,26 +568,8 @@ def open_sharded_text_encoder(args, device: torch.device):
 
 
 def main(argv=None) -> Any:
-    """The four subcommands with Cosmos's flags (no subcommand: train). Until wan_dfd.main calls
-    adapter.add_args / adapter.configure itself, the parser is assembled here from wan_dfd's pieces."""
-    import argparse
-
-    adapter = CosmosAdapter()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*wan_dfd.SUBCOMMANDS, "-h", "--help"):
-        argv = ["train", *argv]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for cmd in wan_dfd.SUBCOMMANDS:
-        sp = sub.add_parser(cmd)
-        getattr(wan_dfd, f"add_{cmd}_args")(sp)
-        adapter.add_args(cmd, sp)
-    args = parser.parse_args(argv)
-    adapter.configure(args)
-    try:
-        return getattr(wan_dfd, f"run_{args.cmd}")(adapter, args)
-    finally:
-        wan_dfd.teardown_distributed()
+    """The four subcommands (wan_dfd's drivers) with Cosmos's flags and defaults; no subcommand means train."""
+    return wan_dfd.main(CosmosAdapter(), argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
