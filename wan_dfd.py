@@ -253,7 +253,12 @@ def _read_raw(path: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             return load_file(path)
         if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             return _flatten(obj)
     except ValueError:
         raise
@@ -914,7 +919,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
                     samples=(step + 1) * per_step * per_rank * d.world)
         clock[0] = now
         last.clear()
-        last.update(logs)
+        last.update(step=step, **logs)
         log(step, logs)
 
     def on_step_end(step: int) -> None:

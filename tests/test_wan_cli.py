@@ -258,3 +258,21 @@ def test_help_and_cli_error_format(capsys):
     r = subprocess.run([sys.executable, SCRIPT, "--p", "2", "--model-dir", ".", "--data", "."], env=tiny_wan.quiet_env(),
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip() == "error: --p 2.0: must be in [0, 1]", r.stderr
+
+
+def test_method_flags_reach_the_loop(setup, tmp_path):
+    """--p 0 is plain DMD (no DFD step), --p 1 DFD on every step; --grad-accum and --backward-sim run and the
+    data position counts (fake updates + 1) x grad-accum micro-batches per step."""
+    s = setup
+    common = ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["folder"], "--device", "cpu",
+              "--steps", "3", "--fake-updates", "0", "--save-every", "0", "--monitor-every", "0"]
+    for p, want in (("0", 0.0), ("1", 1.0)):
+        last = wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--p", p, "--batch-size", "1",
+                                                   "--out", str(tmp_path / p)])
+        logs = [json.loads(x) for x in open(tmp_path / p / "metrics.jsonl")]
+        assert [r["dfd"] for r in logs] == [want] * 3 and last["step"] == 2
+    out = tmp_path / "acc"
+    wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
+                                        "--fake-updates", "1", "--out", str(out)])
+    st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
