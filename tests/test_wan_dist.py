@@ -101,3 +101,26 @@ def test_two_ranks_match_single_process(tmp_path):
         assert a["dfd"] == b["dfd"]
         assert abs(a["loss_student"] - b["loss_student"]) <= 1e-5 * max(1.0, abs(b["loss_student"]))
         assert abs(a["delta2"] - b["delta2"]) <= 1e-5 * b["delta2"]
+
+
+@pytest.mark.slow
+def test_two_rank_prepare_matches_single_process(tmp_path):
+    """torchrun prepare splits the videos across ranks; the merged manifest holds the same samples."""
+    pipe = tiny_wan.cached_pipeline()
+    tiny_wan.make_videos(str(tmp_path / "v"), n=3, broken=1)
+    size = ["--num-frames", "9", "--height", "32", "--width", "48", "--fps", "8", "--store-dtype", "fp32",
+            "--device", "cpu", "--model-dir", pipe, "--videos", str(tmp_path / "v")]
+    script = os.path.join(ROOT, "wan_dfd.py")
+    for out, launch in (("one", [sys.executable, script]),
+                        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script])):
+        r = subprocess.run([*launch, "prepare", *size, "--out", str(tmp_path / out)], env=tiny_wan.quiet_env(),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (wan_dfd.LatentShards(str(tmp_path / x), ("latents", "text")) for x in ("one", "two"))
+    assert len(one) == len(two) == 3 and len(two.manifest["skipped"]) == 1
+    assert {s["file"].split("-")[1] for s in two.manifest["shards"]} == {"r00", "r01"}
+    key = lambda d, i: d[i]["text"].sum().item()
+    for i in range(3):
+        j = min(range(3), key=lambda j: abs(key(two, j) - key(one, i)))
+        torch.testing.assert_close(two[j]["latents"], one[i]["latents"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(two[j]["text"], one[i]["text"], atol=1e-6, rtol=0)
