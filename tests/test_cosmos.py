@@ -144,6 +144,32 @@ def test_conditioning_frames_are_clean_in_every_network(pipe):
     assert C.generated_mask(x_t, 1).flatten().tolist() == [0.0, 1.0, 1.0]
 
 
+def test_student_step_ignores_the_real_clips_conditioning_frame(pipe):
+    """A DFD student step (p = 1: the teacher sees the real clip) with the real clip's first latent frame
+    replaced by garbage gives the same loss, delta^2, teacher gap and gradients: that frame enters every network
+    as the clean image latent, and the loss and the validity monitor cover the generated frames only."""
+    g = torch.Generator().manual_seed(4)
+    adapter = C.CosmosAdapter()
+    net = pipe.transformer  # teacher, student and fake score alike
+    x_real = torch.randn(2, 16, 3, 4, 4, generator=g)
+    cond = C.CosmosCond(torch.randn(2, 512, tiny_cosmos.PROMPT_DIM, generator=g), x_real[:, :, :1].clone())
+    neg = torch.randn(1, 512, tiny_cosmos.PROMPT_DIM, generator=g)
+    c = dfd.DFDConfig(p=1.0, monitor_every=1)
+    runs = []
+    for first in (x_real[:, :, :1], 100 * torch.randn(2, 16, 1, 4, 4, generator=g)):
+        batch = (torch.cat([first, x_real[:, :, 1:]], 2), cond, C.generated_mask(x_real, 1))
+        net.zero_grad(set_to_none=True)
+        net.requires_grad_(True)
+        logs = dfd.student_step(adapter.denoiser(net, None, None), adapter.denoiser(net, 3.0, {"text": neg[0]}),
+                                adapter.denoiser(net, None, None), Deferred(), [batch], c, step=0)
+        runs.append((logs, [q.grad.clone() for q in net.parameters()]))
+        net.requires_grad_(False)
+    (a, ga), (b, gb) = runs
+    for k in ("loss_student", "delta2", "teacher_gap", "dm_normaliser"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    assert a["delta2"] > 0 and all(torch.allclose(x, y, atol=1e-7) for x, y in zip(ga, gb))
+
+
 def test_prompt_embeddings_match_pipeline(pipe, tiny_dir):
     tokenizer, text_encoder = C.load_text_encoder(tiny_dir, dtype=torch.float32)
     prompts = ["a red ball rolls", "waves on a beach at night"]
