@@ -14,14 +14,15 @@ A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one.
 The file has two halves.
 (1) Generic, model-agnostic wiring, imported by cosmos_dfd.py (public names are stable):
     Dist / setup_distributed / teardown_distributed      torchrun env, gloo (CPU) or nccl (CUDA), a 1-D device mesh
-    shard                                                FSDP2: fully_shard per block, then the model
+    shard / full_state_dict / train_state_bytes          FSDP2: fully_shard per block, then the model; gathering
+    cast_keeping_fp32                                    half precision for inference, as diffusers loads it
     read_checkpoint / load_weights / strip_prefixes      --dmd2-ckpt in four formats, with clear mismatch errors
     ShardWriter / LatentShards / read_manifest           the prepared data (safetensors shards + manifest.json)
     save_checkpoint / load_checkpoint / latest_checkpoint atomic training checkpoints and --resume
     MetricLog                                            JSONL metrics + tqdm on rank 0
-    read_video_frames / write_mp4                        PyAV decode / encode
+    read_video_frames / write_mp4 / list_videos          PyAV decode / encode; videos with their captions
     run_prepare / run_train / run_sample / run_export    the subcommand drivers, each taking an adapter
-    add_*_args / check_args / main                       the argparse pieces shared by subcommands
+    add_*_args / check_args / dfd_config / main          the argparse pieces shared by subcommands
 (2) The Wan adapter (WanAdapter). An adapter is any object with these members (cosmos_dfd implements the same):
     name: str                                 tag written into manifests and checkpoints
     data_keys: tuple[str, ...]                per-sample tensors the shards must hold (e.g. ("latents", "text"))
@@ -39,7 +40,7 @@ The file has two halves.
     add_args(cmd, parser), configure(args)   optional: extra flags / defaults per subcommand; sees the parsed args
     open_encoders(args, device)  -> Encoders with .encode_video(frames uint8 [T,H,W,3])
         -> dict, .encode_text(list[str]) -> dict of [N, ...], .negative() -> dict (the unconditional branch)
-    sample_items(args, encoders_or_None) -> list[dict]      per-prompt conditioning for `sample`
+    sample_items(args, device) -> list[dict]                per-prompt conditioning for `sample` (no batch dim)
     noise_shape(args) -> tuple                               latent shape of one sample [C, T, H, W]
     decode(latents [B,C,T,H,W], args) -> uint8 [B, T, H, W, 3]
     save_pretrained(net, out_dir)                            the export format
@@ -165,6 +166,17 @@ def full_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
 def set_full_state_dict(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def cast_keeping_fp32(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Casts parameters and buffers to `dtype` except those diffusers keeps in fp32 when it loads the model in
+    half precision (`_keep_in_fp32_modules`: for Wan the RoPE tables, time embedder, modulation tables, norms)."""
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            if t.is_floating_point() and not keep & set(name.split(".")):
+                t.data = t.data.to(dtype)
+    return net
 
 
 def train_state_bytes(*nets_and_opts) -> int:
@@ -1041,7 +1053,7 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
     except ValueError as e:
         raise _fail(e)
     if adapter.compute_dtype is not None:
-        net = net.to(adapter.compute_dtype)
+        cast_keeping_fp32(net, adapter.compute_dtype)
     student = adapter.denoiser(net, None, None)
     os.makedirs(args.out, exist_ok=True)
     jobs = [(i, s) for i in range(len(items)) for s in args.seeds][d.rank::d.world]

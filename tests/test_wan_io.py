@@ -138,3 +138,16 @@ def test_video_frames_resampled_resized_and_round_trip(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.mp4: unreadable video"):
         wan_dfd.read_video_frames(str(tmp_path / "junk.mp4"), 5, 4, 32, 32)
+
+
+def test_cast_keeps_diffusers_fp32_modules():
+    net = wan_dfd.cast_keeping_fp32(tiny_wan.tiny_transformer(0), torch.bfloat16)
+    fp32 = {n for n, p in net.named_parameters() if p.dtype == torch.float32}
+    assert "condition_embedder.time_embedder.linear_1.weight" in fp32 and "blocks.1.scale_shift_table" in fp32
+    assert net.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16 and net.patch_embedding.weight.dtype == torch.bfloat16
+    adapter = wan_dfd.WanAdapter()
+    adapter.compute_dtype = torch.bfloat16
+    x0 = adapter.denoiser(net, None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]), torch.randn(1, 512, 32))
+    ref = adapter.denoiser(tiny_wan.tiny_transformer(0), None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]),
+                                                                     torch.randn(1, 512, 32))
+    assert x0.dtype == torch.float32 and torch.isfinite(x0).all() and ref.shape == x0.shape
