@@ -148,6 +148,4 @@ def test_cast_keeps_diffusers_fp32_modules():
     adapter = wan_dfd.WanAdapter()
     adapter.compute_dtype = torch.bfloat16
     x0 = adapter.denoiser(net, None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]), torch.randn(1, 512, 32))
-    ref = adapter.denoiser(tiny_wan.tiny_transformer(0), None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]),
-                                                                     torch.randn(1, 512, 32))
-    assert x0.dtype == torch.float32 and torch.isfinite(x0).all() and ref.shape == x0.shape
+    assert x0.dtype == torch.float32 and x0.shape == (1, 16, 3, 4, 6) and torch.isfinite(x0).all()
