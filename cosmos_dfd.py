@@ -64,6 +64,7 @@ import hashlib
 import os
 import sys
 import types
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,21 +273,27 @@ class PromptStore:
     get(keys [B, 8]) -> [B, 512, D]: the cached embedding (read once, kept while it is in use) or, when the
     data were prepared with --text online, the caption encoded now by `encoder` (tokenizer, text encoder)."""
 
+    MEMO = 16  # 16 x 103 MB for the real encoder
+
     def __init__(self, folder: str, encoder=None):
         self.folder, self.encoder = os.path.join(folder, PROMPTS), encoder
-        self.memo: dict[str, torch.Tensor] = {}
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # the last MEMO embeddings read
+
+    def path(self, caption: str, ext: str) -> str:
+        return os.path.join(self.folder, key_name(prompt_key(caption)) + ext)
 
     def put(self, caption: str, embedding: torch.Tensor | None) -> torch.Tensor:
+        """Writes the caption (and its embedding) once; returns its key. Files are written atomically, so
+        ranks that meet the same caption at the same time both write it harmlessly."""
         from safetensors.torch import save_file
 
-        key = prompt_key(caption)
-        name = os.path.join(self.folder, key_name(key))
         os.makedirs(self.folder, exist_ok=True)
-        if not os.path.exists(name + ".txt"):
-            wan_dfd._atomic(name + ".txt", lambda p: open(p, "w").write(caption))
-        if embedding is not None and not os.path.exists(name + ".safetensors"):
-            wan_dfd._atomic(name + ".safetensors", lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
-        return key
+        if not os.path.exists(self.path(caption, ".txt")):
+            wan_dfd._atomic(self.path(caption, ".txt"), lambda p: open(p, "w").write(caption))
+        if embedding is not None and not os.path.exists(self.path(caption, ".safetensors")):
+            wan_dfd._atomic(self.path(caption, ".safetensors"),
+                            lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
+        return prompt_key(caption)
 
     def get(self, keys: torch.Tensor, device) -> torch.Tensor:
         from safetensors.torch import load_file
@@ -307,9 +314,10 @@ class PromptStore:
                 if not os.path.exists(path):
                     raise ValueError(f"{path}: cached prompt embedding missing (prepare with --text cache, "
                                      "or train on data prepared with --text online)")
-                if len(self.memo) > 256:
-                    self.memo.clear()
                 self.memo[n] = load_file(path)["text"]
+                if len(self.memo) > self.MEMO:
+                    self.memo.popitem(last=False)
+            self.memo.move_to_end(n)
             out.append(self.memo[n])
         return torch.stack(out).to(device).float()
 
@@ -330,6 +338,7 @@ class CosmosEncoders:
         self.text_encoder.to(device)
         self.device, self.cache = device, args.text == "cache"
         self.store = PromptStore(args.out)
+        self.store_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.store_dtype]
         self.negative_prompt = args.negative_prompt if args.negative_prompt is not None else default_negative_prompt()
 
     @torch.no_grad()
@@ -341,9 +350,12 @@ class CosmosEncoders:
                 "image": self.vae.encode_video(frames[:1])["latents"]}
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        emb = encode_prompts(self.tokenizer, self.text_encoder, captions, self.device) if self.cache else None
-        keys = [self.store.put(c, None if emb is None else emb[i]) for i, c in enumerate(captions)]
-        return {"text_key": torch.stack(keys)}
+        """{"text_key": [N, 8]}; with --text cache, captions not seen before are encoded and stored."""
+        new = [c for c in dict.fromkeys(captions) if self.cache and not os.path.exists(self.store.path(c, ".safetensors"))]
+        emb = encode_prompts(self.tokenizer, self.text_encoder, new, self.device).to(self.store_dtype) if new else []
+        for c, e in zip(new, emb):
+            self.store.put(c, e)
+        return {"text_key": torch.stack([self.store.put(c, None) for c in captions])}
 
     def negative(self) -> dict[str, torch.Tensor]:
         return {"text": encode_prompts(self.tokenizer, self.text_encoder, [self.negative_prompt], self.device)[0]}
