@@ -230,6 +230,9 @@ def e2e(tmp_path_factory, tiny_dir):
     data = str(root / "data")
     C.main(["prepare", "--model-dir", tiny_dir, "--videos", str(videos), "--out", data, *SIZE,
             "--store-dtype", "fp32", "--device", "cpu"])
+    online = str(root / "data_online")  # the same clips, captions only: train encodes them
+    C.main(["prepare", "--model-dir", tiny_dir, "--videos", str(videos), "--out", online, *SIZE,
+            "--store-dtype", "fp32", "--device", "cpu", "--text", "online"])
     gen, critic = C.CosmosAdapter().load_network(tiny_dir), tiny_cosmos.tiny_transformer(9)
     with torch.no_grad():  # a "DMD2 student": the teacher, perturbed
         for q in gen.parameters():
@@ -239,7 +242,8 @@ def e2e(tmp_path_factory, tiny_dir):
     image = str(root / "image.png")
     from PIL import Image
     Image.fromarray(tiny_wan.synthetic_frames(7, 1, 40, 48)[0]).save(image)
-    return {"root": root, "model": tiny_dir, "videos": videos, "data": data, "dmd2": dmd2, "image": image}
+    return {"root": root, "model": tiny_dir, "videos": videos, "data": data, "online": online, "dmd2": dmd2,
+            "image": image}
 
 
 def train_args(s, out, steps, *more):
@@ -341,10 +345,7 @@ def test_train_resume_sample_export(e2e):
 def test_online_text_encoding_trains_like_the_cache(e2e):
     """prepare --text online stores captions only; train encodes them (with the text encoder, sharded under
     torchrun) and takes exactly the steps it takes from the per-prompt cache."""
-    s, root = e2e, e2e["root"]
-    online = str(root / "data_online")
-    C.main(["prepare", "--model-dir", s["model"], "--videos", str(s["videos"]), "--out", online, *SIZE,
-            "--store-dtype", "fp32", "--device", "cpu", "--text", "online"])
+    s, root, online = e2e, e2e["root"], e2e["online"]
     names = os.listdir(os.path.join(online, C.PROMPTS))
     assert len(names) == 3 and all(n.endswith(".txt") for n in names)
     logs = {}
@@ -450,13 +451,15 @@ def emulate_two_ranks(args, steps):
 
 
 def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
-    """`torchrun --nproc_per_node=2 cosmos_dfd.py ...` (gloo, FSDP2, bare launch line = train) ends with the
-    weights of one process that runs each rank's share and averages the gradients."""
+    """`torchrun --nproc_per_node=2 cosmos_dfd.py ...` (gloo, FSDP2, bare launch line = train) on the online-text
+    data (the text encoder sharded over both ranks) ends with the weights of one process that runs each rank's
+    share on the cached embeddings and averages the gradients."""
     steps, lr = 2, 1e-4
     out = str(tmp_path / "run")
     argv = [*train_args(e2e, out, steps), "--grad-clip", "0", "--save-every", "0", "--monitor-every", "0"]
+    online = [e2e["online"] if a == e2e["data"] else a for a in argv]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "cosmos_dfd.py"), *argv], env=tiny_wan.quiet_env(), capture_output=True,
+                        os.path.join(ROOT, "cosmos_dfd.py"), *online], env=tiny_wan.quiet_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = os.path.join(out, "checkpoints", f"step-{steps - 1:06d}")
