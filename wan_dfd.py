@@ -408,7 +408,7 @@ class ShardWriter:
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    _atomic(os.path.join(folder, MANIFEST), lambda p: open(p, "w").write(json.dumps(manifest, indent=1)))
+    write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def read_manifest(folder: str) -> dict:
@@ -509,6 +509,13 @@ def _atomic(path: str, write: Callable[[str], Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
+
+
 CKPT_DIR = "checkpoints"
 CKPT_FILES = ("student", "fake", "ema")
 
@@ -541,7 +548,7 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _atomic(os.path.join(root, "latest"), lambda p: open(p, "w").write(os.path.basename(final) + "\n"))
+        write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
         done = sorted(x for x in os.listdir(root) if re.fullmatch(r"step-\d{6}", x))
         for x in done[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, x), ignore_errors=True)
@@ -593,8 +600,14 @@ def _set_rng_state(st: dict) -> None:
 
 
 class MetricLog:
+    """Appends to `path`; lines of steps >= start (logged after the checkpoint a resumed run restarts from) are
+    dropped first, so the file holds each step once."""
+
     def __init__(self, path: str | None, total: int, start: int, main: bool):
         self.main = main
+        if main and path and os.path.exists(path):
+            keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", -1) < start]
+            write_text(path, "".join(keep))
         self.file = open(path, "a") if (main and path) else None
         self.bar = None
         if main:

@@ -88,6 +88,7 @@ def test_train_kill_resume_sample_export(setup):
     assert open(latest).read().strip() == "step-000001"
     assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
     run(["train", *train_args(s, run_b), "--resume"])
+    assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == list(range(6))
     a, b = (os.path.join(r, "checkpoints", "step-000005") for r in (run_a, run_b))
     for name in ("student", "fake", "ema"):
         wa, wb = load_file(f"{a}/{name}.safetensors"), load_file(f"{b}/{name}.safetensors")
