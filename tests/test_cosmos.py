@@ -512,3 +512,27 @@ def test_real_teacher_matches_pipeline():
             t = sched.sigmas[i].expand(1).cuda()
             x = sched.step(dfd.v_from_x0(x, teacher(x, t, C.CosmosCond(emb, c)), t), timestep, x).prev_sample
     assert (x[:, :, 1:] - out[:, :, 1:]).abs().mean() < 2e-2 * out[:, :, 1:].abs().mean()  # bf16
+
+
+@pytest.mark.slow
+def test_torchrun_two_rank_prepare_holds_the_same_samples(e2e, tmp_path):
+    """prepare under torchrun: each rank encodes every other clip into its own shards and both write into the
+    shared prompts/ folder; the samples, keys and cached embeddings equal the single-process prepare's."""
+    out = str(tmp_path / "two")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "cosmos_dfd.py"), "prepare", "--model-dir", e2e["model"], "--videos",
+                        str(e2e["videos"]), "--out", out, *SIZE, "--store-dtype", "fp32", "--device", "cpu"],
+                       env=tiny_wan.quiet_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = C.CosmosAdapter.data_keys
+    one, two = wan_dfd.LatentShards(e2e["data"], keys), wan_dfd.LatentShards(out, keys)
+    assert len(one) == len(two) == 4
+    by_latents = lambda d: sorted((d[i] for i in range(len(d))), key=lambda it: it["latents"].sum().item())
+    for a, b in zip(by_latents(one), by_latents(two), strict=True):
+        for k in keys:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert sorted(os.listdir(os.path.join(out, C.PROMPTS))) == sorted(os.listdir(os.path.join(e2e["data"], C.PROMPTS)))
+    for name in os.listdir(os.path.join(out, C.PROMPTS)):
+        if name.endswith(".safetensors"):
+            torch.testing.assert_close(load_file(os.path.join(out, C.PROMPTS, name))["text"],
+                                       load_file(os.path.join(e2e["data"], C.PROMPTS, name))["text"])
