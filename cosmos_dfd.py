@@ -61,6 +61,7 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import types
@@ -420,8 +421,9 @@ class CosmosAdapter:
             p.add_argument("--images", nargs="+", help="conditioning image per prompt (or one for all prompts); "
                            "resized to cover --height x --width and centre-cropped like the training frames")
         elif cmd == "export":
-            p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS),
-                           help="the student's times, for the pipeline scheduler written to out/scheduler")
+            p.add_argument("--student-ts", type=float, nargs="+", default=None,
+                           help="the student's times, for the pipeline scheduler written to out/scheduler "
+                                "(default: the training run's, else the paper's)")
 
     def load_network(self, model_dir: str) -> nn.Module:
         """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32, built from its config
@@ -551,7 +553,7 @@ class CosmosAdapter:
         """The transformer folder (config.json + safetensors; CosmosTransformer3DModel.from_pretrained(out)) and
         out/scheduler/, the FlowMatchEulerDiscreteScheduler under which the pipeline runs `sample_ode`."""
         net.save_pretrained(out, safe_serialization=True)
-        ts = tuple(self.args.student_ts)
+        ts = tuple(self.args.student_ts or trained_student_ts(self.args.ckpt))
         scheduler, err = pipeline_scheduler(ts)
         scheduler.save_pretrained(os.path.join(out, "scheduler"))
         scheduler.set_timesteps(len(ts))
@@ -562,6 +564,16 @@ class CosmosAdapter:
               f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(ts)} steps at "
               f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(ts)}, max diff {err:.2g})",
               file=sys.stderr)
+
+
+def trained_student_ts(ckpt: str) -> tuple[float, ...]:
+    """The --student-ts a training run used (its args.json, next to checkpoints/), else the paper's."""
+    try:
+        run = os.path.dirname(os.path.dirname(wan_dfd.latest_checkpoint(ckpt)))
+        with open(os.path.join(run, "args.json")) as f:
+            return tuple(json.load(f)["student_ts"])
+    except (ValueError, OSError, KeyError, json.JSONDecodeError):
+        return dfd.STUDENT_TS
 
 
 def open_sharded_text_encoder(args, device: torch.device):

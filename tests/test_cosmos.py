@@ -194,6 +194,17 @@ def test_pipeline_scheduler_fits_student_times():
     assert C.pipeline_scheduler(exact)[1] < 1e-6
 
 
+def test_export_takes_the_student_times_of_the_run(tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step-000003"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000003\n")
+    (tmp_path / "run" / "args.json").write_text(json.dumps({"student_ts": [1.0, 0.5]}))
+    assert C.trained_student_ts(str(tmp_path / "run")) == (1.0, 0.5)
+    assert C.trained_student_ts(str(step)) == (1.0, 0.5)
+    assert C.trained_student_ts(str(tmp_path / "dmd2.pt")) == dfd.STUDENT_TS  # not a run: the paper's
+
+
 def test_every_dmd2_format_loads(tmp_path):
     """--dmd2-ckpt as a diffusers folder, a .safetensors, a FastGen-style .pt ({"generator", "critic"} with the
     original NVIDIA key names under `net.`) and a torch.distributed.checkpoint folder: identical weights."""
