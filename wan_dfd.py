@@ -120,14 +120,6 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _all_agree(ok: bool) -> bool:
-    """True when `ok` holds on every rank (so all ranks take the same branch before a collective)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag)  # gloo and nccl both sum int64 (nccl after a device move)
-    return int(flag) == 0
-
-
 # ---------------------------------------------------------------------------------------------------
 # FSDP2
 
