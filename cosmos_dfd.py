@@ -51,7 +51,7 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                on a deterministic path (velocity there := eps0 - c, eps0 the initial noise); with fresh noise
                between steps (dfd.sample) that frame ends as c + t_last (noise - eps0). The exported student
                therefore comes with a FlowMatchEulerDiscreteScheduler (pipeline_scheduler) under which the
-               pipeline computes `sample_ode`, dfd.sample with the implied instead of fresh noise.
+               pipeline computes dfd.sample(..., renoise=False): the implied instead of fresh noise between steps.
   torchvision  the transformer resizes its padding mask with torchvision, which the pipeline module imports
                only if it is installed; PyPI's torchvision does not import beside a CPU torch build.
                `ensure_padding_mask_resize` gives the transformer module the one function it calls where
@@ -181,19 +181,6 @@ class CosmosDenoiser(wan_dfd.WanDenoiser):
         else:
             x0 = x_in - t_in * self.velocity(x_in, t_in, cond_mask, cond.prompt)
         return with_image(x0, cond.image.float()).to(x_t.dtype)
-
-
-def sample_ode(student, noise: torch.Tensor, cond, ts=dfd.STUDENT_TS, generator=None) -> torch.Tensor:
-    """dfd.sample without fresh noise: between steps x0 is re-noised with the noise the current x_t implies,
-    eps = (x_t - (1 - t) x0) / t. That is the Euler step of diffusers' FlowMatchEulerDiscreteScheduler, the
-    only few-step rule under which the Cosmos pipeline keeps its conditioning frame clean (`export`)."""
-    x = noise
-    for i, t in enumerate(ts):
-        tt = torch.full((x.shape[0],), float(t), device=x.device)
-        x0 = student(x, tt, cond)
-        if i + 1 < len(ts):
-            x = dfd.forward_diffusion(x0, dfd.eps_from_x0(x, x0, tt), torch.full_like(tt, ts[i + 1]))
-    return x0
 
 
 def pipeline_scheduler(ts) -> tuple[Any, float]:
@@ -551,7 +538,8 @@ class CosmosAdapter:
 
     def save_pretrained(self, net: nn.Module, out: str) -> None:
         """The transformer folder (config.json + safetensors; CosmosTransformer3DModel.from_pretrained(out)) and
-        out/scheduler/, the FlowMatchEulerDiscreteScheduler under which the pipeline runs `sample_ode`."""
+        out/scheduler/, the FlowMatchEulerDiscreteScheduler under which the pipeline runs
+        dfd.sample(..., renoise=False)."""
         net.save_pretrained(out, safe_serialization=True)
         ts = tuple(self.args.student_ts or trained_student_ts(self.args.ckpt))
         scheduler, err = pipeline_scheduler(ts)

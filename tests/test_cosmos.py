@@ -2,7 +2,7 @@
 
 The oracle is diffusers itself: Cosmos2_5_PredictBasePipeline run on the same tiny folder, image, prompt
 embedding and seed gives the latents that cosmos_dfd's teacher adapter gives under a reference sampler, and the
-exported student gives in the pipeline the latents `sample_ode` gives. End to end: synthetic mp4s -> prepare ->
+exported student gives in the pipeline the latents of dfd.sample(..., renoise=False). End to end: synthetic mp4s -> prepare ->
 train -> resume (same weights as an unbroken run) -> sample (first frame = the image) -> export; bad inputs.
 """
 import importlib.util
@@ -331,7 +331,7 @@ def test_train_resume_sample_export(e2e):
     torch.testing.assert_close(load_file(again[0][:-4] + ".safetensors")["latents"], x_b, atol=1e-5, rtol=0)
 
     # export: loads back to the student, and the diffusers pipeline with the exported scheduler gives the
-    # latents of sample_ode (every frame, the conditioning one included)
+    # latents of dfd.sample(renoise=False) (every frame, the conditioning one included)
     exported = str(root / "exported")
     C.main(["export", "--model-dir", s["model"], "--ckpt", run_a, "--out", exported])
     adapter = C.CosmosAdapter()
@@ -348,7 +348,8 @@ def test_train_resume_sample_export(e2e):
     sched.set_timesteps(4)
     noise = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = C.sample_ode(C.CosmosDenoiser(net), noise, C.CosmosCond(emb, c[None]), sched.sigmas[:-1].tolist())
+        ours = dfd.sample(C.CosmosDenoiser(net), noise, C.CosmosCond(emb, c[None]), sched.sigmas[:-1].tolist(),
+                          renoise=False)
     assert (ours - via_pipe).abs().max() < 1e-4 * via_pipe.abs().max()
     assert (via_pipe[:, :, :1] - c).abs().max() < 1e-4  # the pipeline keeps the image on this path
 
