@@ -71,16 +71,9 @@ def build_pipeline(path: str, seed: int = 0) -> str:
 
 
 def write_video(path: str, frames: np.ndarray, fps: int) -> None:
-    """frames: uint8 [T, H, W, 3]."""
-    import av
-    with av.open(path, "w") as out:
-        s = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(pkt)
-        for pkt in s.encode():
-            out.mux(pkt)
+    """frames: uint8 [T, H, W, 3] -> mp4 (wan_dfd's own writer)."""
+    import wan_dfd
+    wan_dfd.write_mp4(path, frames, fps)
 
 
 def synthetic_frames(i: int, T: int, H: int, W: int) -> np.ndarray:
