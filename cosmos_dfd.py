@@ -49,7 +49,8 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                (the pipeline's DEFAULT_NEGATIVE_PROMPT unless one is given). Guiding v or x0 is the same.
   export       the pipeline calls scheduler.set_timesteps(n) itself and keeps its conditioning frame clean only
                on a deterministic path (velocity there := eps0 - c, eps0 the initial noise); with fresh noise
-               between steps (dfd.sample) that frame ends as c + t_last (noise - eps0). The exported student
+               between steps (dfd.sample; stochastic_sampling=True) that frame ends far from c, a mix of the
+               fresh noises and eps0 weighted by the later t. The exported student
                therefore comes with a FlowMatchEulerDiscreteScheduler (pipeline_scheduler) under which the
                pipeline computes dfd.sample(..., renoise=False): the implied instead of fresh noise between steps.
   torchvision  the transformer resizes its padding mask with torchvision, which the pipeline module imports

@@ -352,6 +352,13 @@ def test_train_resume_sample_export(e2e):
                           renoise=False)
     assert (ours - via_pipe).abs().max() < 1e-4 * via_pipe.abs().max()
     assert (via_pipe[:, :, :1] - c).abs().max() < 1e-4  # the pipeline keeps the image on this path
+    # ... and not with fresh noise between steps (dfd.sample's default): the first frame is lost
+    p.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched.config, stochastic_sampling=True)
+    torch.manual_seed(0)
+    renoised = p(video=pixels, prompt_embeds=emb, height=H, width=W, num_frames=FRAMES, num_inference_steps=4,
+                 guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+                 num_latent_conditional_frames=1).frames
+    assert (renoised[:, :, :1] - c).abs().mean() > 0.5 * (renoised[:, :, :1]).abs().mean()
 
 
 def test_online_text_encoding_trains_like_the_cache(e2e):
