@@ -1,6 +1,6 @@
 """torchrun --nproc_per_node=2 (gloo, CPU mesh, FSDP2) training equals a single-process run of the same global
-batch. The single-process reference runs dfd's own update steps once per emulated rank (each rank's data and
-seeds) and averages the gradients before the optimizer step, which is what FSDP2's reduce-scatter does."""
+batch (tiny_wan.emulate_ranks: dfd's own update steps once per emulated rank, with each rank's data and seeds,
+gradients averaged before the optimizer step, which is what FSDP2's reduce-scatter does)."""
 import json
 import os
 import subprocess
@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dfd
 import tiny_wan
 import wan_dfd
 
@@ -19,54 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, LR = 2, 1e-4
 
 
-class Deferred:
-    """Optimizer stand-in for dfd's step functions: gradients accumulate across emulated ranks."""
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
-
-
 def random_data(folder, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = wan_dfd.ShardWriter(str(folder), per_shard=3)
     for _ in range(n):
         w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
     w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
-
-
-def reference(pipe, data_dir, dmd2, args):
-    adapter = wan_dfd.WanAdapter()
-    teacher_net, student_net, fake_net = (adapter.load_network(pipe) for _ in range(3))
-    wan_dfd.load_weights(student_net, wan_dfd.read_checkpoint(dmd2, "generator"), dmd2, adapter.convert_state_dict)
-    wan_dfd.load_weights(fake_net, wan_dfd.read_checkpoint(dmd2, "critic"), dmd2, adapter.convert_state_dict)
-    data = wan_dfd.LatentShards(str(data_dir), adapter.data_keys)
-    teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
-    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
-    opt = lambda net: torch.optim.AdamW(net.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    opt_s, opt_f = opt(student_net), opt(fake_net)
-    c = wan_dfd.dfd_config(args)
-    streams = [data.batches(0, 1, r, 2, args.seed) for r in range(2)]
-    nxt = lambda r: adapter.make_batch(next(streams[r]), torch.device("cpu"))
-
-    def average_and_step(net, o):
-        for q in net.parameters():
-            q.grad /= 2
-        o.step()
-        o.zero_grad(set_to_none=True)
-
-    logs = []
-    for step in range(STEPS):
-        for j in range(c.fake_updates):
-            for r in range(2):
-                dfd.fake_score_step(student, fake, Deferred(), [nxt(r)], c, step, j, rank=r)
-            average_and_step(fake_net, opt_f)
-        per_rank = [dfd.student_step(student, teacher, fake, Deferred(), [nxt(r)], c, step, rank=r) for r in range(2)]
-        average_and_step(student_net, opt_s)
-        logs.append({k: (per_rank[0][k] + per_rank[1][k]) / 2 for k in ("loss_student", "delta2", "dfd")})
-    return student_net.state_dict(), fake_net.state_dict(), logs
 
 
 def test_two_ranks_match_single_process(tmp_path):
@@ -88,7 +45,7 @@ def test_two_ranks_match_single_process(tmp_path):
     parser = __import__("argparse").ArgumentParser()
     wan_dfd.add_train_args(parser)
     args = parser.parse_args(argv[1:])
-    student_ref, fake_ref, logs_ref = reference(pipe, tmp_path / "data", paths["pt"], args)
+    student_ref, fake_ref, logs_ref = tiny_wan.emulate_ranks(wan_dfd.WanAdapter(), args, STEPS, world=2)
     student0 = tiny_wan.tiny_transformer(5).state_dict()
     for name, ref in (("student", student_ref), ("fake", fake_ref)):
         got = load_file(os.path.join(ck, f"{name}.safetensors"))

@@ -197,3 +197,58 @@ def quiet_env() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The single-process reference for distributed runs (adapter-agnostic: also used for Cosmos)
+
+
+class Deferred:
+    """Optimizer stand-in for dfd's step functions: gradients accumulate across emulated ranks."""
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
+def emulate_ranks(adapter, args, steps: int, world: int = 2):
+    """What `torchrun --nproc_per_node=world <script> train <args>` computes, in one process without FSDP: dfd's
+    own update steps once per rank (that rank's data stream and seeds), gradients averaged before each AdamW step
+    (FSDP2's reduce-scatter). Needs --grad-clip 0 (clipping would act on partial sums). Returns the student and
+    fake-score state dicts and the rank-averaged (loss_student, delta2, dfd) per step."""
+    import dfd
+    import wan_dfd
+    assert args.grad_clip <= 0, "emulate_ranks needs --grad-clip 0"
+    if hasattr(adapter, "configure"):
+        adapter.configure(args)
+    teacher_net, student_net, fake_net = (adapter.load_network(args.model_dir) for _ in range(3))
+    for net, role in ((student_net, "generator"), (fake_net, "critic")):
+        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(args.dmd2_ckpt, role), role, adapter.convert_state_dict)
+    data = wan_dfd.LatentShards(args.data, adapter.data_keys)
+    teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
+    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
+    c = wan_dfd.dfd_config(args)
+    per_rank = args.batch_size // (world * args.grad_accum)
+    streams = [data.batches(0, per_rank, r, world, args.seed) for r in range(world)]
+    batches = lambda r: [adapter.make_batch(next(streams[r]), torch.device("cpu")) for _ in range(c.grad_accum)]
+
+    def average_and_step(net, opt):
+        for q in net.parameters():
+            q.grad /= world
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    logs = []
+    for step in range(steps):
+        for j in range(c.fake_updates):
+            for r in range(world):
+                dfd.fake_score_step(student, fake, Deferred(), batches(r), c, step, j, rank=r)
+            average_and_step(fake_net, opt_f)
+        ranks = [dfd.student_step(student, teacher, fake, Deferred(), batches(r), c, step, rank=r) for r in range(world)]
+        average_and_step(student_net, opt_s)
+        logs.append({k: sum(x[k] for x in ranks) / world for k in ("loss_student", "delta2", "dfd")})
+    return student_net.state_dict(), fake_net.state_dict(), logs
