@@ -316,12 +316,17 @@ class PromptStore:
 # and Qwen2.5-VL.
 
 
+def encoder_dtype(args, device: torch.device) -> torch.dtype:
+    """--dtype for the text encoder: bf16 when asked or on CUDA (auto), else fp32."""
+    return torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+
+
 class CosmosEncoders:
     """encode_video(frames) -> latents of the clip and of its first frame alone; encode_text(captions) ->
     prompt keys (the captions, and with --text cache their embeddings, go to <out>/prompts/); negative()."""
 
     def __init__(self, args, device: torch.device):
-        dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
+        dtype = encoder_dtype(args, device)
         self.vae = wan_dfd.WanEncoders(args.model_dir, device, text=False)
         self.tokenizer, self.text_encoder = load_text_encoder(args.model_dir, dtype)
         self.text_encoder.to(device)
@@ -570,7 +575,7 @@ def open_sharded_text_encoder(args, device: torch.device):
     under torchrun, sharded with FSDP2 per decoder layer (its vision tower is a unit of its own that is never
     gathered), so each rank holds 1/world of the 8.3B parameters."""
     d = wan_dfd.setup_distributed(args.device)  # idempotent: the driver has already started the group
-    dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
+    dtype = encoder_dtype(args, device)
     tokenizer, te = load_text_encoder(args.model_dir, dtype)
     if d.world > 1:
         layers = list(te.model.language_model.layers) + [te.model.visual]
