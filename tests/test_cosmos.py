@@ -161,7 +161,7 @@ def test_student_step_ignores_the_real_clips_conditioning_frame(pipe):
         net.zero_grad(set_to_none=True)
         net.requires_grad_(True)
         logs = dfd.student_step(adapter.denoiser(net, None, None), adapter.denoiser(net, 3.0, {"text": neg[0]}),
-                                adapter.denoiser(net, None, None), Deferred(), [batch], c, step=0)
+                                adapter.denoiser(net, None, None), tiny_wan.Deferred(), [batch], c, step=0)
         runs.append((logs, [q.grad.clone() for q in net.parameters()]))
         net.requires_grad_(False)
     (a, ga), (b, gb) = runs
@@ -424,51 +424,6 @@ def test_bad_inputs(e2e, tmp_path):
 # Distributed: torchrun on 2 CPU ranks against one process emulating them
 
 
-class Deferred:
-    """Optimizer stand-in for dfd's step functions: gradients accumulate across emulated ranks."""
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
-
-
-def emulate_two_ranks(args, steps):
-    """dfd's own update steps, once per rank with that rank's data and seeds, gradients averaged before each
-    AdamW step: what FSDP2's reduce-scatter does."""
-    adapter = C.CosmosAdapter()
-    adapter.configure(args)
-    teacher_net, student_net, fake_net = (adapter.load_network(args.model_dir) for _ in range(3))
-    for net, role in ((student_net, "generator"), (fake_net, "critic")):
-        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(args.dmd2_ckpt, role), role, adapter.convert_state_dict)
-    data = wan_dfd.LatentShards(args.data, adapter.data_keys)
-    teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
-    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
-    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=args.weight_decay)
-    opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
-    c = wan_dfd.dfd_config(args, 2)
-    streams = [data.batches(0, 1, r, 2, args.seed) for r in range(2)]
-    batch = lambda r: adapter.make_batch(next(streams[r]), torch.device("cpu"))
-
-    def average_and_step(net, opt):
-        for q in net.parameters():
-            q.grad /= 2
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    logs = []
-    for step in range(steps):
-        for j in range(c.fake_updates):
-            for r in range(2):
-                dfd.fake_score_step(student, fake, Deferred(), [batch(r)], c, step, j, rank=r)
-            average_and_step(fake_net, opt_f)
-        per_rank = [dfd.student_step(student, teacher, fake, Deferred(), [batch(r)], c, step, rank=r) for r in range(2)]
-        average_and_step(student_net, opt_s)
-        logs.append({k: (per_rank[0][k] + per_rank[1][k]) / 2 for k in ("loss_student", "delta2", "dfd")})
-    return student_net.state_dict(), fake_net.state_dict(), logs
-
-
 def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
     """`torchrun --nproc_per_node=2 cosmos_dfd.py ...` (gloo, FSDP2, bare launch line = train) on the online-text
     data (the text encoder sharded over both ranks) ends with the weights of one process that runs each rank's
@@ -487,7 +442,7 @@ def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
     wan_dfd.add_train_args(parser)
     C.CosmosAdapter().add_args("train", parser)
     args = parser.parse_args(argv)
-    student_ref, fake_ref, logs_ref = emulate_two_ranks(args, steps)
+    student_ref, fake_ref, logs_ref = tiny_wan.emulate_ranks(C.CosmosAdapter(), args, steps)
     start = torch.load(e2e["dmd2"], weights_only=True)["generator"]
     assert max((student_ref[k] - start[k]).abs().max().item() for k in start) > lr  # the weights moved
     for name, ref in (("student", student_ref), ("fake", fake_ref)):
