@@ -798,6 +798,11 @@ def check_args(args: argparse.Namespace) -> None:
         bad.append(f"--guidance {args.guidance}: must be >= 0")
     if hasattr(args, "ema") and not 0.0 <= args.ema < 1.0:
         bad.append(f"--ema {args.ema}: must be in [0, 1)")
+    for name in ("per_shard", "keep"):
+        if hasattr(args, name) and getattr(args, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if hasattr(args, "monitor_every") and args.monitor_every < 0:
+        bad.append(f"--monitor-every {args.monitor_every}: must be >= 0 (0: off)")
     if hasattr(args, "save_every") and args.save_every < 0:
         bad.append(f"--save-every {args.save_every}: must be >= 0")
     if hasattr(args, "t_min") and not 0.0 <= args.t_min < args.t_max <= 1.0:

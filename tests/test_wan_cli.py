@@ -175,12 +175,15 @@ def main_error(argv) -> str:
 
 def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     s = setup
-    base = lambda **over: sum(([f"--{k.replace('_', '-')}", v] for k, v in
+    base = lambda **over: sum(([f"--{k.replace('_', '-')}", *([v] if isinstance(v, str) else v)] for k, v in
                                {"model_dir": s["pipe"], "data": s["data"], "dmd2_ckpt": s["dmd2"]["pt"],
                                 "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()), [])
     cases = [
         (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
         (base(steps="0"), "--steps 0: must be >= 1"),
+        (base(keep="0"), "--keep 0: must be >= 1"),
+        (base(lr="0"), "--lr 0.0: must be > 0"),
+        (base(student_ts=["0.5", "0.9"]), r"--student-ts \[0.5, 0.9\]: must be strictly decreasing"),
         (base(batch_size="3", grad_accum="2"), "--batch-size 3 is not a multiple of ranks x --grad-accum = 1 x 2"),
         (base(model_dir=str(tmp_path / "nope")), "--model-dir .*nope: no such folder"),
         (base(data=str(tmp_path / "nodata")), "--data .*nodata: no such folder"),
