@@ -50,9 +50,9 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
   export       the pipeline calls scheduler.set_timesteps(n) itself and keeps its conditioning frame clean only
                on a deterministic path (velocity there := eps0 - c, eps0 the initial noise); with fresh noise
                between steps (dfd.sample; stochastic_sampling=True) that frame ends far from c, a mix of the
-               fresh noises and eps0 weighted by the later t. The exported student
-               therefore comes with a FlowMatchEulerDiscreteScheduler (pipeline_scheduler) under which the
-               pipeline computes dfd.sample(..., renoise=False): the implied instead of fresh noise between steps.
+               fresh noises and eps0 weighted by the later t. So the exported student comes with a
+               FlowMatchEulerDiscreteScheduler (pipeline_scheduler) under which the pipeline computes
+               dfd.sample(..., renoise=False): the implied instead of fresh noise between steps.
   torchvision  the transformer resizes its padding mask with torchvision, which the pipeline module imports
                only if it is installed; PyPI's torchvision does not import beside a CPU torch build.
                `ensure_padding_mask_resize` gives the transformer module the one function it calls where
