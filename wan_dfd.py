@@ -196,7 +196,9 @@ def train_state_bytes(*nets_and_opts) -> int:
 
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 LEADING = ("module.", "model.", "net.", "transformer.", "diffusion_model.")
-ROLES = {  # top-level names a training checkpoint uses for each network
+NOT_WEIGHTS = {"optimizer", "optimizers", "optim", "optimizer_state", "scheduler", "lr_scheduler", "scaler",
+               "grad_scaler"}
+ROLES = {  # names a training checkpoint uses for each network
     "generator_ema": ("generator_ema", "ema", "net_ema", "student_ema", "ema_model"),
     "generator": ("generator", "net", "student", "model_student"),
     "critic": ("critic", "fake_score", "fake_score_net", "fake", "fake_net"),
@@ -296,10 +298,14 @@ def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tenso
     groups: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        head, _, rest = k.partition(".")
-        owner = next((r for r, names in ROLES.items() if head in names), None)
-        if owner is not None and rest:
-            groups.setdefault(owner, {})[rest] = v
+        parts = k.split(".")
+        if parts[0] in NOT_WEIGHTS:  # optimizer moments etc. also carry network names
+            continue
+        # the role name may sit under a wrapper level or two ({"model": {"net": ...}} in FastGen's DCP)
+        at = next((i for i, part in enumerate(parts[:3]) if any(part in names for names in ROLES.values())), None)
+        if at is not None and at + 1 < len(parts):
+            owner = next(r for r, names in ROLES.items() if parts[at] in names)
+            groups.setdefault(owner, {})[".".join(parts[at + 1:])] = v
         else:
             plain[k] = v
     if not groups:

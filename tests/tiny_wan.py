@@ -154,7 +154,7 @@ def write_dmd2_checkpoints(path: str, generator: torch.nn.Module, critic: torch.
                            generator_ema: torch.nn.Module | None = None) -> dict[str, str]:
     """Writes the same generator (and critic) as: a diffusers folder, a .safetensors file, a Self-Forcing
     style .pt (original keys under FSDP / DDP prefixes), and a torch.distributed.checkpoint folder
-    (FastGen style: {"model": {"net.*", "fake_score.*"}}). Returns {format: path}."""
+    (FastGen style: {"model": {"net.*", "fake_score.*"}, "optimizer": ...}). Returns {format: path}."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
@@ -172,7 +172,9 @@ def write_dmd2_checkpoints(path: str, generator: torch.nn.Module, critic: torch.
                 "generator_ema": wrap(ge, "module."),
                 "critic": wrap(c, "model._fsdp_wrapped_module.")}, out["pt"])
     out["dcp"] = os.path.join(path, "dmd2_dcp")
-    state = {"model": {**{"net." + k: v for k, v in g.items()}, **{"fake_score." + k: v for k, v in c.items()}}}
+    state = {"model": {**{"net." + k: v for k, v in g.items()}, **{"fake_score." + k: v for k, v in c.items()}},
+             "optimizer": {"state": {"net." + k: {"exp_avg": torch.zeros_like(v)} for k, v in list(g.items())[:3]}},
+             "iteration": torch.tensor(25000)}
     dcp.save(state, checkpoint_id=out["dcp"], no_dist=True)
     return out
 
