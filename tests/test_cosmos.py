@@ -316,10 +316,12 @@ def test_train_resume_sample_export(e2e):
     assert sorted(os.path.basename(p) for p in written) == [f"prompt00{i}_seed{k}.mp4" for i in (0, 1) for k in (0, 1)]
     vae = wan_dfd.WanEncoders(s["model"], torch.device("cpu"), text=False)
     c = vae.encode_video(C.read_image(s["image"], H, W))["latents"]
+    first = vae.decode(c[None])[0, 0]  # the image through the VAE: the first frame of every video
     for p in written:
         assert wan_dfd.read_video_frames(p, FRAMES, 8, H, W).shape == (FRAMES, H, W, 3)  # playable, 9 frames
         x0 = load_file(p[:-4] + ".safetensors")["latents"]
         assert torch.equal(x0[:, :1], c)
+        assert torch.equal(vae.decode(x0[None])[0, 0], first)  # the causal decoder: frame 0 sees latent 0 only
     x_a, x_b = (load_file(os.path.join(out, f"prompt000_seed{k}.safetensors"))["latents"] for k in (0, 1))
     assert (x_a - x_b)[:, 1:].abs().max() > 1e-3  # seeds differ
     # precomputed conditioning (--embeddings: "text" and "image") gives the same videos
