@@ -873,41 +873,51 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
                          f"= {d.world} x {args.grad_accum}")
     if args.resume is None and args.dmd2_ckpt is None:
         raise SystemExit("error: --dmd2-ckpt is required (DFD post-trains a DMD2 student; or pass --resume)")
+    dtype = compute_dtype(args, d)
+    adapter.compute_dtype = dtype
+    ckpt = not args.no_checkpointing
+
+    def build(weights: dict | None, source: str, trainable: bool, mixed: bool = True, convert: bool = True):
+        """One network: the base weights, then `weights` over them, then sharded at once, so the host holds one
+        full fp32 copy at a time (fully_shard moves the rank's shard to the device and frees the rest)."""
+        net = adapter.load_network(args.model_dir)
+        if weights is not None:
+            load_weights(net, weights, source, adapter.convert_state_dict if convert else None)
+        return shard(net, adapter.blocks(net), d, dtype if mixed else None,
+                     adapter.fp32_modules(net) if mixed else (), ckpt and trainable and mixed, trainable)
+
     try:
         c = dfd_config(args)
         data = LatentShards(args.data, adapter.data_keys)
-        teacher_net = adapter.load_network(args.model_dir)
-        adapter.check_data(data.shapes, teacher_net)
         resume, resumed_from = None, None
         if args.resume is not None:
             resumed_from = latest_checkpoint(args.out if args.resume == "latest" else args.resume)
             resume = load_checkpoint(resumed_from)
-        student_net = adapter.load_network(args.model_dir)
-        fake_net = adapter.load_network(args.model_dir)
+        teacher_net = adapter.load_network(args.model_dir)
+        adapter.check_data(data.shapes, teacher_net)
+        teacher_net = shard(teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net),
+                            False, False)
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
             sd = read_checkpoint(args.dmd2_ckpt, args.init_from)
             if sd is None:
                 raise ValueError(f"--dmd2-ckpt {args.dmd2_ckpt}: holds no generator weights")
-            load_weights(student_net, sd, f"--dmd2-ckpt {args.dmd2_ckpt} (student)", adapter.convert_state_dict)
-            critic = read_checkpoint(args.dmd2_ckpt, "critic")
-            if critic is not None:
-                load_weights(fake_net, critic, f"--dmd2-ckpt {args.dmd2_ckpt} (critic)", adapter.convert_state_dict)
+            src = f"--dmd2-ckpt {args.dmd2_ckpt}"
+            student_net = build(sd, f"{src} (student)", True)
+            ema_net = build(sd, f"{src} (EMA)", False, mixed=False) if args.ema > 0 else None
+            del sd
+            fake_net = build(read_checkpoint(args.dmd2_ckpt, "critic"), f"{src} (critic)", True)
         else:
-            for name, net in (("student", student_net), ("fake", fake_net)):
-                load_weights(net, resume[0][name], f"--resume {args.resume} ({name})")
+            w = resume[0]
+            src = f"--resume {resumed_from}"
+            student_w = w.pop("student")
+            student_net = build(student_w, f"{src} (student)", True, convert=False)
+            ema_w = w.pop("ema", student_w)  # a run that turns the EMA on at resume starts it from the student
+            del student_w
+            ema_net = build(ema_w, f"{src} (EMA)", False, mixed=False, convert=False) if args.ema > 0 else None
+            del ema_w
+            fake_net = build(w.pop("fake"), f"{src} (fake)", True, convert=False)
     except ValueError as e:
         raise _fail(e)
-    ema_net = None
-    if args.ema > 0:
-        ema_net = adapter.load_network(args.model_dir)
-        ema_net.load_state_dict(resume[0]["ema"] if resume and "ema" in resume[0] else student_net.state_dict())
-    dtype = compute_dtype(args, d)
-    adapter.compute_dtype = dtype
-    ckpt = not args.no_checkpointing
-    for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
-        shard(net, adapter.blocks(net), d, dtype, adapter.fp32_modules(net), ckpt and trainable, trainable)
-    if ema_net is not None:
-        shard(ema_net, adapter.blocks(ema_net), d, None, (), False, False)
     uncond = {k: v.to(d.device) for k, v in data.negative.items()} if data.negative else None
     teacher = adapter.denoiser(teacher_net, args.guidance, uncond)
     student = adapter.denoiser(student_net, None, None)
