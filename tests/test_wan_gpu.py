@@ -25,7 +25,7 @@ def test_real_teacher_matches_pipeline():
     import dfd
     from diffusers import UniPCMultistepScheduler, WanPipeline
     adapter = wan_dfd.WanAdapter()
-    net = adapter.load_network(WAN).to("cuda", torch.bfloat16)
+    net = wan_dfd.cast_keeping_fp32(adapter.load_network(WAN), torch.bfloat16).to("cuda")  # as diffusers loads bf16
     pipe = WanPipeline.from_pretrained(WAN, transformer=net, torch_dtype=torch.bfloat16).to("cuda")
     lat = torch.randn(1, 16, 5, 30, 52, generator=torch.Generator().manual_seed(0)).cuda()
     out = pipe(prompt=PROMPTS[0], height=240, width=416, num_frames=17, num_inference_steps=4, latents=lat.clone(),

@@ -149,3 +149,31 @@ def test_cast_keeps_diffusers_fp32_modules():
     adapter.compute_dtype = torch.bfloat16
     x0 = adapter.denoiser(net, None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]), torch.randn(1, 512, 32))
     assert x0.dtype == torch.float32 and x0.shape == (1, 16, 3, 4, 6) and torch.isfinite(x0).all()
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way (here: writing state.pt) leaves `latest` on the previous complete checkpoint."""
+    d = wan_dfd.setup_distributed("cpu")
+    try:
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        first = wan_dfd.save_checkpoint(str(tmp_path), 0, {"student": net}, {"student": opt}, {"position": 1}, d)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with torch.no_grad():
+            net.weight.add_(1.0)
+
+        def dies(*a, **k):
+            raise OSError("disk full")
+        monkeypatch.setattr(torch, "save", dies)
+        with pytest.raises(OSError):
+            wan_dfd.save_checkpoint(str(tmp_path), 1, {"student": net}, {"student": opt}, {"position": 2}, d)
+        monkeypatch.undo()
+        assert wan_dfd.latest_checkpoint(str(tmp_path)) == first
+        weights, state = wan_dfd.load_checkpoint(str(tmp_path))
+        assert state["step"] == 0 and state["position"] == 1
+        assert all(torch.equal(weights["student"][k], before[k]) for k in before)
+        assert not os.path.exists(tmp_path / "checkpoints" / "step-000001")
+    finally:
+        wan_dfd.teardown_distributed()
