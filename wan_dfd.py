@@ -1062,7 +1062,7 @@ def load_student_weights(path: str, weights: str = "auto") -> dict[str, torch.Te
     return sd
 
 
-def _student(adapter, args, d: Dist) -> nn.Module:
+def _student(adapter, args) -> nn.Module:
     net = adapter.load_network(args.model_dir)
     load_weights(net, load_student_weights(args.ckpt, args.weights), f"--ckpt {args.ckpt}", adapter.convert_state_dict)
     return net
@@ -1074,7 +1074,7 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
     d = setup_distributed(args.device)
     adapter.compute_dtype = compute_dtype(args, d)
     try:
-        net = _student(adapter, args, d).to(d.device).eval()
+        net = _student(adapter, args).to(d.device).eval()
         items = adapter.sample_items(args, d.device)
     except ValueError as e:
         raise _fail(e)
@@ -1105,7 +1105,7 @@ def run_export(adapter, args: argparse.Namespace) -> str:
     check_args(args)
     d = setup_distributed("cpu")
     try:
-        net = _student(adapter, args, d)
+        net = _student(adapter, args)
     except ValueError as e:
         raise _fail(e)
     if d.main:
