@@ -649,39 +649,52 @@ def _peak_memory_gb(device: torch.device) -> float:
 # Video files (PyAV).
 
 
+def _cover_crop(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [h, w, 3] -> uint8 [height, width, 3]: resized (antialiased) to cover the target, centre-cropped."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    h, w = x.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[0, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
 def read_video_frames(path: str, num_frames: int, fps: float, height: int, width: int) -> torch.Tensor:
     """`num_frames` frames at `fps` from the start of the video (the frame shown at each time k / fps), resized
     so the frame covers height x width and centre-cropped: uint8 [T, H, W, 3]. ValueError if unreadable or too
-    short. Frames are streamed: only the chosen ones are kept."""
+    short. Frames are streamed: only the chosen ones are converted, and each is resized at once, so memory does
+    not grow with the source resolution times the clip length."""
     import av
     want = [k / fps for k in range(num_frames)]
-    picked: list[np.ndarray] = []
+    picked: list[torch.Tensor] = []
     last, last_t, step = None, 0.0, 0.0
+    small = None  # `last`, converted and resized (a frame can be picked more than once when fps > the source's)
+
+    def take():
+        nonlocal small
+        if small is None:
+            small = _cover_crop(last.to_ndarray(format="rgb24"), height, width)
+        picked.append(small)
+
     try:
         with av.open(path) as box:
             stream = box.streams.video[0]
             for frame in box.decode(stream):
                 t = float(frame.time) if frame.time is not None else len(picked) / fps
                 while len(picked) < num_frames and last is not None and t > want[len(picked)] + 1e-6:
-                    picked.append(last)  # the frame on screen at the wanted time
+                    take()  # the frame on screen at the wanted time
                 if len(picked) == num_frames:
                     break
-                last, last_t = frame.to_ndarray(format="rgb24"), t
+                last, last_t, small = frame, t, None
             step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+            if last is not None and len(picked) == num_frames - 1 and want[-1] < last_t + step - 1e-6:
+                take()  # the last wanted time falls on the clip's final frame
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
-    if last is not None and len(picked) == num_frames - 1 and want[-1] < last_t + step - 1e-6:
-        picked.append(last)  # the last wanted time falls on the clip's final frame
     if len(picked) < num_frames:
         raise ValueError(f"{path}: too short ({len(picked)} of {num_frames} frames at {fps:g} fps)")
-    x = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-    h, w = x.shape[-2:]
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return torch.stack(picked)
 
 
 def write_mp4(path: str, frames: torch.Tensor | np.ndarray, fps: float) -> None:
