@@ -12,6 +12,19 @@ import torch  # noqa: E402
 from toy.gmm import GMM  # noqa: E402
 
 
+def save(fig, path: str, dpi: int) -> None:
+    """savefig, then a 64-colour palette PNG: the committed figures stay a few tens of KB each."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 def view(gmm: GMM) -> float:
     return gmm.means.abs().max().item() + 1.5
 
@@ -52,8 +65,7 @@ def arms_figure(gmm: GMM, rows: list[tuple[str, torch.Tensor, list[list[float]],
         a1.tick_params(labelsize=6)
     fig.suptitle(f"{gmm.name}: samples (seed 0) and delta^2 over training (all seeds)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(rows)))
-    fig.savefig(path, dpi=55)
-    plt.close(fig)
+    save(fig, path, dpi=55)
 
 
 def theory_figure(ts: list[float], rows: dict[str, list[float]], path: str, title: str) -> None:
@@ -67,5 +79,4 @@ def theory_figure(ts: list[float], rows: dict[str, list[float]], path: str, titl
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
+    save(fig, path, dpi=70)
