@@ -315,9 +315,9 @@ def run_seed(cfg: ToyConfig, arms: list[str], seed: int, keep_samples: bool = Tr
 # ---------------------------------------------------------------------------------------------------
 # The suite: jobs (dataset, seed) -> table, JSON and figures.
 
-METRICS = ["modes", "hq", "kl", "var_ratio", "shift", "energy", "delta2"]
+METRICS = ["modes", "hq", "kl", "var_ratio", "shift", "energy", "delta2_start", "delta2"]
 HEADERS = {"modes": "modes", "hq": "% HQ", "kl": "KL(q||w)", "var_ratio": "var ratio", "shift": "shift (std)",
-           "energy": "energy dist", "delta2": "delta^2 end"}
+           "energy": "energy dist", "delta2_start": "delta^2 start", "delta2": "delta^2 end"}
 
 
 def _job(args) -> tuple[str, int, dict]:
@@ -330,17 +330,19 @@ def _job(args) -> tuple[str, int, dict]:
 
 
 def summarise(runs: dict[int, dict], rows: list[str]) -> dict:
-    """{row: {metric: {"mean", "std", "values"}}} over seeds; delta2 = mean of the last 10% of steps."""
+    """{row: {metric: {"mean", "std", "values"}}} over seeds; delta2 (delta2_start) = mean over the last
+    (first) 10% of the row's student steps."""
     out = {}
     for r in rows:
         out[r] = {}
         for m in METRICS:
             vals = []
             for s in sorted(runs):
-                if m == "delta2":
+                if m.startswith("delta2"):
                     d = runs[s][r]["delta2"]
                     n = max(1, len(d) // 10)
-                    vals.append(sum(d[-n:]) / n if d else math.nan)
+                    part = d[:n] if m == "delta2_start" else d[-n:]
+                    vals.append(sum(part) / n if d else math.nan)
                 else:
                     vals.append(float(runs[s][r]["metrics"][m]))
             fin = [v for v in vals if math.isfinite(v)]
@@ -353,7 +355,7 @@ def summarise(runs: dict[int, dict], rows: list[str]) -> dict:
 def _fmt(e: dict, m: str, n: int) -> str:
     if not math.isfinite(e["mean"]):
         return "n/a"
-    nd = {"modes": 1, "hq": 1, "kl": 3, "var_ratio": 2, "shift": 2, "energy": 3, "delta2": 3}[m]
+    nd = {"modes": 1, "hq": 1, "kl": 3, "var_ratio": 2, "shift": 2, "energy": 3, "delta2_start": 3, "delta2": 3}[m]
     s = f"{e['mean']:.{nd}f} ± {e['std']:.{nd}f}"
     return s if e["n_finite"] == n else s + f" ({n - e['n_finite']} diverged)"
 
