@@ -1011,10 +1011,23 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise _fail(e)
     writer = ShardWriter(args.out, args.per_shard, prefix=f"shard-r{d.rank:02d}")
-    skipped = []
+    skipped: list[dict] = []
     mine = videos[d.rank::d.world]
+    # progress of this rank, rewritten after every shard, so that --resume continues after the last full shard
+    progress = os.path.join(args.out, f"progress-r{d.rank:02d}.json")
+    settings = {"world": d.world, "videos": len(videos), "adapter": adapter.name, "num_frames": args.num_frames,
+                "fps": args.fps, "height": args.height, "width": args.width, "store_dtype": args.store_dtype}
+    done = 0
+    if args.resume and os.path.exists(progress):
+        prev = json.load(open(progress))
+        if prev["settings"] != settings:
+            raise SystemExit(f"error: --resume: {progress} was written with {prev['settings']}, this run has {settings}")
+        done, skipped = prev["done"], prev["skipped"]
+        writer.shards, writer.shapes = prev["shards"], prev["shapes"]
     from tqdm import tqdm
-    for path, caption in tqdm(mine, desc="prepare", disable=not d.main, file=sys.stderr):
+    for i, (path, caption) in enumerate(tqdm(mine, desc="prepare", disable=not d.main, file=sys.stderr, initial=done)):
+        if i < done:
+            continue
         if caption is None:
             skipped.append({"file": path, "reason": "no caption"})
             continue
@@ -1026,6 +1039,9 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             item = {**enc.encode_video(frames), **{k: v[0] for k, v in enc.encode_text([caption]).items()}}
         writer.add({k: v.to(_storage_dtype(args)) for k, v in item.items()})
+        if not writer.pending:  # a shard was just written
+            write_text(progress, json.dumps({"settings": settings, "done": i + 1, "skipped": skipped,
+                                             "shards": writer.shards, "shapes": writer.shapes}))
     with torch.no_grad():
         negative = {k: v.to(_storage_dtype(args)) for k, v in enc.negative().items()}
     info = {"adapter": adapter.name, "num_frames": args.num_frames, "fps": args.fps, "height": args.height,
@@ -1049,6 +1065,8 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
         print(f"prepared {manifest['count']} samples in {len(manifest['shards'])} shards -> {args.out} "
               f"({len(manifest['skipped'])} skipped)", file=sys.stderr)
     dist.barrier()
+    if os.path.exists(progress):  # the manifest is complete: nothing left to resume
+        os.remove(progress)
     return manifest
 
 
@@ -1164,6 +1182,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=16.0, help="frames are sampled at this rate from the start")
     p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
     p.add_argument("--store-dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of the stored tensors")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted prepare into the same --out "
+                   "(after its last complete shard; same videos, settings and number of ranks)")
 
 
 SUBCOMMANDS = ("prepare", "train", "sample", "export")

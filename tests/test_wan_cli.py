@@ -280,3 +280,43 @@ def test_method_flags_reach_the_loop(setup, tmp_path):
                                         "--fake-updates", "1", "--out", str(out)])
     st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
     assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
+
+
+def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path):
+    """An interrupted prepare (here: stopped after its first shard, as a kill would leave it) continues with
+    --resume and ends with the same shards as the uninterrupted run."""
+    s = setup
+    videos = str(s["root"] / "videos")
+    argv = ["prepare", "--model-dir", s["pipe"], "--videos", videos, *SIZE, "--per-shard", "2", "--store-dtype",
+            "fp32", "--device", "cpu"]
+    full = wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(tmp_path / "full")])
+    out = tmp_path / "cut"
+    calls = {"n": 0}
+    real = wan_dfd.read_video_frames
+
+    def dies_on_the_fourth(*a, **k):  # 5 files: clip00..03 and broken0; the kill hits after shard 0 (2 clips)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    wan_dfd.read_video_frames = dies_on_the_fourth
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(out)])
+    finally:
+        wan_dfd.read_video_frames = real
+    prog = json.load(open(out / "progress-r00.json"))
+    assert prog["done"] == 2 and len(prog["shards"]) == 1 and not (out / "manifest.json").exists()
+    seen = []
+    wan_dfd.read_video_frames = lambda path, *a, **k: seen.append(os.path.basename(path)) or real(path, *a, **k)
+    try:
+        resumed = wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(out), "--resume"])
+    finally:
+        wan_dfd.read_video_frames = real
+    assert "clip00.mp4" not in seen and "clip01.mp4" not in seen  # the finished shard was not redone
+    assert resumed["shards"] == full["shards"] and resumed["count"] == full["count"] == 4
+    assert [x["file"] for x in resumed["skipped"]] == [x["file"] for x in full["skipped"]]
+    for sh in full["shards"]:
+        a, b = load_file(str(tmp_path / "full" / sh["file"])), load_file(str(out / sh["file"]))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "progress-r00.json").exists()
