@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 if __package__ in (None, ""):  # run as `python toy/mixture.py`: make `import dfd` and `import toy` work
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
