@@ -316,7 +316,7 @@ def run_seed(cfg: ToyConfig, arms: list[str], seed: int, keep_samples: bool = Tr
 # The suite: jobs (dataset, seed) -> table, JSON and figures.
 
 METRICS = ["modes", "hq", "kl", "var_ratio", "shift", "energy", "delta2_start", "delta2"]
-HEADERS = {"modes": "modes", "hq": "% HQ", "kl": "KL(q||w)", "var_ratio": "var ratio", "shift": "shift (std)",
+HEADERS = {"modes": "modes", "hq": "% HQ", "kl": "KL(q‖w)", "var_ratio": "var ratio", "shift": "shift (std)",
            "energy": "energy dist", "delta2_start": "delta^2 start", "delta2": "delta^2 end"}
 
 
