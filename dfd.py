@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x_t, t, cond) -> x0_hat
+Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detached, x_real, cond) -> x per G
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ def dm_loss(
                   s_fake(x~_t) - s_real(x_t) = (alpha_t / sigma_t^2) [(x0_fake - x0_teacher) - (G - x)],
                 so after the usual alpha_t / sigma_t^2 -> x0 conversion the score form adds -(G - x), with
                 weight exactly 1 (alpha_t / sigma_t^2 in score units). In DMD (x = G) the term vanishes.
+                In the 2D toy (toy/mixture.py) this form diverged at p = 1 on every dataset; x0 form did not.
     mask:       optional 0/1 tensor broadcastable to x marking the elements the loss covers (e.g. the generated
                 frames in image-to-video); the normaliser and the mean run over those elements only.
 
@@ -311,8 +313,11 @@ def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step
 
 
 def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[Batch], c: DFDConfig,
-                 step: int, rank: int = 0) -> dict[str, float]:
-    """One student update with the DMD (Eq. 3) or DFD (Eq. 8) gradient, chosen by the coin (Eq. 10)."""
+                 step: int, rank: int = 0, pair: Pairing | None = None) -> dict[str, float]:
+    """One student update with the DMD (Eq. 3) or DFD (Eq. 8) gradient, chosen by the coin (Eq. 10).
+    The student's input is always made from the batch's x_real; `pair(G, x_real, cond)` picks which real sample
+    the teacher (and the delta^2 monitor) sees for each G: None = the same one ("paired"), e.g. a shuffle
+    within the condition ("independent") or a mini-batch optimal-transport assignment ("OT")."""
     sizes = [b[0].shape[0] for b in batches]
     coins = dfd_coin(step, c.p, c.seed, sum(sizes) if c.per_sample_coin else None, rank)
     logs: dict[str, float] = {"dfd": coins.float().mean().item()}
@@ -322,6 +327,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         g = _generator(c, x_real.device, step, -1, a, rank)
         x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
         x_gen = student(x_in, t_in, cond)  # G, with grad
+        x_real = x_real if pair is None else pair(x_gen.detach(), x_real, cond)  # the x the teacher sees for G
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size
         x_clean = pick(x_gen, x_real, use_real.to(x_real.device))  # G (DMD) or x (DFD)
@@ -355,10 +361,11 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def train(student: torch.nn.Module, teacher: Denoiser, fake: torch.nn.Module, student_opt, fake_opt,
           data: Iterator[Batch], steps: int, c: DFDConfig, start_step: int = 0, rank: int = 0,
           ema: torch.nn.Module | None = None, log: Callable[[int, dict], None] | None = None,
-          on_step_end: Callable[[int], None] | None = None) -> None:
+          on_step_end: Callable[[int], None] | None = None, pair: Pairing | None = None) -> None:
     """The alternating loop: per student step, `fake_updates` fake-score updates, then one student update,
     each on `grad_accum` fresh micro-batches from `data`. Every draw is a function of (seed, step, rank),
-    so resuming at `start_step` with `data` at the matching position repeats an unbroken run exactly."""
+    so resuming at `start_step` with `data` at the matching position repeats an unbroken run exactly.
+    `pair` goes to student_step (which real sample the teacher sees for each G; None: the batch's own)."""
     warned = False
     for step in range(start_step, steps):
         logs: dict[str, float] = {}
@@ -367,7 +374,7 @@ def train(student: torch.nn.Module, teacher: Denoiser, fake: torch.nn.Module, st
             for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank).items():
                 logs[k] = logs.get(k, 0.0) + v / c.fake_updates
         batches = [next(data) for _ in range(c.grad_accum)]
-        logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank))
+        logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank, pair))
         if ema is not None and c.ema > 0:
             ema_update(ema, student, c.ema)
         if logs["delta2"] > c.delta2_warn and not warned:

@@ -527,6 +527,33 @@ def test_p0_p1_teacher_inputs_and_shared_eps_t():
                 torch.testing.assert_close(xt_F, dfd.forward_diffusion(G, eps, t_T), rtol=0, atol=0)
 
 
+def test_pair_hook_chooses_the_teachers_real_sample():
+    """pair(G, x_real, cond) re-assigns the real sample the teacher and the delta^2 monitor see; the student's
+    input is still made from the batch's x_real (same G); pair=None is the batch's own x_real."""
+    student, fake_net, teacher_net, x_real = _setup(seed=15)
+    perm = torch.arange(x_real.shape[0]).flip(0)
+    c, step, out = dfd.DFDConfig(p=1.0, seed=4), 3, {}
+    for name, pair in [("none", None), ("swap", lambda G, x, cond: x[perm])]:
+        teacher, fake, s, seen = Recorder(teacher_net), Recorder(fake_net), copy.deepcopy(student), []
+        hook = pair and (lambda G, x, cond, f=pair: (seen.append((G, x, cond)), f(G, x, cond))[1])
+        out[name] = logs = dfd.student_step(s, teacher, fake, torch.optim.SGD(s.parameters(), lr=0.0),
+                                            [(x_real, "c")], c, step, pair=hook)
+        g = torch.Generator().manual_seed(dfd._seed(c.seed, step, -1, 0, 0))
+        x_in, t_in = dfd.student_input(x_real, c.student_ts, g)  # from the batch's x_real in both cases
+        with torch.no_grad():
+            G = s(x_in, t_in, None)
+        eps = torch.randn(x_real.shape, generator=g)
+        x = x_real if pair is None else x_real[perm]
+        (xt_T, t_T), (xt_F, _) = teacher.calls[0], fake.calls[0]
+        torch.testing.assert_close(xt_T, dfd.forward_diffusion(x, eps, t_T), rtol=0, atol=0)
+        torch.testing.assert_close(xt_F, dfd.forward_diffusion(G, eps, t_T), rtol=0, atol=0)
+        assert logs["delta2"] == pytest.approx(((x - G) ** 2).mean().item(), rel=1e-6)
+        if pair is not None:  # called once, with G detached, the batch's x_real and its cond
+            (G_seen, x_seen, cond_seen), = seen
+            assert not G_seen.requires_grad and torch.equal(G_seen, G) and x_seen is x_real and cond_seen == "c"
+    assert out["none"]["delta2"] != pytest.approx(out["swap"]["delta2"])
+
+
 def test_per_sample_coin_mixes_within_the_batch():
     student, fake_net, teacher_net, x_real = _setup(seed=4)
     c = dfd.DFDConfig(p=0.5, per_sample_coin=True, seed=1)
