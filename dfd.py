@@ -110,7 +110,7 @@ def dm_loss(
                   s_fake(x~_t) - s_real(x_t) = (alpha_t / sigma_t^2) [(x0_fake - x0_teacher) - (G - x)],
                 so after the usual alpha_t / sigma_t^2 -> x0 conversion the score form adds -(G - x), with
                 weight exactly 1 (alpha_t / sigma_t^2 in score units). In DMD (x = G) the term vanishes.
-                In the 2D toy (toy/mixture.py) this form diverged at p = 1 on every dataset; x0 form did not.
+                In the 2D toy (toy/mixture.py) it diverged at p = 1 on all three datasets; the x0 form did not.
     mask:       optional 0/1 tensor broadcastable to x marking the elements the loss covers (e.g. the generated
                 frames in image-to-video); the normaliser and the mean run over those elements only.
 
