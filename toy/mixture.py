@@ -14,13 +14,11 @@ Protocol (mirrors the paper's recipe, Sec. 4.2 and 5.2):
 Every update is dfd.train -> dfd.fake_score_step / dfd.student_step with a dfd.DFDConfig; this file only builds
 networks, data streams and pairings, and measures.
 
-Pairings (the teacher's real sample x for the student's sample G = student(x_in, t_s)):
-  paired       x_in is x noised to t_s (dfd.student_input's default, the authors' text-to-video recipe)
-  independent  x_in is a different data sample x' noised to t_s
-  ot           x is re-assigned within the batch by mini-batch optimal transport on ||G - x||^2
-dfd.student_step builds x_in from the batch's x_real, so to pair differently the batch carries x (for the
-teacher) and the student shifts its input by alpha_s (x' - x), which turns alpha_s x + sigma_s n into exactly
-alpha_s x' + sigma_s n with the same noise n (see RePaired).
+Pairings (the teacher's real sample x for the student's sample G = student(x_in, t_s)); x_in is always a batch
+sample x' noised to t_s (dfd.student_input, the authors' text-to-video recipe), and dfd's `pair` hook picks x:
+  paired       x = x' (no hook)
+  independent  x = another sample of the batch with the same class (a random cyclic shift within each class)
+  ot           x re-assigned within each class by mini-batch optimal transport on ||G - x||^2
 """
 from __future__ import annotations
 
@@ -77,21 +75,6 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         return dfd.x0_from_v(x_t, self.net(self.features(x_t, t, cond)), t)
-
-
-class RePaired(nn.Module):
-    """The student, seen through a re-pairing: cond["shift"] = x' - x [B, 2] moves its input
-    x_in = alpha_s x + sigma_s n  to  alpha_s x' + sigma_s n  (same n), so the student works on x' while
-    dfd.student_step hands x to the teacher. Without "shift" it is the plain student."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        if cond is not None and cond.get("shift") is not None:
-            x_t = x_t + dfd.expand(1 - t, x_t) * cond["shift"]
-        return self.net(x_t, t, cond)
 
 
 class MLPTeacher:
@@ -162,58 +145,42 @@ def dataset(cfg: ToyConfig) -> gmm_lib.GMM:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data streams for dfd.train: batches (x_real [B, 2], cond), cond = {"y": labels or None, "shift": ...}.
+# Data for dfd.train: batches (x_real [B, 2], cond = {"y": labels or None}), and the pairings as dfd's `pair` hook.
 
 
-class Stream:
-    """An iterator of batches for dfd.train that knows which call feeds the student step, so it can pair the
-    student's batch (independent / ot). dfd.train draws `fake_updates` fake batches, then one student batch,
-    per step (grad_accum = 1)."""
+def stream(gmm: gmm_lib.GMM, batch: int, seed: int):
+    """An endless iterator of data batches, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        y = gmm.sample_labels(batch, gen) if gmm.labels is not None else None
+        yield gmm.sample(batch, gen, y), {"y": y}
 
-    def __init__(self, gmm: gmm_lib.GMM, batch: int, c: dfd.DFDConfig, pairing: str, student: nn.Module,
-                 seed: int, start_step: int = 0):
-        if pairing not in ("paired", "independent", "ot"):
-            raise ValueError(f"pairing: expected paired | independent | ot, got {pairing!r}")
-        if c.grad_accum != 1 or c.backward_sim:
-            raise ValueError("toy streams assume grad_accum = 1 and backward_sim = False")
-        self.gmm, self.B, self.c, self.pairing, self.student = gmm, batch, c, pairing, student
-        self.gen = torch.Generator().manual_seed(seed)
-        self.calls = start_step * (c.fake_updates + 1)
 
-    def __iter__(self):
-        return self
+class Pairing:
+    """dfd's `pair` hook: x_real [B, 2] re-assigned to the student's samples G [B, 2], within each class.
+    independent: a random cyclic shift of the class's samples (a random permutation with no fixed point,
+    so no G keeps the x its input was made from); ot: scipy's linear_sum_assignment on ||G - x||^2."""
 
-    def _draw(self, y=None):
-        return self.gmm.sample(self.B, self.gen, y)
-
-    def __next__(self):
-        step, j = divmod(self.calls, self.c.fake_updates + 1)
-        self.calls += 1
-        y = self.gmm.sample_labels(self.B, self.gen) if self.gmm.labels is not None else None
-        x_src = self._draw(y)  # the sample the student's input is made from
-        if j < self.c.fake_updates or self.pairing == "paired":
-            return x_src, {"y": y}
-        if self.pairing == "independent":
-            x = self._draw(y)  # same classes, fresh samples
-        else:
-            x = x_src[self._ot(x_src, y, step)]
-        return x, {"y": y, "shift": x_src - x}
+    def __init__(self, kind: str, seed: int):
+        if kind not in ("independent", "ot"):
+            raise ValueError(f"pairing: expected independent | ot, got {kind!r}")
+        self.kind, self.gen = kind, torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
-    def _ot(self, x_src: torch.Tensor, y, step: int) -> torch.Tensor:
-        """Column index of the real sample assigned to each G by mini-batch OT (squared Euclidean cost,
-        within a class). G is reproduced exactly: the same generator dfd.student_step will use for the
-        student's input (seed, step, -1, micro-batch 0, rank 0)."""
+    def __call__(self, G: torch.Tensor, x_real: torch.Tensor, cond) -> torch.Tensor:
         from scipy.optimize import linear_sum_assignment
 
-        g = dfd._generator(self.c, x_src.device, step, -1, 0, 0)
-        x_in, t_in = dfd.student_input(x_src, self.c.student_ts, g)
-        G = self.student(x_in, t_in, {"y": y})
-        cost = torch.cdist(G.double(), x_src.double()) ** 2
-        if y is not None:
-            cost = cost + 1e6 * (y[:, None] != y[None, :])
-        rows, cols = linear_sum_assignment(cost.numpy())
-        return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+        y = None if cond is None else cond.get("y")
+        B = x_real.shape[0]
+        idx = torch.arange(B)  # idx[i]: the real sample the teacher sees for G[i]
+        for rows in [torch.arange(B)] if y is None else [(y == k).nonzero().squeeze(1) for k in y.unique()]:
+            if self.kind == "independent":
+                cycle = rows[torch.randperm(len(rows), generator=self.gen)]
+                idx[cycle] = cycle.roll(1)
+            else:
+                r, c = linear_sum_assignment((torch.cdist(G[rows].double(), x_real[rows].double()) ** 2).numpy())
+                idx[rows[r]] = rows[c]
+        return x_real[idx]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,13 +225,17 @@ class State:
 
 def run_dfd(state: State, teacher, gmm: gmm_lib.GMM, cfg: ToyConfig, arm: Arm, steps: int, seed: int) -> list[dict]:
     """Trains state.student / state.fake in place with dfd.train; returns the per-step logs."""
-    c = dfd.DFDConfig(p=arm.p, space=arm.space, fake_updates=cfg.fake_updates, seed=seed)
-    student = RePaired(state.student)
+    # per-dimension data variance (component means' spread + s^2): dfd's default warning level (2.0) assumes
+    # unit variance; here E||x - x'||^2 / d of two independent data samples is 2 var (4.08 ring, 16.08 grid)
+    w, mu = gmm.weights[:, None], gmm.means
+    var = ((w * (mu - (w * mu).sum(0)) ** 2).sum(0).mean() + gmm.std**2).item()
+    c = dfd.DFDConfig(p=arm.p, space=arm.space, fake_updates=cfg.fake_updates, seed=seed, delta2_warn=2 * var)
     opt_s = torch.optim.Adam(state.student.parameters(), lr=cfg.lr)
     opt_f = torch.optim.Adam(state.fake.parameters(), lr=cfg.lr_fake)
-    data = Stream(gmm, cfg.batch, c, arm.pairing, student, seed=seed + 1)
+    pair = None if arm.pairing == "paired" else Pairing(arm.pairing, seed=seed + 2)
     logs: list[dict] = []
-    dfd.train(student, teacher, state.fake, opt_s, opt_f, data, steps, c, log=lambda s, l: logs.append(l))
+    dfd.train(state.student, teacher, state.fake, opt_s, opt_f, stream(gmm, cfg.batch, seed + 1), steps, c,
+              log=lambda s, l: logs.append(l), pair=pair)
     return logs
 
 
