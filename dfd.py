@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x_t, t, cond) -> x0_hat
 Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detached, x_real, cond) -> x per G
