@@ -92,7 +92,9 @@ def measure(steps: int) -> list[dict]:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                    os.path.abspath(__file__), "--worker", f.name, "--steps", str(steps)]
-            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"the {world}-rank worker failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
             rows.append(json.load(open(f.name)))
     return rows
 
