@@ -1120,7 +1120,7 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
         noise = torch.randn((1, *adapter.noise_shape(args)), generator=g, device=d.device)
         cond = adapter.make_cond({k: v[None].to(d.device) for k, v in items[i].items()}, d.device)
         with torch.no_grad():
-            x0 = dfd.sample(student, noise, cond, tuple(args.student_ts), generator=g)
+            x0 = dfd.sample(student, noise, cond, tuple(args.student_ts), generator=g, renoise=args.sampler == "renoise")
             frames = adapter.decode(x0, args)[0]
         path = os.path.join(args.out, f"prompt{i:03d}_seed{seed}.mp4")
         write_mp4(path, frames, args.fps)
@@ -1161,6 +1161,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS), help="sampler times")
+    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
+                   help="renoise: fresh noise between steps (DMD2's sampler, as trained); ode: the noise x_t implies "
+                        "(deterministic; what a diffusers pipeline with an Euler scheduler computes)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
 
 

@@ -353,6 +353,12 @@ def test_train_resume_sample_export(e2e):
         ours = dfd.sample(C.CosmosDenoiser(net), noise, C.CosmosCond(emb, c[None]), sched.sigmas[:-1].tolist(),
                           renoise=False)
     assert (ours - via_pipe).abs().max() < 1e-4 * via_pipe.abs().max()
+    # `sample --sampler ode` at the scheduler's times is that same computation
+    ode = C.main(["sample", "--model-dir", s["model"], "--ckpt", exported, "--embeddings", emb_file, "--seeds", "0",
+                  "--sampler", "ode", "--student-ts", *map(str, sched.sigmas[:-1].tolist()),
+                  "--out", str(root / "samples_ode"), "--save-latents", "--device", "cpu", *SIZE])
+    x_ode = load_file(ode[0][:-4] + ".safetensors")["latents"]
+    assert (x_ode[None] - via_pipe).abs().max() < 1e-4 * via_pipe.abs().max()
     assert (via_pipe[:, :, :1] - c).abs().max() < 1e-4  # the pipeline keeps the image on this path
     # ... and not with fresh noise between steps (dfd.sample's default): the first frame is lost
     p.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched.config, stochastic_sampling=True)
