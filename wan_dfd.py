@@ -61,6 +61,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -281,7 +282,6 @@ def _read_dcp(path: str) -> dict[str, torch.Tensor]:
     meta = reader.read_metadata().state_dict_metadata
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
           if isinstance(m, TensorStorageMetadata)}
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
         dcp.load(sd, storage_reader=reader, no_dist=True)
@@ -858,9 +858,8 @@ def compute_dtype(args: argparse.Namespace, d: Dist) -> torch.dtype | None:
     return None
 
 
-def dfd_config(args: argparse.Namespace, ranks: int | None = None) -> dfd.DFDConfig:
-    """The method settings (dfd.DFDConfig) from the train flags (`ranks` is accepted and unused: every draw
-    already depends on the rank inside dfd)."""
+def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
+    """The method settings (dfd.DFDConfig) from the train flags."""
     return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, space=args.space,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
@@ -981,7 +980,6 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             saved[0] = save_checkpoint(args.out, step, nets, {"student": opt_s, "fake": opt_f}, extra, d, args.keep)
             clock[0] = time.perf_counter()  # do not bill the save to the next step
 
-    import warnings
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     try:
@@ -1207,8 +1205,6 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
         add(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
             adapter.add_args(name, sp)
-        elif name == "prepare" and hasattr(adapter, "add_prepare_args"):
-            adapter.add_prepare_args(sp)
     args = parser.parse_args(argv)
     if hasattr(adapter, "configure"):
         adapter.configure(args)
