@@ -1,0 +1,132 @@
+"""Tiny random image encoders and synthetic videos in the real on-disk layouts, for the tests of `evaluate`.
+
+build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of openai/clip-vit-large-patch14:
+                          config.json with text and vision configs, model.safetensors, preprocessor_config.json),
+                          1 layer, hidden 16, projection_dim 8, 32x32 input in 8x8 patches.
+build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
+                          1 layer, hidden 16, 28x28 input in 7x7 patches.
+write_video(path, frames) a uint8 [T, H, W, 3] clip through wan_dfd.write_mp4 (H.264, yuv420p).
+counter_frames(...)       frames whose brightness encodes the frame index, so a decoded frame tells which it was.
+pose_trajectory(...)      camera-to-world poses [N, 4, 4] moving on a straight line at constant speed while
+                          yawing at a constant rate about the world z axis, from a generic initial orientation.
+
+Without torchvision, transformers falls back to its PIL image processors and warns; that is expected.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+CLIP_DIM = 8  # projection_dim: what get_image_features returns (the vision tower's pooled output is 16-d)
+DINO_DIM = 16  # hidden_size: Dinov2's pooler_output (layer-normed CLS token)
+# openai/clip-vit-large-patch14's preprocessor statistics; facebook/dinov2-large uses ImageNet's.
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_clip(path: str, seed: int = 0) -> str:
+    """Saves a tiny random CLIPModel and its CLIPImageProcessor at `path` (shortest edge 32, centre crop 32x32)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=CLIP_DIM)).eval()
+    model.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3).save_pretrained(path)
+    return path
+
+
+def build_dino(path: str, seed: int = 0) -> str:
+    """Saves a tiny random Dinov2Model and its BitImageProcessor at `path` (shortest edge 32, centre crop 28x28)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=DINO_DIM, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, image_size=28, patch_size=7)).eval()
+    model.save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True,
+                      do_convert_rgb=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                      resample=3).save_pretrained(path)
+    return path
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 8) -> str:
+    """uint8 [T, H, W, 3] -> `path` (.mp4, H.264) with the project's own writer; H and W must be even."""
+    import wan_dfd
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    wan_dfd.write_mp4(path, frames, fps)
+    return path
+
+
+def counter_value(k: int) -> int:
+    """The grey level that marks frame k: 10 apart, so after H.264 a neighbour's index cannot pass for it."""
+    return 10 + 10 * k
+
+
+def counter_frames(T: int = 20, height: int = 32, width: int = 48, colored: tuple[int, ...] = ()) -> np.ndarray:
+    """uint8 [T, H, W, 3]: the left half of frame k is grey at counter_value(k) (T <= 24); the right half is
+    mid grey, except in the frames listed in `colored`, where it is (200, 100, 50) (HSV saturation 0.75).
+    Edges sit on multiples of 8 pixels so the codec's blocks do not mix the two halves."""
+    assert T <= 24 and width % 16 == 0
+    x = np.full((T, height, width, 3), 128, np.uint8)
+    for k in range(T):
+        x[k, :, : width // 2] = counter_value(k)
+        if k in colored:
+            x[k, :, width // 2:] = (200, 100, 50)
+    return x
+
+
+def random_frames(seed: int, T: int = 20, height: int = 32, width: int = 48) -> np.ndarray:
+    """uint8 [T, H, W, 3]: smooth random colour blobs drifting over time (compresses well, differs per seed)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    out = np.empty((T, height, width, 3), np.float64)
+    centres = g.uniform(0, 1, (3, 2)) * (height, width)
+    velocity = g.uniform(-1, 1, (3, 2))
+    colours = g.uniform(0, 255, (3, 3))
+    background = g.uniform(0, 255, 3)
+    for k in range(T):
+        img = np.broadcast_to(background, (height, width, 3)).copy()
+        for c, v, rgb in zip(centres, velocity, colours):
+            cy, cx = c + k * v
+            w = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0 ** 2))[..., None]
+            img = (1 - w) * img + w * rgb
+        out[k] = img
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def rot_z(deg: float) -> np.ndarray:
+    a = np.deg2rad(deg)
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
+
+def rodrigues(axis, deg: float) -> np.ndarray:
+    """Rotation by `deg` degrees about `axis` (normalised here): R = I + sin(a) K + (1 - cos(a)) K^2."""
+    k = np.asarray(axis, np.float64)
+    k = k / np.linalg.norm(k)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    a = np.deg2rad(deg)
+    return np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * (K @ K)
+
+
+R0_GENERIC = rodrigues([0.3, -0.5, 0.8], 40.0)  # a tilted start, so a missing transpose changes the angles
+
+
+def pose_trajectory(N: int, velocity, yaw_rate_deg: float, p0=(0.0, 0.0, 0.0), R0: np.ndarray | None = None) -> np.ndarray:
+    """float64 [N, 4, 4] camera-to-world: p_t = p0 + t * velocity (column T[:3, 3]), R_t = Rz(t * yaw_rate) R0."""
+    R0 = R0_GENERIC if R0 is None else R0
+    T = np.tile(np.eye(4), (N, 1, 1))
+    for t in range(N):
+        T[t, :3, :3] = rot_z(t * yaw_rate_deg) @ R0
+        T[t, :3, 3] = np.asarray(p0, np.float64) + t * np.asarray(velocity, np.float64)
+    return T
+
+
+def wrapped_angle(deg: float) -> float:
+    """The rotation angle in [0, 180] of a rotation by `deg` degrees about one axis."""
+    d = deg % 360.0
+    return min(d, 360.0 - d)
