@@ -9,6 +9,8 @@ Launch lines (every subcommand has --help):
   torchrun --nproc_per_node=8 wan_dfd.py train --resume --out runs/dfd ...      (continue from the latest checkpoint)
   python wan_dfd.py sample --ckpt runs/dfd/checkpoints/latest --model-dir ... --prompts prompts.txt --seeds 0 1
   python wan_dfd.py export --ckpt runs/dfd/checkpoints/latest --model-dir ... --out student_transformer/
+  python wan_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --names DMD2 DFD --clip clip-vit-large-patch14/ \
+      --dino dinov2-large/ [--poses poses_dmd2/ poses_dfd/] --out eval/
 A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one.
 
 The file has two halves.
@@ -21,7 +23,11 @@ The file has two halves.
     save_checkpoint / load_checkpoint / latest_checkpoint atomic training checkpoints and --resume
     MetricLog                                            JSONL metrics + tqdm on rank 0
     read_video_frames / write_mp4 / list_videos          PyAV decode / encode; videos with their captions
-    run_prepare / run_train / run_sample / run_export    the subcommand drivers, each taking an adapter
+    pairwise_diversity / camera_motion / camera_spread / saturation_stats / ImageEncoder / evaluate_folder
+                                                         the `evaluate` metrics (Eq. 11, App. B.3.3), model-free
+                                                         except the image encoders
+    run_prepare / run_train / run_sample / run_export / run_evaluate
+                                                         the subcommand drivers, each taking an adapter
     add_*_args / check_args / dfd_config / main          the argparse pieces shared by subcommands
 (2) The Wan adapter (WanAdapter). An adapter is any object with these members (cosmos_dfd implements the same):
     name: str                                 tag written into manifests and checkpoints
@@ -751,6 +757,371 @@ def list_videos(folder: str) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Evaluation (`evaluate`): the paper's visual diversity (Eq. 11, App. B.3.1), camera-pose diversity (App. B.3.3)
+# and a colour-saturation statistic, on folders of videos named as `sample` writes them.
+
+SAMPLE_NAME = re.compile(r"^prompt(\d+)_seed(-?\d+)\.mp4$")
+CAMERA_VIDEO_KEYS = ("path_length", "max_translation", "rotation_total", "max_rotation")
+CAMERA_SEED_KEYS = ("endpoint_spread", "endpoint_distance", "trajectory_distance")
+
+
+def pairwise_diversity(feats: torch.Tensor) -> float:
+    """Eq. 11: 1 - mean cosine similarity over the L(L-1)/2 unordered pairs of the L seeds' features [L, D]."""
+    f = torch.nn.functional.normalize(feats.double(), dim=-1)
+    L = f.shape[0]
+    i, j = torch.triu_indices(L, L, offset=1)
+    return float(1.0 - (f[i] * f[j]).sum(-1).mean())
+
+
+def per_frame_diversity(feats: torch.Tensor) -> float:
+    """The per-frame variant: Eq. 11 across seeds at each sampled frame position of feats [L, F, D], averaged over F."""
+    return float(np.mean([pairwise_diversity(feats[:, k]) for k in range(feats.shape[1])]))
+
+
+def rotation_angle_deg(R: np.ndarray) -> np.ndarray:
+    """Angle of rotation matrices R [..., 3, 3] in degrees, in [0, 180]. atan2 of the sine (from the skew part) and
+    cosine (from the trace): accurate near 0 and 180 degrees, where arccos of the trace alone loses digits."""
+    cos = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    skew = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    return np.degrees(np.arctan2(np.linalg.norm(skew, axis=-1) / 2.0, cos))
+
+
+def camera_motion(poses: np.ndarray) -> dict[str, float]:
+    """Per-video motion magnitude (App. B.3.3) from camera-to-world poses [N, 4, 4]: translation path length,
+    max distance from the start, accumulated frame-to-frame rotation and max rotation from the start (degrees)."""
+    p, R = poses[:, :3, 3], poses[:, :3, :3]
+    step_rot = R[1:] @ np.swapaxes(R[:-1], -1, -2)    # R_{t+1} R_t^T
+    from_start = R @ R[0].T                           # R_t R_0^T
+    return {"path_length": float(np.linalg.norm(np.diff(p, axis=0), axis=-1).sum()),
+            "max_translation": float(np.linalg.norm(p - p[0], axis=-1).max()),
+            "rotation_total": float(rotation_angle_deg(step_rot).sum()),
+            "max_rotation": float(rotation_angle_deg(from_start).max())}
+
+
+def camera_spread(trajs: np.ndarray) -> dict[str, float]:
+    """Cross-seed trajectory diversity (App. B.3.3) of one prompt's camera positions trajs [L, N, 3]: the l2 norm of
+    the per-axis (population, ddof=0) std of the endpoints, the mean pairwise endpoint distance, and the mean over
+    pairs of the per-frame distance averaged over the N frames."""
+    e = trajs[:, -1]
+    i, j = np.triu_indices(len(trajs), k=1)
+    return {"endpoint_spread": float(np.linalg.norm(e.std(axis=0))),
+            "endpoint_distance": float(np.linalg.norm(e[i] - e[j], axis=-1).mean()),
+            "trajectory_distance": float(np.linalg.norm(trajs[i] - trajs[j], axis=-1).mean())}
+
+
+def saturation_stats(frames: np.ndarray) -> dict[str, float]:
+    """Colour statistics of uint8 RGB frames [T, H, W, 3] for tracking over-saturation without a model:
+    saturation = mean HSV saturation (max - min) / max over the channels (0 for black pixels), in [0, 1];
+    clipped = fraction of pixels with some channel at 0 or 255 (colour pushed past what 8 bits hold)."""
+    hi = frames.max(-1).astype(np.float64)
+    lo = frames.min(-1).astype(np.float64)
+    s = np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    return {"saturation": float(s.mean()), "clipped": float(((hi == 255) | (lo == 0)).mean())}
+
+
+def sample_index(folder: str) -> dict[int, dict[int, str]]:
+    """prompt index -> seed -> path for the prompt{i}_seed{s}.mp4 files of `folder` (other files are ignored)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such folder")
+    index: dict[int, dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = SAMPLE_NAME.match(name)
+        if m:
+            index.setdefault(int(m[1]), {})[int(m[2])] = os.path.join(folder, name)
+    if not index:
+        raise ValueError(f"{folder}: no videos named prompt<i>_seed<s>.mp4 (as `sample` writes them)")
+    few = [i for i, seeds in index.items() if len(seeds) < 2]
+    if few:
+        raise ValueError(f"{folder}: prompt {few[0]} has {len(index[few[0]])} seed(s); diversity needs at least 2 "
+                         f"videos per prompt ({len(few)} prompt(s) affected)")
+    return dict(sorted(index.items()))
+
+
+def read_poses(path: str) -> np.ndarray:
+    """Camera-to-world poses float64 [N, 4, 4] from .npy, or .npz with key "data" (ViPE's pose/<name>.npz) or one array."""
+    try:
+        obj = np.load(path)
+        if isinstance(obj, np.lib.npyio.NpzFile):
+            with obj:
+                names = obj.files
+                poses = obj["data"] if "data" in names else (obj[names[0]] if len(names) == 1 else None)
+        else:
+            poses = obj
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable pose file ({type(e).__name__}: {str(e)[:120]})") from None
+    if poses is None:
+        raise ValueError(f"{path}: .npz without a 'data' array and with several arrays; expected camera-to-world [N, 4, 4]")
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(poses) < 2:
+        raise ValueError(f"{path}: expected camera-to-world poses [N >= 2, 4, 4], got shape {tuple(poses.shape)}")
+    if not np.isfinite(poses).all():
+        raise ValueError(f"{path}: non-finite pose values")
+    return poses
+
+
+def find_pose_file(poses_dir: str, stem: str) -> str:
+    """<dir>/<stem>.npy, <dir>/<stem>.npz or <dir>/pose/<stem>.npz (a ViPE output folder), the first that exists."""
+    tries = [os.path.join(poses_dir, stem + ".npy"), os.path.join(poses_dir, stem + ".npz"),
+             os.path.join(poses_dir, "pose", stem + ".npz")]
+    for path in tries:
+        if os.path.exists(path):
+            return path
+    raise ValueError(f"{tries[0]}: missing pose file for {stem}.mp4 (also looked for {tries[1]} and {tries[2]})")
+
+
+def read_eval_video(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(num_frames evenly spaced frames uint8 [num_frames, H, W, 3], the middle frame [H, W, 3], saturation_stats over
+    all frames) of one video; ValueError naming the file when it is unreadable or shorter than num_frames."""
+    import av
+    frames = []
+    try:
+        with av.open(path) as box:
+            frames = [f.to_ndarray(format="rgb24") for f in box.decode(box.streams.video[0])]
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
+    n = len(frames)
+    if n < num_frames:
+        raise ValueError(f"{path}: {n} frames, fewer than the {num_frames} to sample (--frames)")
+    video = np.stack(frames)
+    picks = np.linspace(0, n - 1, num_frames).round().astype(int)
+    return video[picks], video[n // 2], saturation_stats(video)
+
+
+class ImageEncoder:
+    """A transformers image model from a local folder (AutoModel + AutoImageProcessor): uint8 frames [K, H, W, 3]
+    -> features float32 [K, D]. CLIP-like models give get_image_features (the projected embedding); others their
+    image_embeds or pooler_output (DINOv2: the layer-normed CLS token)."""
+
+    def __init__(self, folder: str, device: str | torch.device = "cpu", flag: str = "--clip"):
+        from transformers import AutoImageProcessor, AutoModel
+        from transformers.utils import logging as hf_logging
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {folder}: no such folder")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the PIL fallback without torchvision warns on every load
+        try:
+            self.model = AutoModel.from_pretrained(folder).to(device).eval()
+            self.processor = AutoImageProcessor.from_pretrained(folder)
+        except Exception as e:
+            raise ValueError(f"{flag} {folder}: not a transformers image model with a preprocessor config "
+                             f"({type(e).__name__}: {str(e)[:160]})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.device, self.flag, self.folder = device, flag, folder
+        self.name = type(self.model).__name__
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        px = self.processor(images=list(frames), return_tensors="pt")["pixel_values"].to(self.device)
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=px)
+        else:
+            out = self.model(pixel_values=px)
+        if not torch.is_tensor(out):
+            out = next((getattr(out, k) for k in ("image_embeds", "pooler_output") if getattr(out, k, None) is not None),
+                       None)
+        if out is None:
+            raise ValueError(f"{self.flag} {self.folder}: {self.name} gives no pooled image feature "
+                             "(image_embeds / pooler_output)")
+        return out.float().cpu()
+
+
+def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
+                    num_frames: int = 16) -> dict:
+    """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames
+    (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
+    from tqdm import tqdm
+    index = sample_index(folder)
+    per_video: dict[str, dict] = {}
+    per_prompt: dict[int, dict] = {}
+    middle: dict[int, dict[int, np.ndarray]] = {}
+    jobs = [(i, s, path) for i, seeds in index.items() for s, path in seeds.items()]
+    feats: dict[str, dict[int, list[torch.Tensor]]] = {name: {} for name in encoders}
+    trajs: dict[int, list[np.ndarray]] = {}
+    for i, s, path in tqdm(jobs, desc=os.path.basename(os.path.normpath(folder)), disable=len(jobs) < 8):
+        stem = os.path.basename(path)[:-4]
+        frames, mid, stats = read_eval_video(path, num_frames)
+        row = dict(prompt=i, seed=s, **stats)
+        middle.setdefault(i, {})[s] = mid
+        for name, enc in encoders.items():
+            feats[name].setdefault(i, []).append(enc(frames))   # [F, D]
+        if poses_dir is not None:
+            poses = read_poses(find_pose_file(poses_dir, stem))
+            row.update(camera_motion(poses))
+            trajs.setdefault(i, []).append(poses[:, :3, 3])
+        per_video[stem] = row
+    for i in index:
+        row: dict[str, float] = {"seeds": len(index[i])}
+        for name in encoders:
+            f = torch.stack(feats[name][i])                     # [L, F, D]
+            row[f"{name}_mean"] = pairwise_diversity(f.mean(1))  # mean-pooled per video, then Eq. 11
+            row[f"{name}_per_frame"] = per_frame_diversity(f)
+        if poses_dir is not None:
+            lengths = sorted({len(t) for t in trajs[i]})
+            if len(lengths) > 1:
+                raise ValueError(f"{poses_dir}: the pose files of prompt {i} have different lengths {lengths}; the "
+                                 "cross-seed distances compare frame t of every seed")
+            row.update(camera_spread(np.stack(trajs[i])))
+        per_prompt[i] = row
+    summary: dict[str, float] = {}
+    for name in encoders:
+        for k in (f"{name}_mean", f"{name}_per_frame"):
+            summary[k] = float(np.mean([r[k] for r in per_prompt.values()]))
+    if poses_dir is not None:
+        summary.update({k: float(np.mean([r[k] for r in per_video.values()])) for k in CAMERA_VIDEO_KEYS})
+        summary.update({k: float(np.mean([r[k] for r in per_prompt.values()])) for k in CAMERA_SEED_KEYS})
+    for k in ("saturation", "clipped"):
+        summary[k] = float(np.mean([r[k] for r in per_video.values()]))
+    return {"folder": folder, "prompts": len(index), "videos": len(jobs), "summary": summary,
+            "per_prompt": {str(i): r for i, r in per_prompt.items()}, "per_video": per_video, "middle": middle}
+
+
+def _column_label(key: str) -> str:
+    for suffix, what in (("_mean", "mean"), ("_per_frame", "per-frame")):
+        if key.endswith(suffix):
+            name = key[:-len(suffix)]
+            return f"{name.upper() if name in ('clip', 'dino') else name} ({what})"
+    return {"endpoint_distance": "endpoint dist.", "trajectory_distance": "trajectory dist.",
+            "endpoint_spread": "endpoint spread", "path_length": "path length", "max_translation": "max transl.",
+            "rotation_total": "rot. total (deg)", "max_rotation": "max rot. (deg)", "saturation": "saturation",
+            "clipped": "clipped"}[key]
+
+
+def report_markdown(report: dict) -> str:
+    """One row per method (the paper's Table 1 layout for the columns it has), then what each column means."""
+    methods = report["methods"]
+    keys = list(methods[0]["summary"])
+    lines = ["# Evaluation", "",
+             "| method | prompts | videos | " + " | ".join(_column_label(k) for k in keys) + " |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    for m in methods:
+        lines.append(f"| {m['name']} | {m['prompts']} | {m['videos']} | "
+                     + " | ".join(f"{m['summary'][k]:.4f}" for k in keys) + " |")
+    s = report["settings"]
+    lines += ["", f"Frames per video: {s['frames']} evenly spaced. Encoders: "
+              + (", ".join(f"{k} = {v['folder']} ({v['class']})" for k, v in s["encoders"].items()) or "none") + ".",
+              "", "All columns: higher = more diverse / more motion, except saturation and clipped (lower = less "
+              "over-saturated). Diversity (mean) is Eq. 11 on per-video features (16 frame features, mean-pooled); "
+              "diversity (per-frame) is Eq. 11 on each sampled frame position, averaged over positions; both are "
+              "averaged over prompts. Camera columns follow App. B.3.3: path length, max translation and rotations "
+              "per video, averaged over videos; endpoint and trajectory distances and endpoint spread per prompt "
+              "across seeds, averaged over prompts. Saturation: mean HSV saturation; clipped: fraction of pixels "
+              "with a channel at 0 or 255."]
+    if s.get("note"):
+        lines += ["", s["note"]]
+    for path in report.get("figures", []):
+        lines += ["", f"![{os.path.basename(path)}]({os.path.basename(path)})"]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[int, dict[int, np.ndarray]]]) -> None:
+    """The paper's Fig. 8: middle frames of every seed of one prompt; two columns (seeds) per method, rows are the
+    seed pairs (the same seeds in a row across methods)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    seeds = sorted(set().union(*(m[prompt].keys() for m in middles)))
+    rows = (len(seeds) + 1) // 2
+    h, w = next(iter(middles[0][prompt].values())).shape[:2]
+    fig, axes = plt.subplots(rows, 2 * len(names), figsize=(2 * len(names) * 2.0 * w / h, rows * 2.35 + 0.5),
+                             squeeze=False)
+    for r in range(rows):
+        for m, (name, mid) in enumerate(zip(names, middles)):
+            for c in range(2):
+                ax = axes[r, 2 * m + c]
+                ax.set_xticks([]), ax.set_yticks([])
+                k = 2 * r + c
+                if k < len(seeds) and seeds[k] in mid[prompt]:
+                    ax.imshow(mid[prompt][seeds[k]])
+                    ax.set_title(f"{name}, seed {seeds[k]}", fontsize=7)
+                else:
+                    ax.axis("off")
+    fig.suptitle(f"prompt {prompt}: middle frame of each seed", fontsize=9)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def run_evaluate(adapter, args: argparse.Namespace) -> dict:
+    """Sample folders (one per method) -> <out>/report.json, report.md and seeds_prompt<i>.png. Returns the report."""
+    names = args.names or [os.path.basename(os.path.normpath(f)) or f for f in args.samples]
+    bad = []
+    if len(names) != len(args.samples):
+        bad.append(f"--names: {len(names)} name(s) for {len(args.samples)} --samples folder(s)")
+    elif len(set(names)) != len(names):
+        bad.append(f"--names {names}: method names must differ (pass --names when the folders share a name)")
+    if args.poses is not None and len(args.poses) != len(args.samples):
+        bad.append(f"--poses: {len(args.poses)} folder(s) for {len(args.samples)} --samples folder(s)")
+    for p in args.poses or []:
+        if not os.path.isdir(p):
+            bad.append(f"--poses {p}: no such folder")
+    if args.frames < 1:
+        bad.append(f"--frames {args.frames}: must be >= 1")
+    enc_dirs = {k: v for k, v in (("clip", args.clip), ("dino", args.dino)) if v is not None}
+    for spec in args.encoder or []:
+        name, _, folder = spec.partition("=")
+        if not name or not folder or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            bad.append(f"--encoder {spec}: expected NAME=FOLDER")
+        elif name in enc_dirs:
+            bad.append(f"--encoder {spec}: the name {name} is taken")
+        enc_dirs[name] = folder
+    if bad:
+        raise SystemExit("error: " + bad[0])
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
+                    for k, v in enc_dirs.items()}
+        results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames)
+                   for m, f in enumerate(args.samples)]
+    except ValueError as e:
+        raise _fail(e)
+    middles = [r.pop("middle") for r in results]
+    prompt_sets = [set(m) for m in middles]
+    common = sorted(set.intersection(*prompt_sets))
+    note = "" if all(s == prompt_sets[0] for s in prompt_sets) else (
+        "Note: the folders hold different prompt sets; each row averages over its own prompts "
+        f"({len(common)} in common).")
+    figure_prompts = args.figure_prompts if args.figure_prompts is not None else common[:1]
+    for i in figure_prompts:
+        if i not in common:
+            raise SystemExit(f"error: --figure-prompts {i}: not a prompt index of every --samples folder")
+    os.makedirs(args.out, exist_ok=True)
+    figures = [os.path.join(args.out, f"seeds_prompt{i:03d}.png") for i in figure_prompts]
+    for i, path in zip(figure_prompts, figures):
+        seeds_figure(path, i, names, middles)
+    report = {"settings": {"frames": args.frames, "device": str(device), "note": note,
+                           "encoders": {k: {"folder": e.folder, "class": e.name,
+                                            "processor": type(e.processor).__name__} for k, e in encoders.items()},
+                           "poses": args.poses},
+              "methods": [{"name": n, **r} for n, r in zip(names, results)], "figures": figures}
+    write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
+    write_text(os.path.join(args.out, "report.md"), report_markdown(report))
+    print(report_markdown(report).split("\n\n")[1], file=sys.stderr)  # the table
+    print(f"wrote {args.out}/report.json, report.md" + (f" and {len(figures)} figure(s)" if figures else ""),
+          file=sys.stderr)
+    return report
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", nargs="+", required=True, help="one folder of prompt<i>_seed<s>.mp4 per method "
+                   "(as `sample` writes them; >= 2 seeds per prompt, the paper uses 8)")
+    p.add_argument("--names", nargs="+", help="method names for the table (default: the folder names)")
+    p.add_argument("--clip", help="local CLIP folder (transformers format, e.g. clip-vit-large-patch14) for the "
+                   "CLIP diversity columns")
+    p.add_argument("--dino", help="local DINO folder (e.g. dinov2-large) for the DINO diversity columns")
+    p.add_argument("--encoder", action="append", metavar="NAME=FOLDER",
+                   help="any other transformers image model with a pooled output (repeatable)")
+    p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
+                   "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
+    p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
+    p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
+                   "(default: the first prompt; the flag alone: no figure)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
+    p.add_argument("--out", default="eval", help="output folder")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line: shared pieces and checks.
 
 
@@ -1187,11 +1558,11 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
-SUBCOMMANDS = ("prepare", "train", "sample", "export")
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
 
 
 def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
-    """argparse with the four subcommands; no subcommand means train."""
+    """argparse with the subcommands; no subcommand means train."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
@@ -1200,7 +1571,9 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
                                 ("train", add_train_args, "DFD post-training (default)"),
                                 ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
-                                ("export", add_export_args, "student -> diffusers transformer folder")):
+                                ("export", add_export_args, "student -> diffusers transformer folder"),
+                                ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
+                                 "report")):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         add(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
@@ -1208,7 +1581,8 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     args = parser.parse_args(argv)
     if hasattr(adapter, "configure"):
         adapter.configure(args)
-    run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export}[args.cmd]
+    run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
+           "evaluate": run_evaluate}[args.cmd]
     try:
         return run(adapter, args)
     finally:
