@@ -1,0 +1,215 @@
+"""The `evaluate` subcommand of wan_dfd.py / cosmos_dfd.py (visual diversity, Eq. 11 and Appendix B.3.1;
+camera-pose diversity, Appendix B.3.3; saturation), checked against values worked out by hand or with
+independent numpy code here, never with the functions under test: the metric functions on hand examples,
+frame picking on a clip whose brightness counts its frames, the file readers' errors, and the whole command
+on two folders of tiny clips with tiny random CLIP / DINOv2 encoders and known camera trajectories."""
+import json
+import math
+import os
+import re
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import tiny_vision as tv
+import wan_dfd
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------------------------------------------
+# Independent references (numpy, float64).
+
+
+def ref_diversity(x) -> float:
+    """Eq. 11: 1 - the mean cosine similarity over the L(L-1)/2 unordered pairs."""
+    x = np.asarray(x, np.float64)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    L = len(u)
+    return 1.0 - sum(float(u[i] @ u[j]) for i in range(L) for j in range(i + 1, L)) * 2 / (L * (L - 1))
+
+
+def ref_spread(trajs) -> dict:
+    """Appendix B.3.3's cross-seed metrics, by loops: trajs [L, N, 3]."""
+    trajs = np.asarray(trajs, np.float64)
+    L, N = trajs.shape[:2]
+    e = trajs[:, -1]
+    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
+    return {"endpoint_spread": float(np.sqrt(sum(np.var(e[:, a]) for a in range(3)))),
+            "endpoint_distance": float(np.mean([np.linalg.norm(e[i] - e[j]) for i, j in pairs])),
+            "trajectory_distance": float(np.mean([sum(np.linalg.norm(trajs[i, t] - trajs[j, t]) for t in range(N)) / N
+                                                  for i, j in pairs]))}
+
+
+def ref_saturation(frames: np.ndarray) -> tuple[float, float]:
+    """(mean HSV saturation, fraction of pixels with a channel at 0 or 255) of uint8 [..., 3]."""
+    x = frames.reshape(-1, 3).astype(np.float64)
+    hi, lo = x.max(1), x.min(1)
+    s = np.where(hi > 0, (hi - lo) / np.where(hi > 0, hi, 1), 0.0)
+    clipped = ((x == 0) | (x == 255)).any(1)
+    return float(s.mean()), float(clipped.mean())
+
+
+def decode_all(path: str) -> np.ndarray:
+    with av.open(path) as box:
+        return np.stack([f.to_ndarray(format="rgb24") for f in box.decode(video=0)])
+
+
+def even_indices(n: int, k: int) -> np.ndarray:
+    return np.linspace(0, n - 1, k).round().astype(int)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Visual diversity, Eq. 11.
+
+
+def test_pairwise_diversity_identical_orthogonal_and_opposite():
+    v = torch.tensor([0.3, -1.2, 2.0, 0.5])
+    d = wan_dfd.pairwise_diversity(v.repeat(5, 1))
+    assert isinstance(d, float) and abs(d) < 1e-6
+    assert wan_dfd.pairwise_diversity(torch.eye(4)) == pytest.approx(1.0, abs=1e-6)  # every cosine is 0
+    assert wan_dfd.pairwise_diversity(torch.stack([v, -v])) == pytest.approx(2.0, abs=1e-6)  # cosine -1
+
+
+def test_pairwise_diversity_hand_example():
+    # a = (1, 0), b = (0, 1), c = (1, 1): cos(a, b) = 0, cos(a, c) = cos(b, c) = 1/sqrt(2);
+    # 3 pairs -> 1 - (2 / sqrt(2)) / 3 = 1 - sqrt(2) / 3. (Counting ordered pairs with the diagonal would give
+    # 1 - (3 + 2 sqrt(2)) / 9, a different number.)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert wan_dfd.pairwise_diversity(x) == pytest.approx(1 - math.sqrt(2) / 3, abs=1e-6)
+    # cosine ignores each vector's length
+    assert wan_dfd.pairwise_diversity(x * torch.tensor([[3.0], [0.01], [250.0]])) == pytest.approx(1 - math.sqrt(2) / 3,
+                                                                                                      abs=1e-6)
+
+
+def test_pairwise_diversity_random_against_loop_and_scale_invariance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 12, generator=g) + 0.5
+    want = ref_diversity(x.numpy())
+    assert wan_dfd.pairwise_diversity(x) == pytest.approx(want, abs=1e-6)
+    scale = torch.rand(8, 1, generator=g) * 100 + 0.01
+    assert wan_dfd.pairwise_diversity(x * scale) == pytest.approx(want, abs=1e-6)
+
+
+def test_per_frame_diversity_against_loop():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(5, 4, 7, generator=g) + torch.randn(1, 4, 7, generator=g)  # [L, F, D]
+    want = float(np.mean([ref_diversity(feats[:, f].numpy()) for f in range(4)]))
+    got = wan_dfd.per_frame_diversity(feats)
+    assert isinstance(got, float) and got == pytest.approx(want, abs=1e-6)
+    # the per-frame number is not the pooled one (so the two summary keys carry different information)
+    assert abs(want - ref_diversity(feats.mean(1).numpy())) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Camera-pose diversity, Appendix B.3.3.
+
+
+def test_rotation_angle_deg_generic_axes_and_batch_shape():
+    g = np.random.default_rng(0)
+    axes = g.normal(size=(2, 3, 3))
+    degs = g.uniform(0, 180, (2, 3))
+    R = np.stack([np.stack([tv.rodrigues(axes[i, j], degs[i, j]) for j in range(3)]) for i in range(2)])
+    got = wan_dfd.rotation_angle_deg(R)
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, degs, atol=1e-8)
+
+
+@pytest.mark.parametrize("deg", [0.0, 1e-7, 5e-7, 1e-6, 1e-5, 1e-3, 90.0, 180 - 1e-3, 180 - 1e-5, 180 - 1e-6,
+                                 180 - 1e-7, 180.0])
+def test_rotation_angle_deg_near_0_and_180(deg):
+    R = tv.rodrigues([0.3, -0.5, 0.8], deg)
+    got = np.asarray(wan_dfd.rotation_angle_deg(R[None]))
+    assert np.isfinite(got).all() and abs(float(got[0]) - deg) < 1e-6
+
+
+def test_rotation_angle_deg_rounding_past_the_ends_is_not_nan():
+    # float rounding can push (trace - 1) / 2 just past +-1; the angle must stay finite and at the end
+    up = np.eye(3) * (1 + 4e-16)
+    down = np.diag([-1.0, -1.0, 1.0]) * (1 + 4e-16)  # 180 degrees about z
+    got = np.asarray(wan_dfd.rotation_angle_deg(np.stack([up, down])))
+    assert np.isfinite(got).all()
+    assert abs(got[0]) < 1e-6 and abs(got[1] - 180.0) < 1e-6
+
+
+def test_camera_motion_line_and_yaw_past_90_degrees():
+    # p_t = p0 + t (0.3, 0.4, 0): |v| = 0.5 per step, N = 10 -> path 9 * 0.5 = 4.5, farthest 4.5 (the end);
+    # R_t = Rz(15 t) R0: each step turns 15 deg -> total 135; R_t R0^T = Rz(15 t) -> max 135 (past 90).
+    T = tv.pose_trajectory(10, (0.3, 0.4, 0.0), 15.0, p0=(1.0, -2.0, 0.5))
+    m = wan_dfd.camera_motion(T)
+    assert set(m) == {"path_length", "max_translation", "rotation_total", "max_rotation"}
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["path_length"] == pytest.approx(4.5, abs=1e-9)
+    assert m["max_translation"] == pytest.approx(4.5, abs=1e-9)
+    assert m["rotation_total"] == pytest.approx(135.0, abs=1e-6)
+    assert m["max_rotation"] == pytest.approx(135.0, abs=1e-6)
+
+
+def test_camera_motion_yaw_past_180_wraps_and_there_and_back():
+    # 25 deg per step, N = 10: the total keeps adding (9 * 25 = 225), but the deviation from the start is an
+    # angle in [0, 180]: 25 t for t <= 7 is at most 175, and t = 8, 9 (200, 225) are 160, 135 away -> max 175.
+    T = tv.pose_trajectory(10, (0.0, 0.0, 0.0), 25.0)
+    m = wan_dfd.camera_motion(T)
+    assert m["rotation_total"] == pytest.approx(225.0, abs=1e-6)
+    assert m["max_rotation"] == pytest.approx(175.0, abs=1e-6)
+    assert m["path_length"] == pytest.approx(0.0, abs=1e-12) and m["max_translation"] == pytest.approx(0.0, abs=1e-12)
+    # out 2 along x and back, then 1 along y: path 2 + 2 + 1 = 5; farthest from p_0 is 2 (at t = 2)
+    xs = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (1, 0, 0), (0, 0, 0), (0, 1, 0)]
+    T = tv.pose_trajectory(len(xs), (0.0, 0.0, 0.0), 0.0)
+    T[:, :3, 3] = np.asarray(xs, np.float64) + (5.0, 5.0, 5.0)
+    m = wan_dfd.camera_motion(T)
+    assert m["path_length"] == pytest.approx(5.0, abs=1e-9)
+    assert m["max_translation"] == pytest.approx(2.0, abs=1e-9)
+    assert m["rotation_total"] == pytest.approx(0.0, abs=1e-6) and m["max_rotation"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_camera_spread_hand_example():
+    # endpoints (0,0,0), (3,0,0), (0,4,0) (+ a shared offset): population std per axis x: sqrt(2),
+    # y: sqrt(32/9), z: 0 -> spread sqrt(2 + 32/9) = 5 sqrt(2) / 3 (with ddof=1 it would be sqrt(25/3));
+    # pairwise endpoint distances 3, 4, 5 -> 4. Trajectories p_t = offset + e * t / (N - 1) with N = 3:
+    # per-frame distance t / 2 * |e_i - e_j| -> mean over t (1/N) = 0.5 |e_i - e_j| -> 2.
+    e = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    offset = np.array([1.0, 2.0, -3.0])
+    trajs = offset + e[:, None] * np.array([0.0, 0.5, 1.0])[None, :, None]  # [3, 3, 3]
+    s = wan_dfd.camera_spread(trajs)
+    assert set(s) == {"endpoint_spread", "endpoint_distance", "trajectory_distance"}
+    assert all(isinstance(v, float) for v in s.values())
+    assert s["endpoint_spread"] == pytest.approx(5 * math.sqrt(2) / 3, abs=1e-9)
+    assert s["endpoint_distance"] == pytest.approx(4.0, abs=1e-9)
+    assert s["trajectory_distance"] == pytest.approx(2.0, abs=1e-9)
+
+
+def test_camera_spread_random_against_loop():
+    trajs = np.random.default_rng(3).normal(size=(4, 6, 3))
+    got, want = wan_dfd.camera_spread(trajs), ref_spread(trajs)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saturation.
+
+
+@pytest.mark.parametrize("rgb,s,clipped", [((255, 0, 0), 1.0, 1.0), ((128, 128, 128), 0.0, 0.0),
+                                           ((0, 0, 0), 0.0, 1.0), ((200, 100, 50), 0.75, 0.0),
+                                           ((255, 255, 255), 0.0, 1.0), ((40, 30, 10), 0.75, 0.0)])
+def test_saturation_single_colours(rgb, s, clipped):
+    frames = np.broadcast_to(np.array(rgb, np.uint8), (2, 3, 4, 3)).copy()
+    got = wan_dfd.saturation_stats(frames)
+    assert got["saturation"] == pytest.approx(s, abs=1e-6)
+    assert got["clipped"] == pytest.approx(clipped, abs=1e-12)
+
+
+def test_saturation_mixed_pixels():
+    # red (S 1, clipped), grey (0, no), black (0, clipped), (200, 100, 50) (0.75, no) -> S 0.4375, clipped 0.5;
+    # uint8 arithmetic (255 - 0 wrapping, integer division) would get these wrong.
+    px = np.array([[[255, 0, 0], [128, 128, 128]], [[0, 0, 0], [200, 100, 50]]], np.uint8)[None]  # [1, 2, 2, 3]
+    got = wan_dfd.saturation_stats(px)
+    assert got["saturation"] == pytest.approx(1.75 / 4, abs=1e-6)
+    assert got["clipped"] == pytest.approx(0.5, abs=1e-12)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    got = wan_dfd.saturation_stats(frames)
+    s, c = ref_saturation(frames)
+    assert got["saturation"] == pytest.approx(s, abs=1e-6) and got["clipped"] == pytest.approx(c, abs=1e-12)
