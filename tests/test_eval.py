@@ -213,3 +213,139 @@ def test_saturation_mixed_pixels():
     got = wan_dfd.saturation_stats(frames)
     s, c = ref_saturation(frames)
     assert got["saturation"] == pytest.approx(s, abs=1e-6) and got["clipped"] == pytest.approx(c, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading clips: evenly spaced frames, the middle frame, saturation over every frame.
+
+
+@pytest.fixture(scope="module")
+def counter_clip(tmp_path_factory):
+    # 20 frames; the right half is coloured only in frames 2, 7, 12, 17: exactly the ones that 16 evenly spaced
+    # picks (0, 1, 3, 4, 5, 6, 8, ...) skip, so saturation over the picked frames differs from over all frames.
+    path = str(tmp_path_factory.mktemp("clip") / "counter.mp4")
+    return tv.write_video(path, tv.counter_frames(20, colored=(2, 7, 12, 17)))
+
+
+def left_level(frames: np.ndarray) -> np.ndarray:
+    """The counter grey level of each frame (the left half's interior, away from the codec's edges)."""
+    return frames[..., 4:-4, 4:20, :].reshape(*frames.shape[:-3], -1).mean(-1)
+
+
+def test_read_eval_video_picks_evenly_spaced_frames(counter_clip):
+    frames, middle, sat = wan_dfd.read_eval_video(counter_clip, 16)
+    assert frames.dtype == np.uint8 and frames.shape == (16, 32, 48, 3)
+    assert middle.dtype == np.uint8 and middle.shape == (32, 48, 3)
+    idx = even_indices(20, 16)
+    assert list(idx) == [0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19]
+    # levels are 10 apart; the codec moves them by ~2, so a neighbouring index cannot pass within 4
+    want = np.array([tv.counter_value(k) for k in idx], np.float64)
+    np.testing.assert_array_less(np.abs(left_level(frames) - want), 4.0)
+    assert abs(left_level(middle) - tv.counter_value(10)) < 4.0  # frame n // 2
+    # saturation over all 20 decoded frames, not over the 16 picked
+    decoded = decode_all(counter_clip)
+    assert len(decoded) == 20
+    s_all, c_all = ref_saturation(decoded)
+    s_picked, _ = ref_saturation(decoded[idx])
+    assert abs(s_all - s_picked) > 0.02  # the clip is built so that these differ
+    assert sat["saturation"] == pytest.approx(s_all, abs=1e-5)
+    assert sat["clipped"] == pytest.approx(c_all, abs=1e-9)
+    # every picked frame is the decoded frame at its index
+    np.testing.assert_array_equal(frames, decoded[idx])
+    np.testing.assert_array_equal(middle, decoded[10])
+
+
+def test_read_eval_video_other_counts(counter_clip):
+    frames, _, _ = wan_dfd.read_eval_video(counter_clip, 20)  # every frame
+    np.testing.assert_array_less(np.abs(left_level(frames) - [tv.counter_value(k) for k in range(20)]), 4.0)
+    frames, _, _ = wan_dfd.read_eval_video(counter_clip, 4)  # 0, 6.33, 12.67, 19 -> 0, 6, 13, 19
+    np.testing.assert_array_less(np.abs(left_level(frames) - [tv.counter_value(k) for k in (0, 6, 13, 19)]), 4.0)
+
+
+def test_read_eval_video_errors(counter_clip, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(counter_clip)):
+        wan_dfd.read_eval_video(counter_clip, 21)  # 20 frames < 21
+    bad = tmp_path / "prompt000_seed0.mp4"
+    bad.write_text("not a video\n")
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        wan_dfd.read_eval_video(str(bad), 4)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "missing.mp4"))):
+        wan_dfd.read_eval_video(str(tmp_path / "missing.mp4"), 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample folders and pose files.
+
+
+def touch(folder, *names):
+    os.makedirs(folder, exist_ok=True)
+    for n in names:
+        open(os.path.join(folder, n), "wb").close()
+
+
+def test_sample_index_groups_by_prompt_and_seed(tmp_path):
+    d = str(tmp_path / "s")
+    touch(d, "prompt000_seed0.mp4", "prompt000_seed1.mp4", "prompt000_seed7.mp4", "prompt002_seed3.mp4",
+          "prompt002_seed4.mp4", "prompt12_seed0.mp4", "prompt12_seed1.mp4",
+          "notes.txt", "prompt001_seed0.png", "prompt000_seed2.txt", "other.mp4", "prompt001.mp4")
+    idx = wan_dfd.sample_index(d)
+    assert sorted(idx) == [0, 2, 12]
+    assert {i: sorted(v) for i, v in idx.items()} == {0: [0, 1, 7], 2: [3, 4], 12: [0, 1]}
+    assert os.path.samefile(idx[2][4], os.path.join(d, "prompt002_seed4.mp4"))
+    assert os.path.samefile(idx[12][1], os.path.join(d, "prompt12_seed1.mp4"))
+
+
+def test_sample_index_errors(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        wan_dfd.sample_index(missing)
+    empty = str(tmp_path / "empty")
+    touch(empty, "notes.txt", "clip.mp4")
+    with pytest.raises(ValueError, match=re.escape(empty)):
+        wan_dfd.sample_index(empty)
+    lonely = str(tmp_path / "lonely")
+    touch(lonely, "prompt000_seed0.mp4", "prompt000_seed1.mp4", "prompt007_seed3.mp4")
+    with pytest.raises(ValueError) as e:
+        wan_dfd.sample_index(lonely)
+    assert re.search(r"prompt\D{0,3}0*7(?!\d)", str(e.value)), str(e.value)
+
+
+def test_read_poses_formats(tmp_path):
+    T = tv.pose_trajectory(5, (0.1, 0.2, 0.3), 7.0)
+    np.save(tmp_path / "a.npy", T.astype(np.float32))
+    np.savez(tmp_path / "vipe.npz", data=T, inds=np.arange(5))  # ViPE's pose/<stem>.npz
+    np.savez(tmp_path / "single.npz", T)
+    for name, tol in (("a.npy", 1e-6), ("vipe.npz", 0), ("single.npz", 0)):
+        P = wan_dfd.read_poses(str(tmp_path / name))
+        assert P.dtype == np.float64 and P.shape == (5, 4, 4), name
+        np.testing.assert_allclose(P, T, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["shape", "one_frame", "nan", "garbage", "missing", "npz_two_arrays"])
+def test_read_poses_errors(tmp_path, case):
+    T = tv.pose_trajectory(5, (0.1, 0.2, 0.3), 7.0)
+    path = str(tmp_path / ("p.npz" if case == "npz_two_arrays" else "p.npy"))
+    if case == "shape":
+        np.save(path, T[:, :3, :])  # [N, 3, 4]
+    elif case == "one_frame":
+        np.save(path, T[:1])
+    elif case == "nan":
+        T[2, 0, 3] = np.nan
+        np.save(path, T)
+    elif case == "garbage":
+        open(path, "w").write("hello")
+    elif case == "npz_two_arrays":
+        np.savez(path, poses=T, other=T)  # no "data" key and not a single array
+    with pytest.raises(ValueError, match=re.escape(path)):
+        wan_dfd.read_poses(path)
+
+
+def test_find_pose_file_order_and_error(tmp_path):
+    d = str(tmp_path)
+    touch(os.path.join(d, "pose"), "prompt000_seed0.npz", "prompt001_seed0.npz")
+    touch(d, "prompt001_seed0.npz", "prompt002_seed0.npz", "prompt002_seed0.npy")
+    assert os.path.samefile(wan_dfd.find_pose_file(d, "prompt000_seed0"), os.path.join(d, "pose", "prompt000_seed0.npz"))
+    assert os.path.samefile(wan_dfd.find_pose_file(d, "prompt001_seed0"), os.path.join(d, "prompt001_seed0.npz"))
+    assert os.path.samefile(wan_dfd.find_pose_file(d, "prompt002_seed0"), os.path.join(d, "prompt002_seed0.npy"))
+    with pytest.raises(ValueError, match="prompt003_seed1"):
+        wan_dfd.find_pose_file(d, "prompt003_seed1")
