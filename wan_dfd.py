@@ -873,18 +873,20 @@ def read_eval_video(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray,
     """(num_frames evenly spaced frames uint8 [num_frames, H, W, 3], the middle frame [H, W, 3], saturation_stats over
     all frames) of one video; ValueError naming the file when it is unreadable or shorter than num_frames."""
     import av
-    frames = []
+    frames, stats = [], []
     try:
         with av.open(path) as box:
-            frames = [f.to_ndarray(format="rgb24") for f in box.decode(box.streams.video[0])]
+            for f in box.decode(box.streams.video[0]):
+                frames.append(f.to_ndarray(format="rgb24"))
+                stats.append(saturation_stats(frames[-1][None]))  # per frame: no second copy of the whole clip
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
     n = len(frames)
     if n < num_frames:
         raise ValueError(f"{path}: {n} frames, fewer than the {num_frames} to sample (--frames)")
-    video = np.stack(frames)
     picks = np.linspace(0, n - 1, num_frames).round().astype(int)
-    return video[picks], video[n // 2], saturation_stats(video)
+    return (np.stack([frames[k] for k in picks]), frames[n // 2],
+            {k: float(np.mean([st[k] for st in stats])) for k in stats[0]})  # frames share one size: mean of means
 
 
 class ImageEncoder:
@@ -1014,7 +1016,8 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[int, dict[int, np.ndarray]]]) -> None:
+def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[int, dict[int, np.ndarray]]],
+                 text: str | None = None) -> None:
     """The paper's Fig. 8: middle frames of every seed of one prompt; two columns (seeds) per method, rows are the
     seed pairs (the same seeds in a row across methods)."""
     import matplotlib
@@ -1036,7 +1039,10 @@ def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[in
                     ax.set_title(f"{name}, seed {seeds[k]}", fontsize=7)
                 else:
                     ax.axis("off")
-    fig.suptitle(f"prompt {prompt}: middle frame of each seed", fontsize=9)
+    title = f"prompt {prompt}: middle frame of each seed"
+    if text:
+        title += "\n" + (text if len(text) <= 140 else text[:137] + "...")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -1065,19 +1071,14 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         elif name in enc_dirs:
             bad.append(f"--encoder {spec}: the name {name} is taken")
         enc_dirs[name] = folder
+    if args.device == "cuda" and not torch.cuda.is_available():
+        bad.append("--device cuda: no CUDA device here")
     if bad:
         raise SystemExit("error: " + bad[0])
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    try:
-        encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
-                    for k, v in enc_dirs.items()}
-        results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames)
-                   for m, f in enumerate(args.samples)]
+    try:  # the file names first (cheap), so a wrong flag fails before any video is decoded
+        prompt_sets = [set(sample_index(f)) for f in args.samples]
     except ValueError as e:
-        raise _fail(e)
-    middles = [r.pop("middle") for r in results]
-    prompt_sets = [set(m) for m in middles]
+        raise SystemExit(f"error: --samples {e}")
     common = sorted(set.intersection(*prompt_sets))
     note = "" if all(s == prompt_sets[0] for s in prompt_sets) else (
         "Note: the folders hold different prompt sets; each row averages over its own prompts "
@@ -1086,14 +1087,38 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     for i in figure_prompts:
         if i not in common:
             raise SystemExit(f"error: --figure-prompts {i}: not a prompt index of every --samples folder")
+    texts: dict[int, str] = {}
+    if args.prompts is not None:
+        try:
+            lines = [ln.strip() for ln in open(args.prompts) if ln.strip()]  # as `sample --prompts` numbers them
+        except OSError as e:
+            raise SystemExit(f"error: --prompts {args.prompts}: unreadable ({e.strerror})")
+        top = max(max(p) for p in prompt_sets)
+        if top >= len(lines):
+            raise SystemExit(f"error: --prompts {args.prompts}: {len(lines)} prompt(s), but the folders hold "
+                             f"prompt index {top}")
+        texts = dict(enumerate(lines))
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
+                    for k, v in enc_dirs.items()}
+        results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames)
+                   for m, f in enumerate(args.samples)]
+    except ValueError as e:
+        raise _fail(e)
+    middles = [r.pop("middle") for r in results]
+    for r in results:
+        for i, row in r["per_prompt"].items():
+            if texts:
+                row["text"] = texts[int(i)]
     os.makedirs(args.out, exist_ok=True)
     figures = [os.path.join(args.out, f"seeds_prompt{i:03d}.png") for i in figure_prompts]
     for i, path in zip(figure_prompts, figures):
-        seeds_figure(path, i, names, middles)
+        seeds_figure(path, i, names, middles, texts.get(i))
     report = {"settings": {"frames": args.frames, "device": str(device), "note": note,
                            "encoders": {k: {"folder": e.folder, "class": e.name,
                                             "processor": type(e.processor).__name__} for k, e in encoders.items()},
-                           "poses": args.poses},
+                           "poses": args.poses, "prompts": args.prompts},
               "methods": [{"name": n, **r} for n, r in zip(names, results)], "figures": figures}
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
     write_text(os.path.join(args.out, "report.md"), report_markdown(report))
@@ -1114,6 +1139,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="any other transformers image model with a pooled output (repeatable)")
     p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
                    "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
+    p.add_argument("--prompts", help="the prompts file given to `sample` (one per line): labels the report and figure")
     p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
     p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
                    "(default: the first prompt; the flag alone: no figure)")
