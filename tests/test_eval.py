@@ -349,3 +349,212 @@ def test_find_pose_file_order_and_error(tmp_path):
     assert os.path.samefile(wan_dfd.find_pose_file(d, "prompt002_seed0"), os.path.join(d, "prompt002_seed0.npy"))
     with pytest.raises(ValueError, match="prompt003_seed1"):
         wan_dfd.find_pose_file(d, "prompt003_seed1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image encoders (tiny random CLIP and DINOv2 in their real on-disk formats).
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    return {"clip": tv.build_clip(str(root / "clip")), "dino": tv.build_dino(str(root / "dino"))}
+
+
+class RefEncoder:
+    """The reference features, straight from transformers: CLIP's projected image embedding
+    (visual_projection of the vision tower's pooled output), DINOv2's pooled output."""
+
+    def __init__(self, folder: str):
+        from transformers import AutoImageProcessor, AutoModel
+        self.model = AutoModel.from_pretrained(folder).eval()
+        self.proc = AutoImageProcessor.from_pretrained(folder)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        pv = self.proc(images=list(frames), return_tensors="pt")["pixel_values"]
+        if hasattr(self.model, "visual_projection"):
+            return self.model.visual_projection(self.model.vision_model(pixel_values=pv).pooler_output).double().numpy()
+        return self.model(pixel_values=pv).pooler_output.double().numpy()
+
+
+def cosine_rows(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("name,dim", [("clip", tv.CLIP_DIM), ("dino", tv.DINO_DIM)])
+def test_image_encoder_features(encoders, name, dim):
+    frames = np.stack([tv.random_frames(s, T=1, height=40, width=48)[0] for s in range(5)])
+    enc = wan_dfd.ImageEncoder(encoders[name], "cpu", flag=f"--{name}")
+    f = enc(frames)
+    assert torch.is_tensor(f) and f.dtype == torch.float32 and f.device.type == "cpu" and tuple(f.shape) == (5, dim)
+    # the same direction as transformers' own features (Eq. 11 only sees directions); for CLIP that means the
+    # projected embedding (8-d), not the vision tower's 16-d pooled output
+    np.testing.assert_allclose(cosine_rows(f.numpy(), RefEncoder(encoders[name])(frames)), 1.0, atol=1e-5)
+    # frames are encoded independently: one at a time gives the same features
+    np.testing.assert_allclose(enc(frames[2:3]).numpy(), f[2:3].numpy(), atol=1e-5)
+
+
+def test_image_encoder_errors(tmp_path):
+    missing = str(tmp_path / "no_clip")
+    with pytest.raises(ValueError) as e:
+        wan_dfd.ImageEncoder(missing, "cpu", flag="--clip")
+    assert "--clip" in str(e.value) and missing in str(e.value)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("not a model")
+    with pytest.raises(ValueError) as e:
+        wan_dfd.ImageEncoder(str(junk), "cpu", flag="--dino")
+    assert "--dino" in str(e.value) and str(junk) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole command: two methods x 3 prompts x 3 seeds of tiny clips, tiny encoders, known camera paths.
+
+PROMPTS, SEEDS, N_POSES, T_CLIP = 3, 3, 12, 20
+
+
+def motion_of(method: str, i: int, s: int) -> dict:
+    """Each clip's camera: p_t = p0 + t v, R_t = Rz(t * yaw) R0 (tiny_vision.pose_trajectory)."""
+    if method == "same":
+        return dict(velocity=(0.1 * (s + 1), 0.05 * i, 0.0), yaw=5.0 * (s + 1) + i, p0=(float(i), 0.0, 0.0))
+    return dict(velocity=(0.0, 0.2 * (s + 1), 0.1 * i), yaw=10.0 + 7 * s + 3 * i, p0=(0.0, 0.0, float(s)))
+
+
+def expected_camera(method: str) -> dict:
+    """By hand: on a straight line the path length and the farthest point are both (N - 1) |v|; the yaw adds
+    up to (N - 1) * yaw; the largest deviation is the largest wrapped t * yaw. Cross-seed numbers from the
+    loop reference on the known positions, per prompt, then averaged over prompts."""
+    per_video, cross = [], []
+    for i in range(PROMPTS):
+        trajs = []
+        for s in range(SEEDS):
+            m = motion_of(method, i, s)
+            speed = float(np.linalg.norm(m["velocity"]))
+            per_video.append({"path_length": (N_POSES - 1) * speed, "max_translation": (N_POSES - 1) * speed,
+                              "rotation_total": (N_POSES - 1) * m["yaw"],
+                              "max_rotation": max(tv.wrapped_angle(t * m["yaw"]) for t in range(N_POSES))})
+            trajs.append([np.add(m["p0"], np.multiply(t, m["velocity"])) for t in range(N_POSES)])
+        cross.append(ref_spread(trajs))
+    out = {k: float(np.mean([v[k] for v in per_video])) for k in per_video[0]}
+    out.update({k: float(np.mean([c[k] for c in cross])) for k in cross[0]})
+    return out
+
+
+def expected_visual(folder: str, enc: RefEncoder, frames: int = 16) -> tuple[float, float]:
+    """(pooled, per-frame) diversity, App. B.3.1: 16 evenly spaced frames per clip, per-frame features
+    mean-pooled into one vector per clip, Eq. 11 over the seeds of a prompt, averaged over prompts."""
+    pooled, per_frame = [], []
+    for i in range(PROMPTS):
+        feats = []
+        for s in range(SEEDS):
+            all_frames = decode_all(os.path.join(folder, f"prompt{i:03d}_seed{s}.mp4"))
+            feats.append(enc(all_frames[even_indices(len(all_frames), frames)]))
+        feats = np.stack(feats)  # [L, F, D]
+        pooled.append(ref_diversity(feats.mean(1)))
+        per_frame.append(np.mean([ref_diversity(feats[:, f]) for f in range(frames)]))
+    return float(np.mean(pooled)), float(np.mean(per_frame))
+
+
+def expected_saturation(folder: str) -> tuple[float, float]:
+    stats = [ref_saturation(decode_all(os.path.join(folder, f"prompt{i:03d}_seed{s}.mp4")))
+             for i in range(PROMPTS) for s in range(SEEDS)]
+    return float(np.mean([a for a, _ in stats])), float(np.mean([b for _, b in stats]))
+
+
+@pytest.fixture(scope="module")
+def methods(tmp_path_factory):
+    """same/: the seeds of each prompt are byte-identical copies (diversity exactly 0); varied/: every seed
+    differs. Poses: same/ as <stem>.npy, varied/ in ViPE's layout pose/<stem>.npz with key "data"."""
+    root = tmp_path_factory.mktemp("methods")
+    out = {}
+    for method in ("same", "varied"):
+        folder, poses = str(root / method), str(root / f"poses_{method}")
+        os.makedirs(os.path.join(poses, "pose"))
+        for i in range(PROMPTS):
+            for s in range(SEEDS):
+                stem = f"prompt{i:03d}_seed{s}"
+                path = os.path.join(folder, stem + ".mp4")
+                if method == "same" and s > 0:
+                    shutil.copy(os.path.join(folder, f"prompt{i:03d}_seed0.mp4"), path)
+                else:
+                    tv.write_video(path, tv.random_frames(100 + i if method == "same" else 10 * i + s + 1, T=T_CLIP))
+                m = motion_of(method, i, s)
+                T = tv.pose_trajectory(N_POSES, m["velocity"], m["yaw"], p0=m["p0"])
+                if method == "same":
+                    np.save(os.path.join(poses, stem + ".npy"), T)
+                else:
+                    np.savez(os.path.join(poses, "pose", stem + ".npz"), data=T, inds=np.arange(N_POSES))
+        open(os.path.join(folder, "notes.txt"), "w").write("not a sample\n")
+        out[method] = {"folder": folder, "poses": poses}
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(methods, encoders, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    argv = ["evaluate", "--samples", methods["same"]["folder"], methods["varied"]["folder"], "--names", "Same", "Varied",
+            "--clip", encoders["clip"], "--dino", encoders["dino"], "--encoder", f"dinob={encoders['dino']}",
+            "--poses", methods["same"]["poses"], methods["varied"]["poses"], "--figure-prompts", "1",
+            "--device", "cpu", "--out", out]
+    return {"out": out, "result": wan_dfd.main(wan_dfd.WanAdapter(), argv)}
+
+
+def test_evaluate_report_files(report, methods):
+    out, result = report["out"], report["result"]
+    saved = json.load(open(os.path.join(out, "report.json")))
+    assert saved == json.loads(json.dumps(result))  # the return value is what was written
+    assert [m["name"] for m in saved["methods"]] == ["Same", "Varied"]
+    assert [os.path.normpath(m["folder"]) for m in saved["methods"]] == [os.path.normpath(methods[k]["folder"])
+                                                                          for k in ("same", "varied")]
+    for m in saved["methods"]:
+        assert len(m["per_prompt"]) == PROMPTS and len(m["per_video"]) == PROMPTS * SEEDS
+    md = open(os.path.join(out, "report.md")).read()
+    rows = [line for line in md.splitlines() if line.lstrip().startswith("|")]
+    assert sum("Same" in r for r in rows) == 1 and sum("Varied" in r for r in rows) == 1, md
+    import matplotlib.image
+    img = matplotlib.image.imread(os.path.join(out, "seeds_prompt001.png"))
+    assert img.ndim == 3 and img.shape[0] >= 32 and img.shape[1] >= 2 * 48  # middle frames side by side
+    assert not os.path.exists(os.path.join(out, "seeds_prompt000.png"))  # only the prompts asked for
+
+
+def test_evaluate_visual_diversity(report, methods, encoders):
+    same, varied = (m["summary"] for m in report["result"]["methods"])
+    for enc in ("clip", "dino", "dinob"):
+        assert abs(same[f"{enc}_mean"]) < 1e-6 and abs(same[f"{enc}_per_frame"]) < 1e-6, enc  # identical seeds
+        assert varied[f"{enc}_mean"] > 1e-3 and varied[f"{enc}_per_frame"] > 1e-3, enc
+    for enc in ("clip", "dino"):
+        pooled, per_frame = expected_visual(methods["varied"]["folder"], RefEncoder(encoders[enc]))
+        assert varied[f"{enc}_mean"] == pytest.approx(pooled, abs=1e-5), enc
+        assert varied[f"{enc}_per_frame"] == pytest.approx(per_frame, abs=1e-5), enc
+    assert varied["dinob_mean"] == pytest.approx(varied["dino_mean"], abs=1e-6)  # --encoder NAME=DIR
+
+
+def test_evaluate_camera_numbers(report):
+    for m, method in zip(report["result"]["methods"], ("same", "varied")):
+        want = expected_camera(method)
+        for k, v in want.items():
+            assert m["summary"][k] == pytest.approx(v, abs=1e-6), (method, k)
+    # the varied yaws reach 11 * 30 = 330 deg: a wrapped maximum, so the two rotation numbers must differ
+    v = report["result"]["methods"][1]["summary"]
+    assert v["rotation_total"] > v["max_rotation"] + 10
+
+
+def test_evaluate_saturation(report, methods):
+    for m, method in zip(report["result"]["methods"], ("same", "varied")):
+        s, c = expected_saturation(methods[method]["folder"])
+        assert m["summary"]["saturation"] == pytest.approx(s, abs=1e-5), method
+        assert m["summary"]["clipped"] == pytest.approx(c, abs=1e-9), method
+
+
+def test_evaluate_through_cosmos_script(report, methods, encoders, tmp_path):
+    import cosmos_dfd
+    got = cosmos_dfd.main(["evaluate", "--samples", methods["varied"]["folder"], "--clip", encoders["clip"],
+                           "--device", "cpu", "--figure-prompts", "0", "--out", str(tmp_path)])
+    want = report["result"]["methods"][1]["summary"]
+    s = got["methods"][0]["summary"]
+    assert s["clip_mean"] == pytest.approx(want["clip_mean"], abs=1e-6)
+    assert s["saturation"] == pytest.approx(want["saturation"], abs=1e-9)
+    assert "dino_mean" not in s and "path_length" not in s  # no --dino, no --poses
+    assert os.path.exists(tmp_path / "report.json") and os.path.exists(tmp_path / "seeds_prompt000.png")
