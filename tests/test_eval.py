@@ -558,3 +558,62 @@ def test_evaluate_through_cosmos_script(report, methods, encoders, tmp_path):
     assert s["saturation"] == pytest.approx(want["saturation"], abs=1e-9)
     assert "dino_mean" not in s and "path_length" not in s  # no --dino, no --poses
     assert os.path.exists(tmp_path / "report.json") and os.path.exists(tmp_path / "seeds_prompt000.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one SystemExit line naming the flag or the file.
+
+
+def evaluate_error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        wan_dfd.main(wan_dfd.WanAdapter(), ["evaluate", *argv, "--device", "cpu"])
+    return str(e.value)
+
+
+def copy_method(methods, method, dest) -> tuple[str, str]:
+    folder, poses = str(dest / method), str(dest / f"poses_{method}")
+    shutil.copytree(methods[method]["folder"], folder)
+    shutil.copytree(methods[method]["poses"], poses)
+    return folder, poses
+
+
+def test_evaluate_missing_pose_file(methods, encoders, tmp_path):
+    folder, poses = copy_method(methods, "same", tmp_path)
+    os.remove(os.path.join(poses, "prompt001_seed2.npy"))
+    msg = evaluate_error(["--samples", folder, "--clip", encoders["clip"], "--poses", poses, "--out", str(tmp_path / "o")])
+    assert "prompt001_seed2" in msg, msg
+
+
+def test_evaluate_prompt_with_one_seed(methods, encoders, tmp_path):
+    folder, _ = copy_method(methods, "varied", tmp_path)
+    for s in (1, 2):
+        os.remove(os.path.join(folder, f"prompt002_seed{s}.mp4"))
+    msg = evaluate_error(["--samples", folder, "--clip", encoders["clip"], "--out", str(tmp_path / "o")])
+    assert re.search(r"prompt\D{0,3}0*2(?!\d)", msg) and folder in msg, msg
+
+
+def test_evaluate_unreadable_and_short_videos(methods, encoders, tmp_path):
+    folder, _ = copy_method(methods, "varied", tmp_path)
+    msg = evaluate_error(["--samples", folder, "--clip", encoders["clip"], "--frames", str(T_CLIP + 1),
+                          "--out", str(tmp_path / "o1")])
+    assert re.search(r"prompt\d{3}_seed\d\.mp4", msg), msg  # too short for --frames 21
+    open(os.path.join(folder, "prompt001_seed2.mp4"), "w").write("not a video\n")
+    msg = evaluate_error(["--samples", folder, "--clip", encoders["clip"], "--out", str(tmp_path / "o2")])
+    assert "prompt001_seed2.mp4" in msg, msg
+
+
+def test_evaluate_flag_errors(methods, encoders, tmp_path):
+    same, varied = methods["same"], methods["varied"]
+    out = ["--out", str(tmp_path / "o")]
+    msg = evaluate_error(["--samples", same["folder"], varied["folder"], "--names", "A", "--clip", encoders["clip"], *out])
+    assert "--names" in msg, msg
+    msg = evaluate_error(["--samples", same["folder"], varied["folder"], "--poses", same["poses"],
+                          "--clip", encoders["clip"], *out])
+    assert "--poses" in msg, msg
+    missing = str(tmp_path / "no_samples")
+    msg = evaluate_error(["--samples", missing, "--clip", encoders["clip"], *out])
+    assert missing in msg, msg
+    msg = evaluate_error(["--samples", same["folder"], "--clip", str(tmp_path / "no_clip"), *out])
+    assert "--clip" in msg and "no_clip" in msg, msg
+    msg = evaluate_error(["--samples", same["folder"], "--encoder", encoders["dino"], *out])  # not NAME=DIR
+    assert "--encoder" in msg, msg
