@@ -899,8 +899,9 @@ class ImageEncoder:
         from transformers.utils import logging as hf_logging
         if not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: no such folder")
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the PIL fallback without torchvision warns on every load
+        hf_logging.disable_progress_bar()
         try:
             self.model = AutoModel.from_pretrained(folder).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(folder)
@@ -909,6 +910,8 @@ class ImageEncoder:
                              f"({type(e).__name__}: {str(e)[:160]})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         self.device, self.flag, self.folder = device, flag, folder
         self.name = type(self.model).__name__
 
@@ -1002,8 +1005,10 @@ def report_markdown(report: dict) -> str:
     s = report["settings"]
     lines += ["", f"Frames per video: {s['frames']} evenly spaced. Encoders: "
               + (", ".join(f"{k} = {v['folder']} ({v['class']})" for k, v in s["encoders"].items()) or "none") + ".",
-              "", "All columns: higher = more diverse / more motion, except saturation and clipped (lower = less "
-              "over-saturated). Diversity (mean) is Eq. 11 on per-video features (16 frame features, mean-pooled); "
+              "", "Higher = more diverse / more camera motion, in every column but the last two: saturation and "
+              "clipped are lower for less saturated videos, and their target is the level of real (or teacher) "
+              "videos, not 0. "
+              f"Diversity (mean) is Eq. 11 on per-video features ({s['frames']} frame features, mean-pooled); "
               "diversity (per-frame) is Eq. 11 on each sampled frame position, averaged over positions; both are "
               "averaged over prompts. Camera columns follow App. B.3.3: path length, max translation and rotations "
               "per video, averaged over videos; endpoint and trajectory distances and endpoint spread per prompt "
