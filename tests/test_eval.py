@@ -617,3 +617,29 @@ def test_evaluate_flag_errors(methods, encoders, tmp_path):
     assert "--clip" in msg and "no_clip" in msg, msg
     msg = evaluate_error(["--samples", same["folder"], "--encoder", encoders["dino"], *out])  # not NAME=DIR
     assert "--encoder" in msg, msg
+
+
+def test_evaluate_pose_lengths_differ_across_seeds(methods, tmp_path):
+    # the cross-seed distances compare frame t of every seed, so the seeds of a prompt need equally long pose files
+    folder, poses = copy_method(methods, "same", tmp_path)
+    np.save(os.path.join(poses, "prompt001_seed2.npy"), tv.pose_trajectory(7, (0.1, 0.0, 0.0), 3.0))
+    msg = evaluate_error(["--samples", folder, "--poses", poses, "--out", str(tmp_path / "o")])
+    assert poses in msg, msg
+
+
+def test_evaluate_figure_prompt_not_in_folder(methods, tmp_path):
+    msg = evaluate_error(["--samples", methods["same"]["folder"], "--figure-prompts", "9", "--out", str(tmp_path / "o")])
+    assert "--figure-prompts" in msg, msg
+
+
+def test_evaluate_script_entry_point_reports_one_line(methods, tmp_path):
+    """`python cosmos_dfd.py evaluate ...` (cleanrl style, as a user runs it): a bad flag count exits non-zero
+    with the message on stderr and no traceback."""
+    import subprocess
+    import sys
+    import tiny_wan
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "cosmos_dfd.py"), "evaluate", "--samples",
+                        methods["same"]["folder"], methods["varied"]["folder"], "--names", "A", "--device", "cpu",
+                        "--out", str(tmp_path / "o")], env=tiny_wan.quiet_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "--names" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
