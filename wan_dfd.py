@@ -932,26 +932,29 @@ class ImageEncoder:
 
 
 def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
-                    num_frames: int = 16) -> dict:
-    """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames
-    (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
+                    num_frames: int = 16, figure_prompts: Sequence[int] = ()) -> dict:
+    """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames of
+    the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
     from tqdm import tqdm
     index = sample_index(folder)
     per_video: dict[str, dict] = {}
     per_prompt: dict[int, dict] = {}
-    middle: dict[int, dict[int, np.ndarray]] = {}
+    middle: dict[int, dict[int, np.ndarray]] = {i: {} for i in figure_prompts}
     jobs = [(i, s, path) for i, seeds in index.items() for s, path in seeds.items()]
+    pose_files = {} if poses_dir is None else {  # all looked up first: a missing one fails before any decoding
+        path: find_pose_file(poses_dir, os.path.basename(path)[:-4]) for _, _, path in jobs}
     feats: dict[str, dict[int, list[torch.Tensor]]] = {name: {} for name in encoders}
     trajs: dict[int, list[np.ndarray]] = {}
     for i, s, path in tqdm(jobs, desc=os.path.basename(os.path.normpath(folder)), disable=len(jobs) < 8):
         stem = os.path.basename(path)[:-4]
         frames, mid, stats = read_eval_video(path, num_frames)
         row = dict(prompt=i, seed=s, **stats)
-        middle.setdefault(i, {})[s] = mid
+        if i in middle:
+            middle[i][s] = mid
         for name, enc in encoders.items():
             feats[name].setdefault(i, []).append(enc(frames))   # [F, D]
         if poses_dir is not None:
-            poses = read_poses(find_pose_file(poses_dir, stem))
+            poses = read_poses(pose_files[path])
             row.update(camera_motion(poses))
             trajs.setdefault(i, []).append(poses[:, :3, 3])
         per_video[stem] = row
@@ -1107,8 +1110,8 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     try:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
-        results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames)
-                   for m, f in enumerate(args.samples)]
+        results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
+                                   figure_prompts) for m, f in enumerate(args.samples)]
     except ValueError as e:
         raise _fail(e)
     middles = [r.pop("middle") for r in results]
