@@ -643,3 +643,16 @@ def test_evaluate_script_entry_point_reports_one_line(methods, tmp_path):
                         methods["same"]["folder"], methods["varied"]["folder"], "--names", "A", "--device", "cpu",
                         "--out", str(tmp_path / "o")], env=tiny_wan.quiet_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "--names" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_evaluate_prompts_file_labels_rows(methods, tmp_path):
+    # line k of the prompts file (blank lines skipped, as `sample --prompts` numbers them) labels prompt k
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\n\na blue square\na green circle\n")
+    got = wan_dfd.main(wan_dfd.WanAdapter(), ["evaluate", "--samples", methods["same"]["folder"], "--prompts",
+                                              str(prompts), "--device", "cpu", "--out", str(tmp_path / "o")])
+    rows = got["methods"][0]["per_prompt"]
+    assert [rows[k]["text"] for k in sorted(rows, key=int)] == ["a red ball", "a blue square", "a green circle"]
+    prompts.write_text("only one\n")
+    msg = evaluate_error(["--samples", methods["same"]["folder"], "--prompts", str(prompts), "--out", str(tmp_path / "p")])
+    assert "--prompts" in msg, msg
