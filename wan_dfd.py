@@ -859,6 +859,12 @@ def read_poses(path: str) -> np.ndarray:
     return poses
 
 
+def relative_to_first(poses: np.ndarray) -> np.ndarray:
+    """T_0^{-1} T_t: every pose in the first camera's frame, so that videos whose estimator picked different world
+    frames become comparable across seeds (per-video motion statistics do not change)."""
+    return np.linalg.inv(poses[0]) @ poses
+
+
 def find_pose_file(poses_dir: str, stem: str) -> str:
     """<dir>/<stem>.npy, <dir>/<stem>.npz or <dir>/pose/<stem>.npz (a ViPE output folder), the first that exists."""
     tries = [os.path.join(poses_dir, stem + ".npy"), os.path.join(poses_dir, stem + ".npz"),
@@ -932,7 +938,7 @@ class ImageEncoder:
 
 
 def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
-                    num_frames: int = 16, figure_prompts: Sequence[int] = ()) -> dict:
+                    num_frames: int = 16, figure_prompts: Sequence[int] = (), relative_poses: bool = False) -> dict:
     """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames of
     the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
     from tqdm import tqdm
@@ -955,6 +961,8 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
             feats[name].setdefault(i, []).append(enc(frames))   # [F, D]
         if poses_dir is not None:
             poses = read_poses(pose_files[path])
+            if relative_poses:
+                poses = relative_to_first(poses)
             row.update(camera_motion(poses))
             trajs.setdefault(i, []).append(poses[:, :3, 3])
         per_video[stem] = row
@@ -1004,7 +1012,7 @@ def report_markdown(report: dict) -> str:
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for m in methods:
         lines.append(f"| {m['name']} | {m['prompts']} | {m['videos']} | "
-                     + " | ".join(f"{m['summary'][k]:.4f}" for k in keys) + " |")
+                     + " | ".join(f"{round(m['summary'][k], 4) + 0.0:.4f}" for k in keys) + " |")  # no -0.0000
     s = report["settings"]
     lines += ["", f"Frames per video: {s['frames']} evenly spaced. Encoders: "
               + (", ".join(f"{k} = {v['folder']} ({v['class']})" for k, v in s["encoders"].items()) or "none") + ".",
@@ -1111,7 +1119,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
-                                   figure_prompts) for m, f in enumerate(args.samples)]
+                                   figure_prompts, args.relative_poses) for m, f in enumerate(args.samples)]
     except ValueError as e:
         raise _fail(e)
     middles = [r.pop("middle") for r in results]
@@ -1126,7 +1134,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     report = {"settings": {"frames": args.frames, "device": str(device), "note": note,
                            "encoders": {k: {"folder": e.folder, "class": e.name,
                                             "processor": type(e.processor).__name__} for k, e in encoders.items()},
-                           "poses": args.poses, "prompts": args.prompts},
+                           "poses": args.poses, "relative_poses": args.relative_poses, "prompts": args.prompts},
               "methods": [{"name": n, **r} for n, r in zip(names, results)], "figures": figures}
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
     write_text(os.path.join(args.out, "report.md"), report_markdown(report))
@@ -1147,6 +1155,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="any other transformers image model with a pooled output (repeatable)")
     p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
                    "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
+    p.add_argument("--relative-poses", action="store_true", help="express each video's poses in its first camera's "
+                   "frame (T_0^-1 T_t) before the cross-seed distances; default: as the estimator wrote them")
     p.add_argument("--prompts", help="the prompts file given to `sample` (one per line): labels the report and figure")
     p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
     p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "

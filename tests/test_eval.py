@@ -656,3 +656,31 @@ def test_evaluate_prompts_file_labels_rows(methods, tmp_path):
     prompts.write_text("only one\n")
     msg = evaluate_error(["--samples", methods["same"]["folder"], "--prompts", str(prompts), "--out", str(tmp_path / "p")])
     assert "--prompts" in msg, msg
+
+
+def test_evaluate_relative_poses_removes_each_videos_world_frame(methods, tmp_path):
+    """--relative-poses: T_0^-1 T_t. Each seed's path starts at the identity and is then written in its own
+    arbitrary world frame W_s (T'_t = W_s T_t, as an estimator that fixes the world differently per video would);
+    relative to the first camera the paths are the original ones again, so the cross-seed numbers equal the
+    loop reference on p_t = t v_s, while the per-video motion is the same with and without the flag."""
+    folder, poses = copy_method(methods, "same", tmp_path)
+    rng = np.random.default_rng(0)
+    paths = {}
+    for i in range(PROMPTS):
+        for s in range(SEEDS):
+            v = (0.1 * (s + 1), 0.05 * (i + 1), -0.02 * s)
+            T = tv.pose_trajectory(N_POSES, v, 4.0 * (s + 1), R0=np.eye(3))
+            W = np.eye(4)
+            W[:3, :3], W[:3, 3] = tv.rodrigues(rng.normal(size=3), rng.uniform(20, 160)), rng.normal(size=3) * 5
+            np.save(os.path.join(poses, f"prompt{i:03d}_seed{s}.npy"), W @ T)
+            paths.setdefault(i, []).append(T[:, :3, 3])
+    want = [ref_spread(paths[i]) for i in range(PROMPTS)]
+    runs = {flag: wan_dfd.main(wan_dfd.WanAdapter(), ["evaluate", "--samples", folder, "--poses", poses, *flag,
+                                                      "--device", "cpu", "--figure-prompts", "--out",
+                                                      str(tmp_path / f"o{len(flag)}")])["methods"][0]["summary"]
+            for flag in ((), ("--relative-poses",))}
+    for k in want[0]:
+        assert runs[("--relative-poses",)][k] == pytest.approx(np.mean([w[k] for w in want]), abs=1e-9), k
+        assert abs(runs[()][k] - np.mean([w[k] for w in want])) > 0.1, k  # the world frames do matter without it
+    for k in wan_dfd.CAMERA_VIDEO_KEYS:
+        assert runs[()][k] == pytest.approx(runs[("--relative-poses",)][k], abs=1e-9), k
