@@ -850,7 +850,8 @@ def read_poses(path: str) -> np.ndarray:
     except Exception as e:
         raise ValueError(f"{path}: unreadable pose file ({type(e).__name__}: {str(e)[:120]})") from None
     if poses is None:
-        raise ValueError(f"{path}: .npz without a 'data' array and with several arrays; expected camera-to-world [N, 4, 4]")
+        raise ValueError(f"{path}: .npz without a 'data' array and with several arrays; expected camera-to-world "
+                         "[N, 4, 4]")
     poses = np.asarray(poses, dtype=np.float64)
     if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(poses) < 2:
         raise ValueError(f"{path}: expected camera-to-world poses [N >= 2, 4, 4], got shape {tuple(poses.shape)}")
