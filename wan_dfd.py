@@ -896,6 +896,11 @@ def read_eval_video(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray,
             {k: float(np.mean([st[k] for st in stats])) for k in stats[0]})  # frames share one size: mean of means
 
 
+def _digest(*parts) -> str:
+    import hashlib
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
 class ImageEncoder:
     """A transformers image model from a local folder (AutoModel + AutoImageProcessor): uint8 frames [K, H, W, 3]
     -> features float32 [K, D]. CLIP-like models give get_image_features (the projected embedding); others their
@@ -921,6 +926,8 @@ class ImageEncoder:
                 hf_logging.enable_progress_bar()
         self.device, self.flag, self.folder = device, flag, folder
         self.name = type(self.model).__name__
+        stamp = max(os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder))
+        self.key = "feat_" + _digest(os.path.abspath(folder), self.name, stamp)  # cache entries of this model
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
@@ -938,8 +945,42 @@ class ImageEncoder:
         return out.float().cpu()
 
 
+def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder], cache_dir: str | None = None,
+                  need_middle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float], np.ndarray | None]:
+    """(features per encoder [num_frames, D], saturation_stats, the middle frame or None) of one video. With a
+    cache_dir, the numbers are stored per video (keyed by its path, size and mtime, num_frames and each encoder's
+    folder), so an interrupted or extended evaluation decodes and encodes each video once."""
+    st = os.stat(path)
+    cache = None if cache_dir is None else os.path.join(
+        cache_dir, _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, num_frames) + ".npz")
+    stored: dict[str, np.ndarray] = {}
+    if cache is not None and os.path.exists(cache):
+        try:
+            with np.load(cache) as z:
+                stored = {k: z[k] for k in z.files}
+        except Exception:  # a damaged entry is recomputed
+            stored = {}
+    if need_middle or "saturation" not in stored or any(e.key not in stored for e in encoders.values()):
+        frames, mid, stats = read_eval_video(path, num_frames)
+        for e in encoders.values():
+            if e.key not in stored:
+                stored[e.key] = e(frames).numpy()
+        stored.update({k: np.asarray(v) for k, v in stats.items()})
+        if cache is not None:
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **stored)
+            os.makedirs(cache_dir, exist_ok=True)
+            _atomic(cache, write)
+    else:
+        mid = None
+    feats = {name: torch.from_numpy(stored[e.key]) for name, e in encoders.items()}
+    return feats, {k: float(stored[k]) for k in ("saturation", "clipped")}, (mid if need_middle else None)
+
+
 def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
-                    num_frames: int = 16, figure_prompts: Sequence[int] = (), relative_poses: bool = False) -> dict:
+                    num_frames: int = 16, figure_prompts: Sequence[int] = (), relative_poses: bool = False,
+                    cache_dir: str | None = None) -> dict:
     """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames of
     the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
     from tqdm import tqdm
@@ -954,12 +995,12 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
     trajs: dict[int, list[np.ndarray]] = {}
     for i, s, path in tqdm(jobs, desc=os.path.basename(os.path.normpath(folder)), disable=len(jobs) < 8):
         stem = os.path.basename(path)[:-4]
-        frames, mid, stats = read_eval_video(path, num_frames)
+        video_feats, stats, mid = measure_video(path, num_frames, encoders, cache_dir, need_middle=i in middle)
         row = dict(prompt=i, seed=s, **stats)
         if i in middle:
             middle[i][s] = mid
-        for name, enc in encoders.items():
-            feats[name].setdefault(i, []).append(enc(frames))   # [F, D]
+        for name in encoders:
+            feats[name].setdefault(i, []).append(video_feats[name])   # [F, D]
         if poses_dir is not None:
             poses = read_poses(pose_files[path])
             if relative_poses:
@@ -1120,7 +1161,9 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
-                                   figure_prompts, args.relative_poses) for m, f in enumerate(args.samples)]
+                                   figure_prompts, args.relative_poses,
+                                   None if args.no_cache else os.path.join(args.out, "cache"))
+                   for m, f in enumerate(args.samples)]
     except ValueError as e:
         raise _fail(e)
     middles = [r.pop("middle") for r in results]
@@ -1164,6 +1207,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    "(default: the first prompt; the flag alone: no figure)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
     p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "
+                   "<out>/cache (kept by default: a rerun, e.g. with one more --samples folder or after a kill, "
+                   "decodes and encodes only the videos it has not seen)")
 
 
 # ---------------------------------------------------------------------------------------------------

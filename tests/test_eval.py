@@ -684,3 +684,42 @@ def test_evaluate_relative_poses_removes_each_videos_world_frame(methods, tmp_pa
         assert abs(runs[()][k] - np.mean([w[k] for w in want])) > 0.1, k  # the world frames do matter without it
     for k in wan_dfd.CAMERA_VIDEO_KEYS:
         assert runs[()][k] == pytest.approx(runs[("--relative-poses",)][k], abs=1e-9), k
+
+
+def test_evaluate_cache_resumes_and_invalidates(methods, encoders, tmp_path, monkeypatch):
+    """<out>/cache keeps each video's features and statistics: a run stopped part-way resumes without decoding
+    what it had finished; an added encoder computes only its own features (one decode per video); a rewritten
+    video is measured again; and the numbers equal a run without the cache."""
+    folder, _ = copy_method(methods, "varied", tmp_path)
+    out = str(tmp_path / "o")
+    real_read = wan_dfd.read_eval_video
+    calls = []
+
+    def counting_read(path, num_frames):
+        calls.append(os.path.basename(path))
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt  # a kill part-way through
+        return real_read(path, num_frames)
+
+    monkeypatch.setattr(wan_dfd, "read_eval_video", counting_read)
+    argv = ["evaluate", "--samples", folder, "--clip", encoders["clip"], "--figure-prompts", "--device", "cpu",
+            "--out", out]
+    stop_after = 4
+    with pytest.raises(KeyboardInterrupt):
+        wan_dfd.main(wan_dfd.WanAdapter(), argv)
+    calls.clear()
+    stop_after = None
+    first = wan_dfd.main(wan_dfd.WanAdapter(), argv)["methods"][0]["summary"]
+    assert len(calls) == PROMPTS * SEEDS - 4  # the four finished before the kill come from the cache
+    calls.clear()
+    again = wan_dfd.main(wan_dfd.WanAdapter(), argv)["methods"][0]["summary"]
+    assert calls == [] and again == first
+    both = wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--dino", encoders["dino"]])["methods"][0]["summary"]
+    assert len(calls) == PROMPTS * SEEDS and both["clip_mean"] == first["clip_mean"]
+    calls.clear()
+    tv.write_video(os.path.join(folder, "prompt002_seed1.mp4"), tv.random_frames(999, T=T_CLIP))
+    changed = wan_dfd.main(wan_dfd.WanAdapter(), argv)["methods"][0]["summary"]
+    assert calls == ["prompt002_seed1.mp4"]
+    fresh = wan_dfd.main(wan_dfd.WanAdapter(), [*argv[:-1], str(tmp_path / "fresh"), "--no-cache"])
+    assert changed == fresh["methods"][0]["summary"] and changed["clip_mean"] != first["clip_mean"]
+    assert not os.path.exists(tmp_path / "fresh" / "cache")
