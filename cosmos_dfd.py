@@ -11,6 +11,7 @@ Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` ru
   torchrun --nproc_per_node=8 cosmos_dfd.py --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
+  python cosmos_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --clip clip/ --dino dino/ --out eval/  (wan_dfd's)
 Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 5 fake updates, lr 1e-5, the 4-step
 t = [0.999, 0.937, 0.833, 0.624]). `prepare --text cache` (default) stores one embedding per unique caption;
 `--text online` stores captions and `train` encodes them with the FSDP-sharded text encoder.
