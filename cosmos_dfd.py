@@ -505,7 +505,7 @@ class CosmosAdapter:
                              "5 frames (one generated latent frame)")
         emb = read_tensors(args.embeddings, "--embeddings") if args.embeddings else {}
         if args.prompts is not None:
-            prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()]
+            prompts = wan_dfd.read_prompts(args.prompts)
             tokenizer, te = load_text_encoder(args.model_dir, self.compute_dtype or torch.float32)
             text = encode_prompts(tokenizer, te.to(device), prompts, device).float() if prompts else None
         else:

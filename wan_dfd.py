@@ -23,6 +23,7 @@ The file has two halves.
     save_checkpoint / load_checkpoint / latest_checkpoint atomic training checkpoints and --resume
     MetricLog                                            JSONL metrics + tqdm on rank 0
     read_video_frames / write_mp4 / list_videos          PyAV decode / encode; videos with their captions
+    read_prompts                                         a prompts file, numbered as `sample` numbers its videos
     pairwise_diversity / camera_motion / camera_spread / saturation_stats / ImageEncoder / evaluate_folder
                                                          the `evaluate` metrics (Eq. 11, App. B.3.3), model-free
                                                          except the image encoders
@@ -726,6 +727,13 @@ def write_mp4(path: str, frames: torch.Tensor | np.ndarray, fps: float) -> None:
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
+def read_prompts(path: str) -> list[str]:
+    """A prompts file: one prompt per line, blank lines skipped. Prompt i of `sample` (prompt{i:03d}_seed{s}.mp4)
+    is the i-th of these, which is how `evaluate --prompts` labels its rows."""
+    with open(path) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
 def list_videos(folder: str) -> list[tuple[str, str]]:
     """(video path, caption) pairs: from captions.csv / captions.jsonl (columns video|file|path and
     caption|text|prompt) when present, else each video's sidecar .txt. Videos without a caption are listed
@@ -1148,7 +1156,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     texts: dict[int, str] = {}
     if args.prompts is not None:
         try:
-            lines = [ln.strip() for ln in open(args.prompts) if ln.strip()]  # as `sample --prompts` numbers them
+            lines = read_prompts(args.prompts)
         except OSError as e:
             raise SystemExit(f"error: --prompts {args.prompts}: unreadable ({e.strerror})")
         top = max(max(p) for p in prompt_sets)
@@ -1853,7 +1861,7 @@ class WanAdapter:
 
     def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
         if args.prompts is not None:
-            prompts = [ln.strip() for ln in open(args.prompts) if ln.strip()]
+            prompts = read_prompts(args.prompts)
             if not prompts:
                 raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)")
             text = WanEncoders(args.model_dir, device, self.compute_dtype or torch.float32, vae=False).encode_text(prompts)["text"]
