@@ -968,22 +968,21 @@ def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder],
                 stored = {k: z[k] for k in z.files}
         except Exception:  # a damaged entry is recomputed
             stored = {}
-    if need_middle or "saturation" not in stored or any(e.key not in stored for e in encoders.values()):
+    missing = [e for e in encoders.values() if e.key not in stored]
+    mid = None
+    if need_middle or missing or "saturation" not in stored:
         frames, mid, stats = read_eval_video(path, num_frames)
-        for e in encoders.values():
-            if e.key not in stored:
-                stored[e.key] = e(frames).numpy()
-        stored.update({k: np.asarray(v) for k, v in stats.items()})
-        if cache is not None:
-            def write(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **stored)
-            os.makedirs(cache_dir, exist_ok=True)
-            _atomic(cache, write)
-    else:
-        mid = None
+        if missing or "saturation" not in stored:  # new numbers: compute and store them (a middle frame alone is not)
+            stored.update({e.key: e(frames).numpy() for e in missing})
+            stored.update({k: np.asarray(v) for k, v in stats.items()})
+            if cache is not None:
+                def write(tmp: str) -> None:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **stored)
+                os.makedirs(cache_dir, exist_ok=True)
+                _atomic(cache, write)
     feats = {name: torch.from_numpy(stored[e.key]) for name, e in encoders.items()}
-    return feats, {k: float(stored[k]) for k in ("saturation", "clipped")}, (mid if need_middle else None)
+    return feats, {k: float(stored[k]) for k in ("saturation", "clipped")}, mid
 
 
 def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
