@@ -51,8 +51,15 @@ def test_two_ranks_match_single_process(tmp_path):
         got = load_file(os.path.join(ck, f"{name}.safetensors"))
         moved = max((ref[k] - student0[k]).abs().max().item() for k in ref) if name == "student" else 1.0
         assert moved > LR  # the weights moved, so the comparison is not trivial
-        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
-        assert worst < 1e-3 * LR, (name, worst)  # Adam steps are ~LR: agreement to 0.1% of one step
+        for k in ref:
+            # Adam steps are ~LR whatever the gradient's size: agreement to 0.1% of one step, plus what Adam makes of
+            # rounding. It divides each element by its own gradient scale sqrt(v), so a 1e-4 rounding error
+            # (relative to the tensor's typical gradient) grows where sqrt(v) is far below the typical scale: on
+            # AVX-512 kernels one cross-attention element with sqrt(v) 100x below the median moves 1.5e-3 LR apart.
+            scale = state["optim"][name]["state"][k]["exp_avg_sq"].sqrt()
+            tol = 1e-3 * LR + LR * 1e-4 * scale.median() / (scale + 1e-8)
+            worst = ((got[k] - ref[k]).abs() / tol).max().item()
+            assert worst < 1.0, (name, k, worst)
     logs = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
     for a, b in zip(logs, logs_ref):
         assert a["dfd"] == b["dfd"]
