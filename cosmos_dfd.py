@@ -4,14 +4,14 @@ The paper (Sec. 5.1.2, Table 2): Cosmos-Predict2.5-2B distilled into a 4-step st
 steps from that checkpoint; 81 frames at 480p, batch 16 (up to 128, Sec. 5.3), CFG 3.0, lr 1e-5 for student
 and fake score, 5 fake-score updates per student update, p = 0.5. The loss and the loop are dfd.py's; this
 file only says how Cosmos-Predict2.5 turns (x_t, t, condition) into an x0 estimate (CosmosAdapter); the
-subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are wan_dfd.py's generic drivers.
+subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are the shared package dfd_video/.
 
 Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` runs as a world of one):
   torchrun --nproc_per_node=8 cosmos_dfd.py prepare --model-dir Cosmos-Predict2.5-2B --videos clips/ --out data/
   torchrun --nproc_per_node=8 cosmos_dfd.py --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
-  python cosmos_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --clip clip/ --dino dino/ --out eval/  (wan_dfd's)
+  python cosmos_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --clip clip/ --dino dino/ --out eval/
 Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 5 fake updates, lr 1e-5, the 4-step
 t = [0.999, 0.937, 0.833, 0.624]). `prepare --text cache` (default) stores one embedding per unique caption;
 `--text online` stores captions and `train` encodes them with the FSDP-sharded text encoder.
@@ -76,7 +76,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfd
-import wan_dfd
+from dfd_video.adapter import GuidedDenoiser, load_transformer
+from dfd_video.cli import main as cli_main
+from dfd_video.distributed import setup_distributed, shard
+from dfd_video.files import atomic_write
+from dfd_video.runs import latest_checkpoint
+from dfd_video.vae import WanVAE
+from dfd_video.video import read_prompts, read_video_frames
 
 COND_T = 1e-4  # timestep of conditioning frames: the pipeline's conditional_frame_timestep ("t = 0")
 TEXT_LEN = 512  # prompt tokens, padded: the pipeline's max_sequence_length
@@ -151,15 +157,14 @@ def with_image(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.cat([image.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1), x[:, :, image.shape[2]:]], dim=2)
 
 
-class CosmosDenoiser(wan_dfd.WanDenoiser):
+class CosmosDenoiser(GuidedDenoiser):
     """denoise(x_t, t, cond) -> x0 for Cosmos-Predict2.5, with image conditioning and optional guidance.
 
     x_t [B, 16, T, h, w], t [B] in [0, 1]. Conditioning frames enter as the clean latent with timestep COND_T
     and come out as exactly that latent; generated frames give x0 = x_t - t v. With a guidance g and the
     negative-prompt embedding `uncond` [1, 512, D], x0 = uncond + g (cond - uncond) (the paper's form;
     guidance_scale = g - 1 in the pipeline), both branches in one forward of batch 2B. Gradients flow
-    through the transformer (student, fake score); nothing is detached here. The constructor (net, guidance,
-    uncond, compute_dtype) is WanDenoiser's; only the forward differs.
+    through the transformer (student, fake score); nothing is detached here.
     """
 
     def velocity(self, x_in: torch.Tensor, t_in: torch.Tensor, cond_mask: torch.Tensor,
@@ -175,7 +180,7 @@ class CosmosDenoiser(wan_dfd.WanDenoiser):
         x_in = with_image(x_t.float(), cond.image.float())
         t_in = m * COND_T + (1 - m) * t.float().reshape(B, 1, 1, 1, 1)  # [B, 1, T, 1, 1], fp32 like the pipeline
         cond_mask = m.expand(B, 1, T, h, w)
-        if self.guidance is not None and self.guidance != 1.0:
+        if self.guided:
             prompt = torch.cat([cond.prompt, self.uncond.expand(B, -1, -1).to(cond.prompt.dtype)])
             v_c, v_u = self.velocity(x_in.repeat(2, 1, 1, 1, 1), t_in.repeat(2, 1, 1, 1, 1),
                                      cond_mask.repeat(2, 1, 1, 1, 1), prompt).chunk(2)
@@ -279,9 +284,9 @@ class PromptStore:
 
         os.makedirs(self.folder, exist_ok=True)
         if not os.path.exists(self.path(caption, ".txt")):
-            wan_dfd._atomic(self.path(caption, ".txt"), lambda p: open(p, "w").write(caption))
+            atomic_write(self.path(caption, ".txt"), lambda p: open(p, "w").write(caption))
         if embedding is not None and not os.path.exists(self.path(caption, ".safetensors")):
-            wan_dfd._atomic(self.path(caption, ".safetensors"),
+            atomic_write(self.path(caption, ".safetensors"),
                             lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
         return prompt_key(caption)
 
@@ -313,7 +318,7 @@ class PromptStore:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Encoders for prepare / sample: the Wan 2.1 VAE (wan_dfd's WanEncoders, same class and normalisation)
+# Encoders for prepare / sample: the Wan 2.1 VAE (dfd_video.vae, the same class and normalisation as Wan)
 # and Qwen2.5-VL.
 
 
@@ -328,7 +333,7 @@ class CosmosEncoders:
 
     def __init__(self, args, device: torch.device):
         dtype = encoder_dtype(args, device)
-        self.vae = wan_dfd.WanEncoders(args.model_dir, device, text=False)
+        self.vae = WanVAE(args.model_dir, device)
         self.tokenizer, self.text_encoder = load_text_encoder(args.model_dir, dtype)
         self.text_encoder.to(device)
         self.device, self.cache = device, args.text == "cache"
@@ -367,7 +372,7 @@ def read_tensors(path: str, flag: str) -> dict[str, torch.Tensor]:
 
 def read_image(path: str, height: int, width: int) -> torch.Tensor:
     """A conditioning image as uint8 [1, H, W, 3], resized to cover height x width and centre-cropped exactly
-    like the training clips' frames (wan_dfd.read_video_frames; PyAV reads still images too). ValueError when
+    like the training clips' frames (dfd_video.video.read_video_frames; PyAV reads still images too). ValueError when
     it cannot be read or is smaller than the video (it would be upscaled)."""
     from PIL import Image
 
@@ -380,13 +385,13 @@ def read_image(path: str, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"--images {path}: image is {w}x{h}, smaller than the video {width}x{height} "
                          "(give a larger image or lower --width/--height)")
     try:
-        return wan_dfd.read_video_frames(path, 1, 1.0, height, width)
+        return read_video_frames(path, 1, 1.0, height, width)
     except ValueError as e:
         raise ValueError(f"--images {path}: unreadable image ({str(e).partition(': ')[2]})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
-# The adapter wan_dfd's drivers call (interface in wan_dfd's module docstring).
+# The adapter dfd_video's drivers call (the interface: dfd_video.adapter.Adapter).
 
 
 class CosmosAdapter:
@@ -405,7 +410,7 @@ class CosmosAdapter:
         self.args = args
 
     def add_args(self, cmd: str, p) -> None:
-        """Cosmos's flags and defaults on top of wan_dfd's shared ones."""
+        """Cosmos's flags and defaults on top of the shared ones."""
         if cmd == "prepare":
             self.add_prepare_args(p)
         elif cmd == "train":
@@ -420,24 +425,12 @@ class CosmosAdapter:
                                 "(default: the training run's, else the paper's)")
 
     def load_network(self, model_dir: str) -> nn.Module:
-        """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32, built from its config
-        on the meta device and filled by wan_dfd.load_weights (clear mismatch errors; needs no accelerate)."""
+        """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32 (no non-persistent
+        buffers: RoPE is computed in forward)."""
         from diffusers import CosmosTransformer3DModel
 
         ensure_padding_mask_resize()
-        folder = os.path.join(model_dir, "transformer") if os.path.isdir(os.path.join(model_dir, "transformer")) else model_dir
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"--model-dir {model_dir}: no transformer/config.json (expected a diffusers "
-                             "Cosmos-Predict2.5 folder)")
-        try:
-            with torch.device("meta"):
-                net = CosmosTransformer3DModel.from_config(CosmosTransformer3DModel.load_config(folder))
-        except Exception as e:
-            raise ValueError(f"{cfg_path}: not a CosmosTransformer3DModel config ({type(e).__name__}: {str(e)[:200]})") from None
-        net = net.to_empty(device="cpu")  # no non-persistent buffers: RoPE is computed in forward
-        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(folder), f"--model-dir {folder}")
-        return net.eval()
+        return load_transformer(CosmosTransformer3DModel, model_dir, "Cosmos-Predict2.5")
 
     def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original Cosmos key names (FastGen / cosmos-predict2.5 checkpoints, `net.` stripped) -> diffusers',
@@ -505,7 +498,7 @@ class CosmosAdapter:
                              "5 frames (one generated latent frame)")
         emb = read_tensors(args.embeddings, "--embeddings") if args.embeddings else {}
         if args.prompts is not None:
-            prompts = wan_dfd.read_prompts(args.prompts)
+            prompts = read_prompts(args.prompts)
             tokenizer, te = load_text_encoder(args.model_dir, self.compute_dtype or torch.float32)
             text = encode_prompts(tokenizer, te.to(device), prompts, device).float() if prompts else None
         else:
@@ -535,9 +528,9 @@ class CosmosAdapter:
     def noise_shape(self, args) -> tuple[int, int, int, int]:
         return (16, (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 
-    def _decoder(self, args, device) -> "wan_dfd.WanEncoders":
+    def _decoder(self, args, device) -> WanVAE:
         if self._vae is None:
-            self._vae = wan_dfd.WanEncoders(args.model_dir, device, text=False)
+            self._vae = WanVAE(args.model_dir, device)
         return self._vae
 
     def decode(self, latents: torch.Tensor, args) -> torch.Tensor:
@@ -564,7 +557,7 @@ class CosmosAdapter:
 def trained_student_ts(ckpt: str) -> tuple[float, ...]:
     """The --student-ts a training run used (its args.json, next to checkpoints/), else the paper's."""
     try:
-        run = os.path.dirname(os.path.dirname(wan_dfd.latest_checkpoint(ckpt)))
+        run = os.path.dirname(os.path.dirname(latest_checkpoint(ckpt)))
         with open(os.path.join(run, "args.json")) as f:
             return tuple(json.load(f)["student_ts"])
     except (ValueError, OSError, KeyError, json.JSONDecodeError):
@@ -575,20 +568,20 @@ def open_sharded_text_encoder(args, device: torch.device):
     """(tokenizer, text encoder) for online prompt encoding during training: loaded in the compute dtype and,
     under torchrun, sharded with FSDP2 per decoder layer (its vision tower is a unit of its own that is never
     gathered), so each rank holds 1/world of the 8.3B parameters."""
-    d = wan_dfd.setup_distributed(args.device)  # idempotent: the driver has already started the group
+    d = setup_distributed(args.device)  # idempotent: the driver has already started the group
     dtype = encoder_dtype(args, device)
     tokenizer, te = load_text_encoder(args.model_dir, dtype)
     if d.world > 1:
         layers = list(te.model.language_model.layers) + [te.model.visual]
-        wan_dfd.shard(te, layers, d, None, (), checkpointing=False, trainable=False)
+        shard(te, layers, d, None, (), checkpointing=False, trainable=False)
     else:
         te.to(device)
     return tokenizer, te
 
 
 def main(argv=None) -> Any:
-    """The four subcommands (wan_dfd's drivers) with Cosmos's flags and defaults; no subcommand means train."""
-    return wan_dfd.main(CosmosAdapter(), argv, description=__doc__.split("\n")[0])
+    """The subcommands (dfd_video's drivers) with the Cosmos adapter; no subcommand means train."""
+    return cli_main(CosmosAdapter(), argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

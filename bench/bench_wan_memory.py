@@ -37,9 +37,10 @@ def worker(out: str, steps: int) -> None:
     from diffusers import WanTransformer3DModel
 
     import dfd
+    import dfd_video.distributed
     import wan_dfd
     torch.set_num_threads(1)
-    d = wan_dfd.setup_distributed("cpu")
+    d = dfd_video.distributed.setup_distributed("cpu")
     adapter = wan_dfd.WanAdapter()
     nets = []
     for seed in (0, 1, 2):  # teacher, student, fake: identical on every rank before sharding
@@ -47,7 +48,7 @@ def worker(out: str, steps: int) -> None:
         nets.append(WanTransformer3DModel(**BENCH_NET))
     teacher_net, student_net, fake_net = nets
     for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
-        wan_dfd.shard(net, adapter.blocks(net), d, None, adapter.fp32_modules(net), checkpointing=trainable,
+        dfd_video.distributed.shard(net, adapter.blocks(net), d, None, adapter.fp32_modules(net), checkpointing=trainable,
                       trainable=trainable)
     g = torch.Generator().manual_seed(d.rank)
     uncond = {"text": torch.randn(512, 64, generator=g)}
@@ -75,14 +76,14 @@ def worker(out: str, steps: int) -> None:
     t = torch.full((per_rank_batch,), 0.5)
     for net in (student, fake):  # gradients as they stand at the optimizer step
         net(x, t, cond).float().square().mean().backward()
-    states = wan_dfd.train_state_bytes(student_net, fake_net, opt_s, opt_f)
-    frozen = wan_dfd.train_state_bytes(teacher_net)
+    states = dfd_video.distributed.train_state_bytes(student_net, fake_net, opt_s, opt_f)
+    frozen = dfd_video.distributed.train_state_bytes(teacher_net)
     full = sum(p.numel() for p in student_net.parameters())  # global parameter count (DTensor numel is global)
     got = [None] * d.world
     dist.all_gather_object(got, {"trained": states, "teacher": frozen})
     if d.main:
         json.dump({"world": d.world, "per_rank": got, "params": full, "step_s": times[1:] or times}, open(out, "w"))
-    wan_dfd.teardown_distributed()
+    dfd_video.distributed.teardown_distributed()
 
 
 def measure(steps: int) -> list[dict]:

@@ -20,6 +20,10 @@ import cosmos_dfd as C
 import dfd
 import tiny_cosmos
 import tiny_wan
+import dfd_video.cli
+import dfd_video.data
+import dfd_video.video
+import dfd_video.weights
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -224,7 +228,7 @@ def test_every_dmd2_format_loads(tmp_path):
     for fmt, path in paths.items():
         for role, ref in (("generator", gen), ("critic", critic)) if fmt in ("pt", "dcp") else (("generator", gen),):
             net = tiny_cosmos.tiny_transformer(7)
-            wan_dfd.load_weights(net, wan_dfd.read_checkpoint(path, role), path, adapter.convert_state_dict)
+            dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(path, role), path, adapter.convert_state_dict)
             assert same_weights(net.state_dict(), ref.state_dict()), (fmt, role)
 
 
@@ -268,9 +272,9 @@ def test_prepare_stores_image_latents_and_one_embedding_per_prompt(e2e):
     assert m["count"] == 4 and m["adapter"] == "cosmos"
     assert m["shapes"] == {"latents": [16, 3, 4, 4], "image": [16, 1, 4, 4], "text_key": [8]}
     assert [os.path.basename(s["file"]) for s in m["skipped"]] == ["broken0.mp4"]
-    data = wan_dfd.LatentShards(e2e["data"], C.CosmosAdapter.data_keys)
+    data = dfd_video.data.LatentShards(e2e["data"], C.CosmosAdapter.data_keys)
     vae = wan_dfd.WanEncoders(e2e["model"], torch.device("cpu"), text=False)
-    frames = wan_dfd.read_video_frames(str(e2e["videos"] / "clip01.mp4"), FRAMES, 8, H, W)
+    frames = dfd_video.video.read_video_frames(str(e2e["videos"] / "clip01.mp4"), FRAMES, 8, H, W)
     torch.testing.assert_close(data[1]["image"], vae.encode_video(frames[:1])["latents"], atol=1e-5, rtol=0)
     torch.testing.assert_close(data[1]["latents"], vae.encode_video(frames)["latents"], atol=1e-5, rtol=0)
     # the causal VAE: the clip's first latent frame is the first frame's latent
@@ -318,7 +322,7 @@ def test_train_resume_sample_export(e2e):
     c = vae.encode_video(C.read_image(s["image"], H, W))["latents"]
     first = vae.decode(c[None])[0, 0]  # the image through the VAE: the first frame of every video
     for p in written:
-        assert wan_dfd.read_video_frames(p, FRAMES, 8, H, W).shape == (FRAMES, H, W, 3)  # playable, 9 frames
+        assert dfd_video.video.read_video_frames(p, FRAMES, 8, H, W).shape == (FRAMES, H, W, 3)  # playable, 9 frames
         x0 = load_file(p[:-4] + ".safetensors")["latents"]
         assert torch.equal(x0[:, :1], c)
         assert torch.equal(vae.decode(x0[None])[0, 0], first)  # the causal decoder: frame 0 sees latent 0 only
@@ -419,7 +423,7 @@ def test_bad_inputs(e2e, tmp_path):
     fails(with_emb, r"conditioning image latents have shape \(1, 16, 1, 8, 8\); need \[1, 16, 1, 4, 4\]")
     # shards without an image latent (e.g. prepared for Wan)
     wan_data = tmp_path / "wan_data"
-    w = wan_dfd.ShardWriter(str(wan_data))
+    w = dfd_video.data.ShardWriter(str(wan_data))
     w.add({"latents": torch.zeros(16, 3, 4, 4), "text": torch.zeros(512, tiny_cosmos.PROMPT_DIM)})
     w.close({"adapter": "wan"}, {"text": torch.zeros(512, tiny_cosmos.PROMPT_DIM)})
     train = train_args(s, str(tmp_path / "run"), 1)
@@ -447,7 +451,7 @@ def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
     ck = os.path.join(out, "checkpoints", f"step-{steps - 1:06d}")
     assert torch.load(os.path.join(ck, "state.pt"), weights_only=False)["world"] == 2
     parser = __import__("argparse").ArgumentParser()
-    wan_dfd.add_train_args(parser)
+    dfd_video.cli.add_train_args(parser)
     C.CosmosAdapter().add_args("train", parser)
     args = parser.parse_args(argv)
     student_ref, fake_ref, logs_ref = tiny_wan.emulate_ranks(C.CosmosAdapter(), args, steps)
@@ -507,7 +511,7 @@ def test_torchrun_two_rank_prepare_holds_the_same_samples(e2e, tmp_path):
                        env=tiny_wan.quiet_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     keys = C.CosmosAdapter.data_keys
-    one, two = wan_dfd.LatentShards(e2e["data"], keys), wan_dfd.LatentShards(out, keys)
+    one, two = dfd_video.data.LatentShards(e2e["data"], keys), dfd_video.data.LatentShards(out, keys)
     assert len(one) == len(two) == 4
     by_latents = lambda d: sorted((d[i] for i in range(len(d))), key=lambda it: it["latents"].sum().item())
     for a, b in zip(by_latents(one), by_latents(two), strict=True):

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import dfd
 import tiny_wan
+import dfd_video.data
+import dfd_video.prepare
+import dfd_video.video
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -56,11 +59,11 @@ def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
     m = json.load(open(os.path.join(setup["data"], "manifest.json")))
     assert m["count"] == 4 and m["shapes"] == {"latents": [16, 3, 4, 6], "text": [512, 32]}
     assert [os.path.basename(s["file"]) for s in m["skipped"]] == ["broken0.mp4"]
-    data = wan_dfd.LatentShards(setup["data"], ("latents", "text"))
+    data = dfd_video.data.LatentShards(setup["data"], ("latents", "text"))
     enc = wan_dfd.WanEncoders(setup["pipe"], torch.device("cpu"))
     torch.testing.assert_close(data[1]["text"], enc.encode_text([setup["captions"][1]])["text"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(data.negative["text"], enc.negative()["text"], atol=1e-5, rtol=0)
-    frames = wan_dfd.read_video_frames(str(setup["root"] / "videos" / "clip02.mp4"), 9, 8, 32, 48)
+    frames = dfd_video.video.read_video_frames(str(setup["root"] / "videos" / "clip02.mp4"), 9, 8, 32, 48)
     torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames)["latents"], atol=1e-4, rtol=0)
 
 
@@ -118,7 +121,7 @@ def test_train_kill_resume_sample_export(setup):
     emb = str(root / "emb.safetensors")
     enc = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), vae=False)
     save_file({"text": enc.encode_text(["blue square moves up"])["text"]}, emb)
-    wan_dfd.main(wan_dfd.WanAdapter(), ["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb,
+    wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb,
                                         "--seeds", "7", "--out", str(root / "emb_out"), *SIZE, "--device", "cpu",
                                         "--save-latents"])
     again = load_file(str(root / "emb_out" / "prompt000_seed7.safetensors"))["latents"]
@@ -167,7 +170,7 @@ def test_export_loads_with_from_pretrained(setup, tmp_path):
 
 def main_error(argv) -> str:
     with pytest.raises(SystemExit) as e:
-        wan_dfd.main(wan_dfd.WanAdapter(), argv)
+        wan_dfd.main(argv)
     return str(e.value.code)
 
 
@@ -210,7 +213,7 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     os.remove(d2 / "negative.safetensors")
     assert "no negative-prompt embedding" in main_error(["train", *base(data=str(d2))])
     d3 = tmp_path / "d3"
-    w3 = wan_dfd.ShardWriter(str(d3))
+    w3 = dfd_video.data.ShardWriter(str(d3))
     w3.add({"latents": torch.zeros(16, 3, 4, 6), "text": torch.zeros(512, 8)})
     w3.close({}, {"text": torch.zeros(512, 8)})
     assert "text embeddings have shape (512, 8); the transformer wants [L, 32]" in main_error(["train", *base(data=str(d3))])
@@ -238,7 +241,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(setup, tmp_path):
     out = str(tmp_path / "run")
     common = ["--model-dir", s["pipe"], "--dmd2-ckpt", s["dmd2"]["safetensors"], "--out", out, "--device", "cpu",
               "--batch-size", "2", "--fake-updates", "0", "--save-every", "1", "--monitor-every", "0"]
-    wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--data", s["data"], "--steps", "1"])
+    wan_dfd.main(["train", *common, "--data", s["data"], "--steps", "1"])
     ckpt = os.path.join(out, "checkpoints", "step-000000")
     digest = lambda: {f: hashlib.sha256(open(os.path.join(ckpt, f), "rb").read()).hexdigest() for f in os.listdir(ckpt)}
     before = digest()
@@ -255,7 +258,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(setup, tmp_path):
 def test_help_and_cli_error_format(capsys):
     for cmd, flag in (("train", "--dmd2-ckpt"), ("prepare", "--videos"), ("sample", "--prompts"), ("export", "--ckpt")):
         with pytest.raises(SystemExit) as e:
-            wan_dfd.main(wan_dfd.WanAdapter(), [cmd, "--help"])
+            wan_dfd.main([cmd, "--help"])
         assert e.value.code == 0 and flag in capsys.readouterr().out
     r = subprocess.run([sys.executable, SCRIPT, "--p", "2", "--model-dir", ".", "--data", "."], env=tiny_wan.quiet_env(),
                        capture_output=True, text=True)
@@ -269,12 +272,12 @@ def test_method_flags_reach_the_loop(setup, tmp_path):
     common = ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["folder"], "--device", "cpu",
               "--steps", "3", "--fake-updates", "0", "--save-every", "0", "--monitor-every", "0"]
     for p, want in (("0", 0.0), ("1", 1.0)):
-        last = wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--p", p, "--batch-size", "1",
+        last = wan_dfd.main(["train", *common, "--p", p, "--batch-size", "1",
                                                    "--out", str(tmp_path / p)])
         logs = [json.loads(x) for x in open(tmp_path / p / "metrics.jsonl")]
         assert [r["dfd"] for r in logs] == [want] * 3 and last["step"] == 2
     out = tmp_path / "acc"
-    wan_dfd.main(wan_dfd.WanAdapter(), ["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
+    wan_dfd.main(["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
                                         "--fake-updates", "1", "--out", str(out)])
     st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
     assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
@@ -287,30 +290,30 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path):
     videos = str(s["root"] / "videos")
     argv = ["prepare", "--model-dir", s["pipe"], "--videos", videos, *SIZE, "--per-shard", "2", "--store-dtype",
             "fp32", "--device", "cpu"]
-    full = wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(tmp_path / "full")])
+    full = wan_dfd.main([*argv, "--out", str(tmp_path / "full")])
     out = tmp_path / "cut"
     calls = {"n": 0}
-    real = wan_dfd.read_video_frames
+    real = dfd_video.prepare.read_video_frames  # prepare's own name for it is what prepare calls
 
     def dies_on_the_fourth(*a, **k):  # 5 files: clip00..03 and broken0; the kill hits after shard 0 (2 clips)
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
         return real(*a, **k)
-    wan_dfd.read_video_frames = dies_on_the_fourth
+    dfd_video.prepare.read_video_frames = dies_on_the_fourth
     try:
         with pytest.raises(KeyboardInterrupt):
-            wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(out)])
+            wan_dfd.main([*argv, "--out", str(out)])
     finally:
-        wan_dfd.read_video_frames = real
+        dfd_video.prepare.read_video_frames = real
     prog = json.load(open(out / "progress-r00.json"))
     assert prog["done"] == 2 and len(prog["shards"]) == 1 and not (out / "manifest.json").exists()
     seen = []
-    wan_dfd.read_video_frames = lambda path, *a, **k: seen.append(os.path.basename(path)) or real(path, *a, **k)
+    dfd_video.prepare.read_video_frames = lambda path, *a, **k: seen.append(os.path.basename(path)) or real(path, *a, **k)
     try:
-        resumed = wan_dfd.main(wan_dfd.WanAdapter(), [*argv, "--out", str(out), "--resume"])
+        resumed = wan_dfd.main([*argv, "--out", str(out), "--resume"])
     finally:
-        wan_dfd.read_video_frames = real
+        dfd_video.prepare.read_video_frames = real
     assert "clip00.mp4" not in seen and "clip01.mp4" not in seen  # the finished shard was not redone
     assert resumed["shards"] == full["shards"] and resumed["count"] == full["count"] == 4
     assert [x["file"] for x in resumed["skipped"]] == [x["file"] for x in full["skipped"]]

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_wan
+import dfd_video.cli
+import dfd_video.data
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -20,7 +22,7 @@ STEPS, LR = 2, 1e-4
 
 def random_data(folder, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = wan_dfd.ShardWriter(str(folder), per_shard=3)
+    w = dfd_video.data.ShardWriter(str(folder), per_shard=3)
     for _ in range(n):
         w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
     w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
@@ -43,7 +45,7 @@ def test_two_ranks_match_single_process(tmp_path):
     state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
     assert state["world"] == 2 and state["per_rank_batch"] == 1
     parser = __import__("argparse").ArgumentParser()
-    wan_dfd.add_train_args(parser)
+    dfd_video.cli.add_train_args(parser)
     args = parser.parse_args(argv[1:])
     student_ref, fake_ref, logs_ref = tiny_wan.emulate_ranks(wan_dfd.WanAdapter(), args, STEPS, world=2)
     student0 = tiny_wan.tiny_transformer(5).state_dict()
@@ -80,7 +82,7 @@ def test_two_rank_prepare_matches_single_process(tmp_path):
         r = subprocess.run([*launch, "prepare", *size, "--out", str(tmp_path / out)], env=tiny_wan.quiet_env(),
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-    one, two = (wan_dfd.LatentShards(str(tmp_path / x), ("latents", "text")) for x in ("one", "two"))
+    one, two = (dfd_video.data.LatentShards(str(tmp_path / x), ("latents", "text")) for x in ("one", "two"))
     assert len(one) == len(two) == 3 and len(two.manifest["skipped"]) == 1
     assert {s["file"].split("-")[1] for s in two.manifest["shards"]} == {"r00", "r01"}
     key = lambda d, i: d[i]["text"].sum().item()

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import tiny_wan
+import dfd_video.data
+import dfd_video.distributed
 import wan_dfd
 
 WAN = os.environ.get("DFD_WAN_DIR")
@@ -25,7 +27,7 @@ def test_real_teacher_matches_pipeline():
     import dfd
     from diffusers import UniPCMultistepScheduler, WanPipeline
     adapter = wan_dfd.WanAdapter()
-    net = wan_dfd.cast_keeping_fp32(adapter.load_network(WAN), torch.bfloat16).to("cuda")  # as diffusers loads bf16
+    net = dfd_video.distributed.cast_keeping_fp32(adapter.load_network(WAN), torch.bfloat16).to("cuda")  # as diffusers loads bf16
     pipe = WanPipeline.from_pretrained(WAN, transformer=net, torch_dtype=torch.bfloat16).to("cuda")
     lat = torch.randn(1, 16, 5, 30, 52, generator=torch.Generator().manual_seed(0)).cuda()
     out = pipe(prompt=PROMPTS[0], height=240, width=416, num_frames=17, num_inference_steps=4, latents=lat.clone(),
@@ -46,7 +48,7 @@ def test_real_teacher_matches_pipeline():
 def test_real_train_and_sample(tmp_path):
     enc = wan_dfd.WanEncoders(WAN, torch.device("cuda"), torch.bfloat16, vae=False)
     text = enc.encode_text(PROMPTS)["text"]
-    w = wan_dfd.ShardWriter(str(tmp_path / "data"))
+    w = dfd_video.data.ShardWriter(str(tmp_path / "data"))
     g = torch.Generator().manual_seed(0)
     for i in range(2):  # random latents: this checks the plumbing and memory, not the learning
         w.add({"latents": torch.randn(16, 21, 60, 104, generator=g).bfloat16(), "text": text[i].cpu().bfloat16()})

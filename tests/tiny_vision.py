@@ -5,7 +5,7 @@ build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of
                           1 layer, hidden 16, projection_dim 8, 32x32 input in 8x8 patches.
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
-write_video(path, frames) a uint8 [T, H, W, 3] clip through wan_dfd.write_mp4 (H.264, yuv420p).
+write_video(path, frames) a uint8 [T, H, W, 3] clip through dfd_video.video.write_mp4 (H.264, yuv420p).
 counter_frames(...)       frames whose brightness encodes the frame index, so a decoded frame tells which it was.
 pose_trajectory(...)      camera-to-world poses [N, 4, 4] moving on a straight line at constant speed while
                           yawing at a constant rate about the world z axis, from a generic initial orientation.
@@ -56,9 +56,9 @@ def build_dino(path: str, seed: int = 0) -> str:
 
 def write_video(path: str, frames: np.ndarray, fps: float = 8) -> str:
     """uint8 [T, H, W, 3] -> `path` (.mp4, H.264) with the project's own writer; H and W must be even."""
-    import wan_dfd
+    import dfd_video.video
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    wan_dfd.write_mp4(path, frames, fps)
+    dfd_video.video.write_mp4(path, frames, fps)
     return path
 
 

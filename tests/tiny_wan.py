@@ -71,9 +71,9 @@ def build_pipeline(path: str, seed: int = 0) -> str:
 
 
 def write_video(path: str, frames: np.ndarray, fps: int) -> None:
-    """frames: uint8 [T, H, W, 3] -> mp4 (wan_dfd's own writer)."""
-    import wan_dfd
-    wan_dfd.write_mp4(path, frames, fps)
+    """frames: uint8 [T, H, W, 3] -> mp4 (the project's own writer)."""
+    import dfd_video.video
+    dfd_video.video.write_mp4(path, frames, fps)
 
 
 def synthetic_frames(i: int, T: int, H: int, W: int) -> np.ndarray:
@@ -221,19 +221,21 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
     (FSDP2's reduce-scatter). Needs --grad-clip 0 (clipping would act on partial sums). Returns the student and
     fake-score state dicts and the rank-averaged (loss_student, delta2, dfd) per step."""
     import dfd
-    import wan_dfd
+    import dfd_video.data
+    import dfd_video.train
+    import dfd_video.weights
     assert args.grad_clip <= 0, "emulate_ranks needs --grad-clip 0"
     if hasattr(adapter, "configure"):
         adapter.configure(args)
     teacher_net, student_net, fake_net = (adapter.load_network(args.model_dir) for _ in range(3))
     for net, role in ((student_net, "generator"), (fake_net, "critic")):
-        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(args.dmd2_ckpt, role), role, adapter.convert_state_dict)
-    data = wan_dfd.LatentShards(args.data, adapter.data_keys)
+        dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(args.dmd2_ckpt, role), role, adapter.convert_state_dict)
+    data = dfd_video.data.LatentShards(args.data, adapter.data_keys)
     teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
     student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
     adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
-    c = wan_dfd.dfd_config(args)
+    c = dfd_video.train.dfd_config(args)
     per_rank = args.batch_size // (world * args.grad_accum)
     streams = [data.batches(0, per_rank, r, world, args.seed) for r in range(world)]
     batches = lambda r: [adapter.make_batch(next(streams[r]), torch.device("cpu")) for _ in range(c.grad_accum)]

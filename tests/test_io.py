@@ -1,4 +1,5 @@
-"""wan_dfd's file handling: every --dmd2-ckpt format, weight mismatches, data shards, video I/O."""
+"""dfd_video's file handling (weights, data, video, runs): every --dmd2-ckpt format, weight mismatches, data shards,
+video I/O, atomic checkpoints."""
 import json
 import os
 
@@ -8,6 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny_wan
+import dfd_video.data
+import dfd_video.distributed
+import dfd_video.runs
+import dfd_video.video
+import dfd_video.weights
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -29,19 +35,19 @@ def test_every_dmd2_format_loads_identical_weights(tmp_path, nets):
     adapter = wan_dfd.WanAdapter()
     for fmt, path in paths.items():
         net = tiny_wan.tiny_transformer(3)
-        wan_dfd.load_weights(net, wan_dfd.read_checkpoint(path, "generator"), path, adapter.convert_state_dict)
+        dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(path, "generator"), path, adapter.convert_state_dict)
         assert _same(net, gen), fmt
-        c = wan_dfd.read_checkpoint(path, "critic")
+        c = dfd_video.weights.read_checkpoint(path, "critic")
         if fmt in ("pt", "dcp"):
-            wan_dfd.load_weights(net, c, path, adapter.convert_state_dict)
+            dfd_video.weights.load_weights(net, c, path, adapter.convert_state_dict)
             assert _same(net, critic), fmt
         else:
             assert c is None, fmt  # plain weights: the fake score will start from the teacher
     # the .pt holds an EMA under DDP's "module." prefix; the others fall back to the generator
     net = tiny_wan.tiny_transformer(3)
-    wan_dfd.load_weights(net, wan_dfd.read_checkpoint(paths["pt"], "generator_ema"), "pt", adapter.convert_state_dict)
+    dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(paths["pt"], "generator_ema"), "pt", adapter.convert_state_dict)
     assert _same(net, ema)
-    wan_dfd.load_weights(net, wan_dfd.read_checkpoint(paths["dcp"], "generator_ema"), "dcp")
+    dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(paths["dcp"], "generator_ema"), "dcp")
     assert _same(net, gen)
 
 
@@ -58,28 +64,28 @@ def test_weight_mismatches_are_listed(tmp_path, nets):
     sd = dict(nets[0].state_dict())
     dropped = sd.pop("proj_out.weight")
     with pytest.raises(ValueError, match=r"ckpt: weights do not fit WanTransformer3DModel: 1 missing \[proj_out.weight\]"):
-        wan_dfd.load_weights(net, sd, "ckpt")
+        dfd_video.weights.load_weights(net, sd, "ckpt")
     with pytest.raises(ValueError, match=r"1 unexpected \[extra.bias\]"):
-        wan_dfd.load_weights(net, {**sd, "proj_out.weight": dropped, "extra.bias": torch.zeros(1)}, "ckpt")
+        dfd_video.weights.load_weights(net, {**sd, "proj_out.weight": dropped, "extra.bias": torch.zeros(1)}, "ckpt")
     with pytest.raises(ValueError, match=r"1 shape mismatches \[proj_out.weight: file \(3, 3\) vs model"):
-        wan_dfd.load_weights(net, {**sd, "proj_out.weight": torch.zeros(3, 3)}, "ckpt")
+        dfd_video.weights.load_weights(net, {**sd, "proj_out.weight": torch.zeros(3, 3)}, "ckpt")
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="broken.safetensors: cannot read weights"):
-        wan_dfd.read_checkpoint(str(bad))
+        dfd_video.weights.read_checkpoint(str(bad))
     with pytest.raises(ValueError, match="no such file"):
-        wan_dfd.read_checkpoint(str(tmp_path / "absent.pt"))
+        dfd_video.weights.read_checkpoint(str(tmp_path / "absent.pt"))
 
 
 def test_strip_prefixes():
     t = torch.zeros(1)
     sd = {"module.model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.w": t,
           "module.model._orig_mod.head.b": t}
-    assert set(wan_dfd.strip_prefixes(sd)) == {"blocks.0.w", "head.b"}
+    assert set(dfd_video.weights.strip_prefixes(sd)) == {"blocks.0.w", "head.b"}
 
 
 def _write_data(folder, n=5, per_shard=2, negative=True):
-    w = wan_dfd.ShardWriter(str(folder), per_shard)
+    w = dfd_video.data.ShardWriter(str(folder), per_shard)
     for i in range(n):
         w.add({"latents": torch.full((16, 2, 2, 2), float(i)), "text": torch.full((512, 32), float(i))})
     return w.close({"adapter": "wan"}, {"text": torch.zeros(512, 32)} if negative else None)
@@ -88,7 +94,7 @@ def _write_data(folder, n=5, per_shard=2, negative=True):
 def test_shards_round_trip_and_stream_position(tmp_path):
     m = _write_data(tmp_path)
     assert m["count"] == 5 and len(m["shards"]) == 3 and m["shapes"]["latents"] == [16, 2, 2, 2]
-    data = wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+    data = dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     assert [int(data[i]["latents"][0, 0, 0, 0]) for i in range(5)] == [0, 1, 2, 3, 4]
     ids = lambda it, k: [next(it)["latents"][:, 0, 0, 0, 0].tolist() for _ in range(k)]
     full = ids(data.batches(0, 2, 0, 1, seed=3), 7)  # 14 samples: crosses two epoch boundaries
@@ -101,26 +107,26 @@ def test_shards_round_trip_and_stream_position(tmp_path):
 
 def test_bad_data_gets_one_clear_message(tmp_path):
     with pytest.raises(ValueError, match="no manifest.json"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     _write_data(tmp_path, negative=False)
     with pytest.raises(ValueError, match="no negative-prompt embedding"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     _write_data(tmp_path)
     with pytest.raises(ValueError, match="manifest has no mask"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "mask"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "mask"))
     shard = tmp_path / "shard-00001.safetensors"
     save_file({"latents": torch.zeros(2, 16, 2, 2, 3), "text": torch.zeros(2, 512, 32)}, str(shard))
     with pytest.raises(ValueError, match=r"shard-00001.safetensors: 'latents' has shape \(2, 16, 2, 2, 3\), manifest says \(2, 16, 2, 2, 2\)"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     save_file({"latents": torch.zeros(2, 16, 2, 2, 2)}, str(shard))
     with pytest.raises(ValueError, match=r"shard-00001.safetensors has no tensor 'text' \(has latents\)"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     os.remove(shard)
     with pytest.raises(ValueError, match="shard-00001.safetensors is listed in the manifest but missing"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
     (tmp_path / "manifest.json").write_text("{oops")
     with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
-        wan_dfd.LatentShards(str(tmp_path), ("latents", "text"))
+        dfd_video.data.LatentShards(str(tmp_path), ("latents", "text"))
 
 
 def test_video_frames_resampled_resized_and_round_trip(tmp_path):
@@ -128,20 +134,20 @@ def test_video_frames_resampled_resized_and_round_trip(tmp_path):
     T, H, W = 16, 48, 64
     frames = np.stack([np.full((H, W, 3), 10 + 15 * i, np.uint8) for i in range(T)])
     path = str(tmp_path / "ramp.mp4")
-    wan_dfd.write_mp4(path, frames, fps=8)
-    x = wan_dfd.read_video_frames(path, num_frames=5, fps=4, height=32, width=32)
+    dfd_video.video.write_mp4(path, frames, fps=8)
+    x = dfd_video.video.read_video_frames(path, num_frames=5, fps=4, height=32, width=32)
     assert x.shape == (5, 32, 32, 3) and x.dtype == torch.uint8
     got = x.float().mean(dim=(1, 2, 3))
     assert torch.allclose(got, torch.tensor([10.0 + 15 * 2 * k for k in range(5)]), atol=4), got
     with pytest.raises(ValueError, match="too short"):
-        wan_dfd.read_video_frames(path, num_frames=9, fps=4, height=32, width=32)  # needs 2 s, clip is 2 s - 1 frame
+        dfd_video.video.read_video_frames(path, num_frames=9, fps=4, height=32, width=32)  # needs 2 s, clip is 2 s - 1 frame
     (tmp_path / "junk.mp4").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.mp4: unreadable video"):
-        wan_dfd.read_video_frames(str(tmp_path / "junk.mp4"), 5, 4, 32, 32)
+        dfd_video.video.read_video_frames(str(tmp_path / "junk.mp4"), 5, 4, 32, 32)
 
 
 def test_cast_keeps_diffusers_fp32_modules():
-    net = wan_dfd.cast_keeping_fp32(tiny_wan.tiny_transformer(0), torch.bfloat16)
+    net = dfd_video.distributed.cast_keeping_fp32(tiny_wan.tiny_transformer(0), torch.bfloat16)
     fp32 = {n for n, p in net.named_parameters() if p.dtype == torch.float32}
     assert "condition_embedder.time_embedder.linear_1.weight" in fp32 and "blocks.1.scale_shift_table" in fp32
     assert net.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16 and net.patch_embedding.weight.dtype == torch.bfloat16
@@ -153,13 +159,13 @@ def test_cast_keeps_diffusers_fp32_modules():
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     """A save that dies half-way (here: writing state.pt) leaves `latest` on the previous complete checkpoint."""
-    d = wan_dfd.setup_distributed("cpu")
+    d = dfd_video.distributed.setup_distributed("cpu")
     try:
         net = torch.nn.Linear(3, 2)
         opt = torch.optim.AdamW(net.parameters(), lr=0.1)
         net(torch.ones(1, 3)).sum().backward()
         opt.step()
-        first = wan_dfd.save_checkpoint(str(tmp_path), 0, {"student": net}, {"student": opt}, {"position": 1}, d)
+        first = dfd_video.runs.save_checkpoint(str(tmp_path), 0, {"student": net}, {"student": opt}, {"position": 1}, d)
         before = {k: v.clone() for k, v in net.state_dict().items()}
         with torch.no_grad():
             net.weight.add_(1.0)
@@ -168,12 +174,12 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
             raise OSError("disk full")
         monkeypatch.setattr(torch, "save", dies)
         with pytest.raises(OSError):
-            wan_dfd.save_checkpoint(str(tmp_path), 1, {"student": net}, {"student": opt}, {"position": 2}, d)
+            dfd_video.runs.save_checkpoint(str(tmp_path), 1, {"student": net}, {"student": opt}, {"position": 2}, d)
         monkeypatch.undo()
-        assert wan_dfd.latest_checkpoint(str(tmp_path)) == first
-        weights, state = wan_dfd.load_checkpoint(str(tmp_path))
+        assert dfd_video.runs.latest_checkpoint(str(tmp_path)) == first
+        weights, state = dfd_video.runs.load_checkpoint(str(tmp_path))
         assert state["step"] == 0 and state["position"] == 1
         assert all(torch.equal(weights["student"][k], before[k]) for k in before)
         assert not os.path.exists(tmp_path / "checkpoints" / "step-000001")
     finally:
-        wan_dfd.teardown_distributed()
+        dfd_video.distributed.teardown_distributed()

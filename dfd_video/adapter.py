@@ -1,0 +1,109 @@
+"""What a model contributes: the Adapter interface the drivers call, and the pieces Wan and Cosmos share.
+
+A model script (wan_dfd.py, cosmos_dfd.py) defines one adapter object and passes it to dfd_video.cli.main. The
+drivers never look inside the networks: they only call these members.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from dfd_video.weights import load_weights, read_raw
+
+
+class Adapter(Protocol):
+    name: str                                   # tag written into manifests and checkpoints
+    data_keys: tuple[str, ...]                  # per-sample tensors the shards must hold, e.g. ("latents", "text")
+    compute_dtype: torch.dtype | None           # set by the drivers before denoiser(): bf16 under mixed precision
+
+    def load_network(self, model_dir: str) -> nn.Module:
+        """The base transformer in fp32 (the teacher; also the architecture of the student and fake score)."""
+
+    def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original-repo key names -> the network's (identity when they already match)."""
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        """The repeated blocks: FSDP2 units and activation-checkpointing units."""
+
+    def fp32_modules(self, net: nn.Module) -> list[nn.Module]:
+        """Sub-modules kept in fp32 under bf16 mixed precision."""
+
+    def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
+        """(x_t [B, C, T, H, W], t [B] in [0, 1], cond) -> x0_hat. With guidance g: uncond + g (cond - uncond),
+        against the stored negative-prompt conditioning `uncond`."""
+
+    def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
+        """(x_real, cond[, mask]): one dfd.Batch from stacked samples."""
+
+    def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> Any:
+        """The conditioning alone (sampling)."""
+
+    def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
+        """Raise ValueError when prepared data of these per-sample shapes cannot feed `net`."""
+
+    def open_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:
+        """For `prepare`: an object with encode_video(frames uint8 [T, H, W, 3]) -> dict, encode_text(list[str]) ->
+        dict of [N, ...], and negative() -> dict (the unconditional branch)."""
+
+    def sample_items(self, args: argparse.Namespace, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Per-video conditioning for `sample` (no batch dim)."""
+
+    def noise_shape(self, args: argparse.Namespace) -> tuple[int, ...]:
+        """Latent shape of one sample [C, T, H, W]."""
+
+    def decode(self, latents: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> uint8 video [B, T, H, W, 3]."""
+
+    def save_pretrained(self, net: nn.Module, out: str) -> None:
+        """The export format."""
+
+    # Optional: add_args(cmd, parser) adds flags / changes defaults per subcommand; configure(args) sees the parsed
+    # arguments before the driver runs.
+
+
+class GuidedDenoiser(nn.Module):
+    """Base of the flow-matching denoisers: holds the network, the guidance g (None or 1.0: no guidance), the
+    negative-prompt embedding `uncond` [1, L, D] for the unconditional branch, and the compute dtype. Subclasses
+    implement forward(x_t, t, cond) -> x0."""
+
+    def __init__(self, net: nn.Module, guidance: float | None = None, uncond: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net, self.guidance, self.compute_dtype = net, guidance, compute_dtype
+        if guidance is not None and uncond is None:
+            raise ValueError("guidance needs the negative-prompt embedding")
+        self.register_buffer("uncond", uncond, persistent=False)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance is not None and self.guidance != 1.0
+
+
+def transformer_folder(model_dir: str, family: str) -> str:
+    """model_dir/transformer (a pipeline folder) or model_dir itself (a transformer folder), with a config.json."""
+    folder = os.path.join(model_dir, "transformer") if os.path.isdir(os.path.join(model_dir, "transformer")) else model_dir
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"--model-dir {model_dir}: no transformer/config.json (expected a diffusers {family} folder)")
+    return folder
+
+
+def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None) -> nn.Module:
+    """A diffusers transformer class from its folder in fp32: built from config.json on the meta device, then filled
+    with load_weights, so a corrupt or mismatched folder gets one clear line (and no accelerate is needed).
+    fix(net) rebuilds what the file does not hold (non-persistent buffers)."""
+    folder = transformer_folder(model_dir, family)
+    try:
+        with torch.device("meta"):
+            net = cls.from_config(cls.load_config(folder))
+    except Exception as e:
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: not a {cls.__name__} config "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    net = net.to_empty(device="cpu")
+    if fix is not None:
+        fix(net)
+    load_weights(net, read_raw(folder), f"--model-dir {folder}")
+    return net.eval()

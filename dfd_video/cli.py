@@ -1,0 +1,213 @@
+"""The command line shared by wan_dfd.py and cosmos_dfd.py: every subcommand's flags, the checks run before any
+model loads, and main(adapter)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import dfd
+from dfd_video.distributed import teardown_distributed
+from dfd_video.evaluate import run_evaluate
+from dfd_video.prepare import run_prepare
+from dfd_video.sample import run_export, run_sample
+from dfd_video.train import run_train
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, help="local diffusers-format base model folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when available")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="compute dtype of the networks (auto: bf16 on CUDA, fp32 on CPU); weights stay fp32")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p)
+    p.add_argument("--dmd2-ckpt", help="the DMD2 student to start from: diffusers folder, .safetensors, .pt/.pth "
+                   "(generator / generator_ema / critic), or torch.distributed.checkpoint folder")
+    p.add_argument("--init-from", default="generator_ema", choices=("generator_ema", "generator"),
+                   help="which network of a DMD2 checkpoint starts the student (falls back to generator)")
+    p.add_argument("--data", required=True, help="folder written by `prepare`")
+    p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint folder (no value: the latest one in --out)")
+    p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch: ranks x grad-accum x per-rank batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (each network)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the student (paper: 1e-5)")
+    p.add_argument("--lr-fake", type=float, default=1e-5, help="AdamW lr of the fake score (paper: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, both networks")
+    p.add_argument("--p", type=float, default=0.5, help="P(teacher sees the real video) per student step, Eq. 10; "
+                   "0 = plain DMD, 1 = DFD only")
+    p.add_argument("--per-sample-coin", action="store_true", help="one DFD coin per sample instead of per step")
+    p.add_argument("--space", default="x0", choices=("x0", "score"), help="x0: the authors' loss; score: Eq. 8 literally")
+    p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG g in uncond + g (cond - uncond)")
+    p.add_argument("--fake-updates", type=int, default=5, help="fake-score updates before each student update "
+                   "(5: 6 iterations per cycle; FastGen's student_update_freq=5 is --fake-updates 4)")
+    p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS),
+                   help="the few-step student's times t (decreasing, in (0, 1])")
+    p.add_argument("--backward-sim", action="store_true",
+                   help="student input by backward simulation from noise instead of the real video noised to t_s")
+    p.add_argument("--t-min", type=float, default=0.02, help="DMD / fake-score noise level t ~ U[t-min, t-max] ...")
+    p.add_argument("--t-max", type=float, default=0.98, help="... before the shift")
+    p.add_argument("--t-shift", type=float, default=5.0, help="shift of that t (5.0: the student schedule's shift)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, both networks (<= 0: off)")
+    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
+    p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N student steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One line per bad value, before any model is loaded."""
+    bad = []
+    if hasattr(args, "p") and not 0.0 <= args.p <= 1.0:
+        bad.append(f"--p {args.p}: must be in [0, 1]")
+    for name in ("steps", "batch_size", "grad_accum"):
+        if hasattr(args, name) and getattr(args, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    for name in ("lr", "lr_fake"):
+        if hasattr(args, name) and not getattr(args, name) > 0:
+            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+    if hasattr(args, "fake_updates") and args.fake_updates < 0:
+        bad.append(f"--fake-updates {args.fake_updates}: must be >= 0")
+    if hasattr(args, "guidance") and args.guidance < 0:
+        bad.append(f"--guidance {args.guidance}: must be >= 0")
+    if hasattr(args, "ema") and not 0.0 <= args.ema < 1.0:
+        bad.append(f"--ema {args.ema}: must be in [0, 1)")
+    for name in ("per_shard", "keep"):
+        if hasattr(args, name) and getattr(args, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if hasattr(args, "monitor_every") and args.monitor_every < 0:
+        bad.append(f"--monitor-every {args.monitor_every}: must be >= 0 (0: off)")
+    if hasattr(args, "save_every") and args.save_every < 0:
+        bad.append(f"--save-every {args.save_every}: must be >= 0")
+    if hasattr(args, "t_min") and not 0.0 <= args.t_min < args.t_max <= 1.0:
+        bad.append(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
+    ts = getattr(args, "student_ts", None)
+    if ts is not None and (not all(0 < t <= 1 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:]))):
+        bad.append(f"--student-ts {ts}: must be strictly decreasing values in (0, 1]")
+    if hasattr(args, "num_frames") and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        bad.append(f"--num-frames {args.num_frames}: must be 4k + 1 (the VAE compresses time 4x)")
+    for name in ("height", "width"):
+        if hasattr(args, name) and (getattr(args, name) < 16 or getattr(args, name) % 16):
+            bad.append(f"--{name} {getattr(args, name)}: must be a positive multiple of 16")
+    if hasattr(args, "fps") and not args.fps > 0:
+        bad.append(f"--fps {args.fps}: must be > 0")
+    if getattr(args, "seeds", None) is not None and not args.seeds:
+        bad.append("--seeds: give at least one seed")
+    for name in ("model_dir",):
+        v = getattr(args, name, None)
+        if v is not None and not os.path.isdir(v):
+            bad.append(f"--model-dir {v}: no such folder")
+    for name, flag in (("dmd2_ckpt", "--dmd2-ckpt"), ("prompts", "--prompts"), ("embeddings", "--embeddings"),
+                       ("ckpt", "--ckpt")):
+        v = getattr(args, name, None)
+        if v is not None and not os.path.exists(v):
+            bad.append(f"{flag} {v}: no such file or folder")
+    if bad:
+        raise SystemExit("error: " + bad[0])
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", nargs="+", required=True, help="one folder of prompt<i>_seed<s>.mp4 per method "
+                   "(as `sample` writes them; >= 2 seeds per prompt, the paper uses 8)")
+    p.add_argument("--names", nargs="+", help="method names for the table (default: the folder names)")
+    p.add_argument("--clip", help="local CLIP folder (transformers format, e.g. clip-vit-large-patch14) for the "
+                   "CLIP diversity columns")
+    p.add_argument("--dino", help="local DINO folder (e.g. dinov2-large) for the DINO diversity columns")
+    p.add_argument("--encoder", action="append", metavar="NAME=FOLDER",
+                   help="any other transformers image model with a pooled output (repeatable)")
+    p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
+                   "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
+    p.add_argument("--relative-poses", action="store_true", help="express each video's poses in its first camera's "
+                   "frame (T_0^-1 T_t) before the cross-seed distances; default: as the estimator wrote them")
+    p.add_argument("--prompts", help="the prompts file given to `sample` (one per line): labels the report and figure")
+    p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
+    p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
+                   "(default: the first prompt; the flag alone: no figure)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
+    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "
+                   "<out>/cache (kept by default: a rerun, e.g. with one more --samples folder or after a kill, "
+                   "decodes and encodes only the videos it has not seen)")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p)
+    p.add_argument("--ckpt", required=True, help="training checkpoint (step folder, run folder or `latest`) or any "
+                   "--dmd2-ckpt format")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
+                   help="auto: the EMA when the checkpoint has one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file, one prompt per line (encoded with the base text encoder)")
+    src.add_argument("--embeddings", help="safetensors with precomputed conditioning (as `prepare` stores it, [N, ...])")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one video per prompt and seed")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--num-frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS), help="sampler times")
+    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
+                   help="renoise: fresh noise between steps (DMD2's sampler, as trained); ode: the noise x_t implies "
+                        "(deterministic; what a diffusers pipeline with an Euler scheduler computes)")
+    p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, help="base model folder (architecture config)")
+    p.add_argument("--ckpt", required=True, help="training checkpoint or any --dmd2-ckpt format")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"))
+    p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p)
+    p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
+                   "captions.jsonl (columns video, caption)")
+    p.add_argument("--out", required=True, help="output data folder")
+    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k + 1)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--fps", type=float, default=16.0, help="frames are sampled at this rate from the start")
+    p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
+    p.add_argument("--store-dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of the stored tensors")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted prepare into the same --out "
+                   "(after its last complete shard; same videos, settings and number of ranks)")
+
+
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
+
+
+def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
+    """argparse with the subcommands; no subcommand means train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    parser = argparse.ArgumentParser(description=description)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
+                                ("train", add_train_args, "DFD post-training (default)"),
+                                ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
+                                ("export", add_export_args, "student -> diffusers transformer folder"),
+                                ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
+                                 "report")):
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        add(sp)
+        if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
+            adapter.add_args(name, sp)
+    args = parser.parse_args(argv)
+    if hasattr(adapter, "configure"):
+        adapter.configure(args)
+    if args.cmd != "evaluate":  # evaluate checks its own flags
+        check_args(args)
+    run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
+           "evaluate": run_evaluate}[args.cmd]
+    try:
+        return run(adapter, args)
+    finally:
+        teardown_distributed()

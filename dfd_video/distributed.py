@@ -1,0 +1,149 @@
+"""Distributed set-up and FSDP2: the only module that knows about torchrun.
+
+A plain `python script.py` (no torchrun) runs as a world of one with an in-process store, so the FSDP2 code paths
+are the same with one process or many."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    mesh: Any  # torch.distributed.device_mesh.DeviceMesh, 1-D over all ranks
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and starts a process group: nccl on CUDA, gloo on CPU.
+    Without torchrun it starts a world of one (an in-process store), so FSDP2 code paths are identical."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return Dist(rank, world, local_rank, dev, init_device_mesh(dev.type, (world,)))
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard(net: nn.Module, blocks: Sequence[nn.Module], d: Dist, param_dtype: torch.dtype | None = None,
+          fp32_modules: Sequence[nn.Module] = (), checkpointing: bool = False, trainable: bool = True) -> nn.Module:
+    """fully_shard each block, then the fp32 islands, then the whole net (pytorch/examples FSDP2 order).
+
+    param_dtype=bf16 gives MixedPrecisionPolicy(bf16 params for compute, fp32 gradient reduction); the stored
+    (sharded) parameters, gradients and Adam state stay fp32. Load the net in fp32 first: fully_shard refuses
+    mixed dtypes. The root does not cast its inputs, so the timestep stays fp32 (the adapter casts the rest).
+    checkpointing: activation checkpointing of every block through the model's own switch (keeps key names)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if checkpointing:
+        if not hasattr(net, "enable_gradient_checkpointing"):
+            raise ValueError(f"{type(net).__name__} has no enable_gradient_checkpointing()")
+        net.enable_gradient_checkpointing()
+    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    high = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for b in blocks:
+        fully_shard(b, mesh=d.mesh, mp_policy=low)
+    for m in fp32_modules:
+        fully_shard(m, mesh=d.mesh, mp_policy=high)
+    fully_shard(net, mesh=d.mesh, mp_policy=root)
+    net.requires_grad_(trainable)
+    return net
+
+
+def full_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict on CPU; a collective: call on every rank (empty on ranks > 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def set_full_state_dict(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def cast_keeping_fp32(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Casts parameters and buffers to `dtype` except those diffusers keeps in fp32 when it loads the model in
+    half precision (`_keep_in_fp32_modules`: for Wan the RoPE tables, time embedder, modulation tables, norms)."""
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            if t.is_floating_point() and not keep & set(name.split(".")):
+                t.data = t.data.to(dtype)
+    return net
+
+
+def train_state_bytes(*nets_and_opts) -> int:
+    """Bytes this rank holds for parameters, gradients and optimizer state (local shards only)."""
+    seen, total = set(), 0
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    for obj in nets_and_opts:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += local(p).numel() * local(p).element_size()
+                    if p.grad is not None:
+                        total += local(p.grad).numel() * local(p.grad).element_size()
+        else:  # an optimizer
+            for st in obj.state.values():
+                for v in st.values():
+                    if torch.is_tensor(v):
+                        total += local(v).numel() * local(v).element_size()
+    return total
+
+
+def mean_over_ranks(logs: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return logs
+    keys = sorted(logs)
+    v = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(v)
+    return dict(zip(keys, (v / dist.get_world_size()).tolist()))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def compute_dtype(args: argparse.Namespace, d: Dist) -> torch.dtype | None:
+    """None (fp32, no casting) or bf16 for FSDP2's mixed precision."""
+    if args.dtype == "bf16" or (args.dtype == "auto" and d.device.type == "cuda"):
+        return torch.bfloat16
+    return None

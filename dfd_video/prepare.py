@@ -1,0 +1,93 @@
+"""The `prepare` subcommand: videos + captions -> latent shards (dfd_video.data) for training."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from dfd_video.data import ShardWriter, write_manifest
+from dfd_video.distributed import setup_distributed
+from dfd_video.files import fail, write_text
+from dfd_video.video import VIDEO_EXT, list_videos, read_video_frames
+
+
+def run_prepare(adapter, args: argparse.Namespace) -> dict:
+    """Videos + captions -> shards of latents and text embeddings, plus the negative-prompt embedding.
+    Under torchrun each rank encodes every world-th video into its own shards; rank 0 merges the manifests."""
+    try:
+        videos = list_videos(args.videos)
+    except ValueError as e:
+        raise fail(e)
+    if not videos:
+        raise SystemExit(f"error: --videos {args.videos}: no video files ({', '.join(VIDEO_EXT)})")
+    d = setup_distributed(args.device)
+    try:
+        enc = adapter.open_encoders(args, d.device)
+    except ValueError as e:
+        raise fail(e)
+    writer = ShardWriter(args.out, args.per_shard, prefix=f"shard-r{d.rank:02d}")
+    skipped: list[dict] = []
+    mine = videos[d.rank::d.world]
+    # progress of this rank, rewritten after every shard, so that --resume continues after the last full shard
+    progress = os.path.join(args.out, f"progress-r{d.rank:02d}.json")
+    settings = {"world": d.world, "videos": len(videos), "adapter": adapter.name, "num_frames": args.num_frames,
+                "fps": args.fps, "height": args.height, "width": args.width, "store_dtype": args.store_dtype}
+    done = 0
+    if args.resume and os.path.exists(progress):
+        prev = json.load(open(progress))
+        if prev["settings"] != settings:
+            raise SystemExit(f"error: --resume: {progress} was written with {prev['settings']}, this run has {settings}")
+        done, skipped = prev["done"], prev["skipped"]
+        writer.shards, writer.shapes = prev["shards"], prev["shapes"]
+    from tqdm import tqdm
+    for i, (path, caption) in enumerate(tqdm(mine, desc="prepare", disable=not d.main, file=sys.stderr, initial=done)):
+        if i < done:
+            continue
+        if caption is None:
+            skipped.append({"file": path, "reason": "no caption"})
+            continue
+        try:
+            frames = read_video_frames(path, args.num_frames, args.fps, args.height, args.width)
+        except ValueError as e:
+            skipped.append({"file": path, "reason": str(e)})
+            continue
+        with torch.no_grad():
+            item = {**enc.encode_video(frames), **{k: v[0] for k, v in enc.encode_text([caption]).items()}}
+        writer.add({k: v.to(storage_dtype(args)) for k, v in item.items()})
+        if not writer.pending:  # a shard was just written
+            write_text(progress, json.dumps({"settings": settings, "done": i + 1, "skipped": skipped,
+                                             "shards": writer.shards, "shapes": writer.shapes}))
+    with torch.no_grad():
+        negative = {k: v.to(storage_dtype(args)) for k, v in enc.negative().items()}
+    info = {"adapter": adapter.name, "num_frames": args.num_frames, "fps": args.fps, "height": args.height,
+            "width": args.width, "skipped": skipped}
+    part = writer.close(info, negative if d.main else None)
+    parts = [None] * d.world
+    dist.all_gather_object(parts, part)
+    if sum(p["count"] for p in parts) == 0:  # every rank sees this, so all stop together
+        first = next((sk["reason"] for p in parts for sk in p["skipped"]), "?")
+        raise SystemExit(f"error: --videos {args.videos}: none of the {len(videos)} videos was usable ({first})")
+    manifest = part
+    if d.main:
+        shapes = [p["shapes"] for p in parts if p["shapes"]]
+        if any(s != shapes[0] for s in shapes):
+            raise SystemExit("error: ranks produced samples of different shapes")
+        manifest = {**part, "shapes": shapes[0] if shapes else {}, "shards": [s for p in parts for s in p["shards"]],
+                    "skipped": [s for p in parts for s in p["skipped"]], "count": sum(p["count"] for p in parts)}
+        write_manifest(args.out, manifest)
+        for s in manifest["skipped"]:
+            print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
+        print(f"prepared {manifest['count']} samples in {len(manifest['shards'])} shards -> {args.out} "
+              f"({len(manifest['skipped'])} skipped)", file=sys.stderr)
+    dist.barrier()
+    if os.path.exists(progress):  # the manifest is complete: nothing left to resume
+        os.remove(progress)
+    return manifest
+
+
+def storage_dtype(args) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.store_dtype]
