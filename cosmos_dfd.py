@@ -581,7 +581,7 @@ def open_sharded_text_encoder(args, device: torch.device):
 
 def main(argv=None) -> Any:
     """The subcommands (dfd_video's drivers) with the Cosmos adapter; no subcommand means train."""
-    return cli_main(CosmosAdapter(), argv, description=__doc__.split("\n")[0])
+    return cli_main(CosmosAdapter(), argv, description=__doc__)
 
 
 if __name__ == "__main__":

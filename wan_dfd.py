@@ -193,7 +193,7 @@ class WanAdapter:
 
 def main(argv=None):
     """The subcommands (dfd_video's drivers) with the Wan adapter; no subcommand means train."""
-    return cli_main(WanAdapter(), argv, description=__doc__.split("\n")[0])
+    return cli_main(WanAdapter(), argv, description=__doc__)
 
 
 if __name__ == "__main__":

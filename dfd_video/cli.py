@@ -56,8 +56,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
     p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N student steps (and at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N student steps and after the last "
+                   "one (0: only after the last step)")
+    p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
 
 
@@ -136,6 +137,14 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    "decodes and encodes only the videos it has not seen)")
 
 
+def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str) -> None:
+    """The video geometry; the paper's: 81 frames at 832 x 480, 16 fps."""
+    p.add_argument("--num-frames", type=int, default=81, help=frames_help)
+    p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
+    p.add_argument("--fps", type=float, default=16.0, help=fps_help)
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
     p.add_argument("--ckpt", required=True, help="training checkpoint (step folder, run folder or `latest`) or any "
@@ -147,10 +156,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--embeddings", help="safetensors with precomputed conditioning (as `prepare` stores it, [N, ...])")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one video per prompt and seed")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--num-frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--fps", type=float, default=16.0)
+    add_clip_args(p, "frames per video (4k + 1)", "mp4 frame rate")
     p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS), help="sampler times")
     p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
                    help="renoise: fresh noise between steps (DMD2's sampler, as trained); ode: the noise x_t implies "
@@ -161,7 +167,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, help="base model folder (architecture config)")
     p.add_argument("--ckpt", required=True, help="training checkpoint or any --dmd2-ckpt format")
-    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"))
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
+                   help="auto: the EMA when the checkpoint has one")
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
 
 
@@ -170,10 +177,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
                    "captions.jsonl (columns video, caption)")
     p.add_argument("--out", required=True, help="output data folder")
-    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k + 1)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--fps", type=float, default=16.0, help="frames are sampled at this rate from the start")
+    add_clip_args(p, "frames per clip (4k + 1)", "frames are sampled at this rate from the start of each video")
     p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
     p.add_argument("--store-dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of the stored tensors")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prepare into the same --out "
@@ -183,24 +187,46 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
 SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
 
 
-def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
-    """argparse with the subcommands; no subcommand means train."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["train", *argv]
-    parser = argparse.ArgumentParser(description=description)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default (but not None or False) and keeps the description's line breaks (launch lines)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]    (no subcommand: train)
+       torchrun --nproc_per_node=N %(prog)s --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]
+       %(prog)s {prepare,train,sample,export,evaluate} --help"""
+
+
+def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
+    """Every subcommand's flags, the adapter's own included. description: the adapter script's docstring (--help
+    shows its title and launch lines; from a line starting "Conventions" on it is left out)."""
+    description = description.split("\nConventions")[0].strip()
+    parser = argparse.ArgumentParser(description=description, usage=USAGE, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, title="subcommands", prog=parser.prog)
     for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
                                 ("train", add_train_args, "DFD post-training (default)"),
                                 ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
                                 ("export", add_export_args, "student -> diffusers transformer folder"),
                                 ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
                                  "report")):
-        sp = sub.add_parser(name, help=helptext, description=helptext)
+        sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
             adapter.add_args(name, sp)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
+    """Parses argv (no subcommand means train), checks the flags, runs the subcommand's driver."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    args = build_parser(adapter, description).parse_args(argv)
     if hasattr(adapter, "configure"):
         adapter.configure(args)
     if args.cmd != "evaluate":  # evaluate checks its own flags

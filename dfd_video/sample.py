@@ -51,6 +51,9 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
             from safetensors.torch import save_file
             save_file({"latents": x0[0].float().cpu().contiguous()}, path[:-4] + ".safetensors")
     dist.barrier()
+    if d.main:
+        print(f"wrote {len(items) * len(args.seeds)} videos ({len(items)} prompts x {len(args.seeds)} seeds) to "
+              f"{args.out}", file=sys.stderr)
     return written
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 
@@ -140,4 +141,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: training stopped: {e}; {where}")
     finally:
         log.close()
+    if d.main:
+        print(f"trained to step {args.steps} of --steps {args.steps}: last checkpoint {saved[0]}, metrics "
+              f"{os.path.join(args.out, 'metrics.jsonl')}", file=sys.stderr)
     return last

@@ -651,7 +651,7 @@ def test_evaluate_prompts_file_labels_rows(methods, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n\na blue square\na green circle\n")
     got = wan_dfd.main(["evaluate", "--samples", methods["same"]["folder"], "--prompts",
-                                              str(prompts), "--device", "cpu", "--out", str(tmp_path / "o")])
+                        str(prompts), "--device", "cpu", "--out", str(tmp_path / "o")])
     rows = got["methods"][0]["per_prompt"]
     assert [rows[k]["text"] for k in sorted(rows, key=int)] == ["a red ball", "a blue square", "a green circle"]
     prompts.write_text("only one\n")
@@ -677,8 +677,8 @@ def test_evaluate_relative_poses_removes_each_videos_world_frame(methods, tmp_pa
             paths.setdefault(i, []).append(T[:, :3, 3])
     want = [ref_spread(paths[i]) for i in range(PROMPTS)]
     runs = {flag: wan_dfd.main(["evaluate", "--samples", folder, "--poses", poses, *flag,
-                                                      "--device", "cpu", "--figure-prompts", "--out",
-                                                      str(tmp_path / f"o{len(flag)}")])["methods"][0]["summary"]
+                                "--device", "cpu", "--figure-prompts", "--out",
+                                str(tmp_path / f"o{len(flag)}")])["methods"][0]["summary"]
             for flag in ((), ("--relative-poses",))}
     for k in want[0]:
         assert runs[("--relative-poses",)][k] == pytest.approx(np.mean([w[k] for w in want]), abs=1e-9), k

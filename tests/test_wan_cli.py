@@ -67,7 +67,7 @@ def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
     torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames)["latents"], atol=1e-4, rtol=0)
 
 
-def test_train_kill_resume_sample_export(setup):
+def test_train_kill_resume_sample_export(setup, capsys):
     s, root = setup, setup["root"]
     run_a, run_b = str(root / "run_a"), str(root / "run_b")
     run(train_args(s, run_a))  # no subcommand: train
@@ -122,8 +122,9 @@ def test_train_kill_resume_sample_export(setup):
     enc = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), vae=False)
     save_file({"text": enc.encode_text(["blue square moves up"])["text"]}, emb)
     wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb,
-                                        "--seeds", "7", "--out", str(root / "emb_out"), *SIZE, "--device", "cpu",
-                                        "--save-latents"])
+                  "--seeds", "7", "--out", str(root / "emb_out"), *SIZE, "--device", "cpu",
+                  "--save-latents"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"wrote 1 videos (1 prompts x 1 seeds) to {root / 'emb_out'}"
     again = load_file(str(root / "emb_out" / "prompt000_seed7.safetensors"))["latents"]
     torch.testing.assert_close(again, lat["prompt001_seed7.mp4"], atol=1e-5, rtol=1e-5)
     # export -> diffusers folder; through WanPipeline it gives sample's latents and frames
@@ -265,7 +266,7 @@ def test_help_and_cli_error_format(capsys):
     assert r.returncode != 0 and r.stderr.strip() == "error: --p 2.0: must be in [0, 1]", r.stderr
 
 
-def test_method_flags_reach_the_loop(setup, tmp_path):
+def test_method_flags_reach_the_loop(setup, tmp_path, capsys):
     """--p 0 is plain DMD (no DFD step), --p 1 DFD on every step; --grad-accum and --backward-sim run and the
     data position counts (fake updates + 1) x grad-accum micro-batches per step."""
     s = setup
@@ -273,12 +274,14 @@ def test_method_flags_reach_the_loop(setup, tmp_path):
               "--steps", "3", "--fake-updates", "0", "--save-every", "0", "--monitor-every", "0"]
     for p, want in (("0", 0.0), ("1", 1.0)):
         last = wan_dfd.main(["train", *common, "--p", p, "--batch-size", "1",
-                                                   "--out", str(tmp_path / p)])
+                             "--out", str(tmp_path / p)])
         logs = [json.loads(x) for x in open(tmp_path / p / "metrics.jsonl")]
         assert [r["dfd"] for r in logs] == [want] * 3 and last["step"] == 2
+        closing = capsys.readouterr().err.strip().splitlines()[-1]  # says where the run went
+        assert closing.startswith("trained to step 3") and str(tmp_path / p / "checkpoints" / "step-000002") in closing
     out = tmp_path / "acc"
     wan_dfd.main(["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
-                                        "--fake-updates", "1", "--out", str(out)])
+                  "--fake-updates", "1", "--out", str(out)])
     st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
     assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
 

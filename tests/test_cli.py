@@ -1,0 +1,48 @@
+"""The command line of both scripts: what --help shows (main usage, defaults, a help text for every flag)."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cosmos_dfd
+import tiny_wan
+import wan_dfd
+from dfd_video.cli import SUBCOMMANDS, build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"wan_dfd.py": (wan_dfd.WanAdapter, wan_dfd.__doc__), "cosmos_dfd.py": (cosmos_dfd.CosmosAdapter, cosmos_dfd.__doc__)}
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_help(script):
+    adapter, doc = SCRIPTS[script]
+    subs = subparsers(build_parser(adapter(), doc))
+    assert set(subs) == set(SUBCOMMANDS)
+    missing = [f"{cmd} {a.option_strings[0]}" for cmd, p in subs.items() for a in p._actions
+               if a.option_strings and not (a.help or "").strip()]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_main_usage_and_defaults(script):
+    run = lambda *a: subprocess.run([sys.executable, script, *a], env=tiny_wan.quiet_env(), capture_output=True,
+                                    text=True, cwd=ROOT)
+    top = run("--help")
+    assert top.returncode == 0
+    assert f"torchrun --nproc_per_node=N {script} --model-dir DIR --data DIR --dmd2-ckpt CKPT" in top.stdout
+    assert "no subcommand: train" in top.stdout and "Conventions" not in top.stdout
+    train = run("train", "--help").stdout
+    for flag, default in (("--p", "0.5"), ("--steps", "100" if script == "wan_dfd.py" else "300"),
+                          ("--save-every", "50"), ("--keep", "2"), ("--out", "runs/dfd")):
+        block = train.split(f"  {flag} ")[1].split("\n  --")[0]
+        assert f"(default: {default})" in " ".join(block.split()), (flag, block)
+    assert "(default: None)" not in train and "(default: False)" not in train
+    assert f"usage: {script} train" in train
+    sample = " ".join(run("sample", "--help").stdout.split())
+    assert "frames per video (4k + 1) (default: 81)" in sample and "(default: 16.0)" in sample
