@@ -4,15 +4,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
 import torch.distributed as dist
 
-from dfd_video.data import ShardWriter, write_manifest
+from dfd_video.data import MANIFEST, ShardWriter, write_manifest
 from dfd_video.distributed import setup_distributed
 from dfd_video.files import fail, write_text
 from dfd_video.video import VIDEO_EXT, list_videos, read_video_frames
+
+
+def earlier_prepare(out: str) -> str:
+    """What an earlier prepare left in `out` (its manifest, shards, progress files), as a short list; "" if none."""
+    if not os.path.isdir(out):
+        return ""
+    names = sorted(f for f in os.listdir(out) if f == MANIFEST or re.fullmatch(r"(shard-.*\.safetensors|progress-r\d+\.json)", f))
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def run_prepare(adapter, args: argparse.Namespace) -> dict:
@@ -24,6 +33,10 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
         raise fail(e)
     if not videos:
         raise SystemExit(f"error: --videos {args.videos}: no video files ({', '.join(VIDEO_EXT)})")
+    earlier = earlier_prepare(args.out)
+    if earlier and not args.resume:  # a new prepare would leave the old shards beside its own, unlisted
+        raise SystemExit(f"error: --out {args.out} already holds a prepared data set ({earlier}); pass --resume to "
+                         "continue an interrupted prepare, or give an empty --out")
     d = setup_distributed(args.device)
     try:
         enc = adapter.open_encoders(args, d.device)
@@ -44,9 +57,8 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
         done, skipped = prev["done"], prev["skipped"]
         writer.shards, writer.shapes = prev["shards"], prev["shapes"]
     from tqdm import tqdm
-    for i, (path, caption) in enumerate(tqdm(mine, desc="prepare", disable=not d.main, file=sys.stderr, initial=done)):
-        if i < done:
-            continue
+    todo = tqdm(mine[done:], desc="prepare", disable=not d.main, file=sys.stderr, initial=done, total=len(mine))
+    for i, (path, caption) in enumerate(todo, start=done):
         if caption is None:
             skipped.append({"file": path, "reason": "no caption"})
             continue

@@ -286,7 +286,7 @@ def test_method_flags_reach_the_loop(setup, tmp_path, capsys):
     assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
 
 
-def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path):
+def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path, capsys):
     """An interrupted prepare (here: stopped after its first shard, as a kill would leave it) continues with
     --resume and ends with the same shards as the uninterrupted run."""
     s = setup
@@ -312,11 +312,17 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path):
     prog = json.load(open(out / "progress-r00.json"))
     assert prog["done"] == 2 and len(prog["shards"]) == 1 and not (out / "manifest.json").exists()
     seen = []
+    with pytest.raises(SystemExit, match=r"already holds a prepared data set \(progress-r00.json, shard-r00-00000"
+                                         r".safetensors\); pass --resume"):
+        wan_dfd.main([*argv, "--out", str(out)])  # without --resume: refused, nothing read or written
+    capsys.readouterr()
     dfd_video.prepare.read_video_frames = lambda path, *a, **k: seen.append(os.path.basename(path)) or real(path, *a, **k)
     try:
         resumed = wan_dfd.main([*argv, "--out", str(out), "--resume"])
     finally:
         dfd_video.prepare.read_video_frames = real
+    bar = [int(n) for n in re.findall(r"prepare:\s+\d+%\|[^|]*\|\s*(\d+)/5\b", capsys.readouterr().err)]
+    assert bar and bar[0] == 2 and bar[-1] == 5 and max(bar) == 5, bar  # starts at the 2 done, ends at 5 of 5
     assert "clip00.mp4" not in seen and "clip01.mp4" not in seen  # the finished shard was not redone
     assert resumed["shards"] == full["shards"] and resumed["count"] == full["count"] == 4
     assert [x["file"] for x in resumed["skipped"]] == [x["file"] for x in full["skipped"]]
