@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import dfd
 from dfd_video.distributed import teardown_distributed
 from dfd_video.evaluate import run_evaluate
+from dfd_video.plot import run_plot
 from dfd_video.prepare import run_prepare
 from dfd_video.sample import run_export, run_sample
 from dfd_video.train import run_train
@@ -145,6 +146,11 @@ def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str) -
     p.add_argument("--fps", type=float, default=16.0, help=fps_help)
 
 
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a training run folder (train's --out)")
+    p.add_argument("--out", help="the PNG to write (default: <run>/metrics.png)")
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
     p.add_argument("--ckpt", required=True, help="training checkpoint (step folder, run folder or `latest`) or any "
@@ -184,7 +190,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
-SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -199,7 +205,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]    (no subcommand: train)
        torchrun --nproc_per_node=N %(prog)s --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]
-       %(prog)s {prepare,train,sample,export,evaluate} --help"""
+       %(prog)s {prepare,train,sample,export,evaluate,plot} --help"""
 
 
 def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
@@ -213,7 +219,8 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
                                 ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
                                 ("export", add_export_args, "student -> diffusers transformer folder"),
                                 ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
-                                 "report")):
+                                 "report"),
+                                ("plot", add_plot_args, "a run's metrics over steps -> one PNG")):
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
@@ -229,10 +236,10 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     args = build_parser(adapter, description).parse_args(argv)
     if hasattr(adapter, "configure"):
         adapter.configure(args)
-    if args.cmd != "evaluate":  # evaluate checks its own flags
+    if args.cmd not in ("evaluate", "plot"):  # these check their own flags
         check_args(args)
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
-           "evaluate": run_evaluate}[args.cmd]
+           "evaluate": run_evaluate, "plot": run_plot}[args.cmd]
     try:
         return run(adapter, args)
     finally:
