@@ -179,6 +179,16 @@ class WanAdapter:
             text = emb["text"]
         return [{"text": t.float().cpu()} for t in text]
 
+    def probe_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """--probe-prompts for the training probes: encoded once, then the text encoder is freed."""
+        prompts = read_prompts(args.probe_prompts)
+        if not prompts:
+            raise ValueError(f"--probe-prompts {args.probe_prompts}: no prompts (one per line)")
+        enc = WanEncoders(args.model_dir, device, self.compute_dtype or torch.float32, vae=False)
+        text = enc.encode_text(prompts)["text"]
+        del enc
+        return [{"text": t.float().cpu()} for t in text]
+
     def noise_shape(self, args) -> tuple[int, int, int, int]:
         return (16, (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 

@@ -62,7 +62,8 @@ class Adapter(Protocol):
         """The export format."""
 
     # Optional: add_args(cmd, parser) adds flags / changes defaults per subcommand; configure(args) sees the parsed
-    # arguments before the driver runs.
+    # arguments before the driver runs; probe_items(args, device) -> list[dict] gives the training probes the
+    # conditions of --probe-prompts (without it, probes use the data's conditions).
 
 
 class GuidedDenoiser(nn.Module):

@@ -83,6 +83,12 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("per_shard", "keep"):
         if hasattr(args, name) and getattr(args, name) < 1:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if getattr(args, "probe_every", 0) < 0 or getattr(args, "stop_on_drift", 0) < 0:
+        bad.append("--probe-every / --stop-on-drift: must be >= 0 (0: off)")
+    if getattr(args, "stop_on_drift", 0) > 0 and not args.probe_every:
+        bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
+    if getattr(args, "probe_count", 1) < 1 or getattr(args, "probe_seeds", [0]) == []:
+        bad.append("--probe-count / --probe-seeds: need at least one condition and one seed")
     if hasattr(args, "monitor_every") and args.monitor_every < 0:
         bad.append(f"--monitor-every {args.monitor_every}: must be >= 0 (0: off)")
     if hasattr(args, "save_every") and args.save_every < 0:
@@ -106,7 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
         if v is not None and not os.path.isdir(v):
             bad.append(f"--model-dir {v}: no such folder")
     for name, flag in (("dmd2_ckpt", "--dmd2-ckpt"), ("prompts", "--prompts"), ("embeddings", "--embeddings"),
-                       ("ckpt", "--ckpt")):
+                       ("ckpt", "--ckpt"), ("probe_prompts", "--probe-prompts"), ("probe_encoder", "--probe-encoder")):
         v = getattr(args, name, None)
         if v is not None and not os.path.exists(v):
             bad.append(f"{flag} {v}: no such file or folder")
@@ -144,6 +150,24 @@ def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str) -
     p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
     p.add_argument("--fps", type=float, default=16.0, help=fps_help)
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("probes", "sample fixed conditions and seeds with the current student (its EMA if any) "
+                             "while training; see <out>/probes.jsonl and <out>/probes/*.png")
+    g.add_argument("--probe-every", type=int, default=0, help="probe every N student steps, and once before the first "
+                   "(0: no probes)")
+    g.add_argument("--probe-prompts", help="prompts file (one per line) for the probes (Wan); default: the "
+                   "conditions of the first --probe-count data samples")
+    g.add_argument("--probe-count", type=int, default=2, help="data samples whose conditions the probes use")
+    g.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="noise seeds per condition")
+    g.add_argument("--probe-sampler", default="ode", choices=("ode", "renoise"), help="the few-step sampler "
+                   "(ode: what the exported pipeline runs)")
+    g.add_argument("--probe-encoder", help="local transformers image model (e.g. a CLIP folder) for the Eq. 11 "
+                   "diversity across seeds")
+    g.add_argument("--stop-on-drift", type=float, default=0.0, help="end the run, after a checkpoint, when a probe's "
+                   "saturation or high-frequency energy moves by more than this fraction from the first probe "
+                   "(0: never)")
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
@@ -223,6 +247,8 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
                                 ("plot", add_plot_args, "a run's metrics over steps -> one PNG")):
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
+        if name == "train":
+            add_probe_args(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
             adapter.add_args(name, sp)
     return parser

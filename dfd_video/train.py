@@ -14,6 +14,7 @@ import dfd
 from dfd_video.data import LatentShards
 from dfd_video.distributed import compute_dtype, mean_over_ranks, peak_memory_gb, setup_distributed, shard
 from dfd_video.files import fail
+from dfd_video.probes import Drift, open_probes
 from dfd_video.runs import MetricLog, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from dfd_video.weights import load_weights, read_checkpoint
 
@@ -124,21 +125,33 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         log(step, logs)
 
     def on_step_end(step: int) -> None:
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+        drift = probes(step, ema or student) if probes is not None and probes.due(step) else None
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps or drift:
             nets = {"student": student_net, "fake": fake_net, **({"ema": ema_net} if ema_net is not None else {})}
             extra = {"position": (step + 1 - start) * per_step + position, "world": d.world,
                      "per_rank_batch": per_rank, "adapter": adapter.name, "args": vars(args)}
             saved[0] = save_checkpoint(args.out, step, nets, {"student": opt_s, "fake": opt_f}, extra, d, args.keep)
-            clock[0] = time.perf_counter()  # do not bill the save to the next step
+            clock[0] = time.perf_counter()  # do not bill the save (or the probe) to the next step
+        if drift:
+            raise Drift(f"stopped after student step {step}: {drift}; checkpoint {saved[0]}")
 
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    try:
+        probes = open_probes(adapter, args, d, data, start)
+    except ValueError as e:
+        raise fail(e)
+    if probes is not None and resume is None:
+        probes(-1, ema or student)  # the starting checkpoint: the reference of --stop-on-drift
+        clock[0] = time.perf_counter()
     try:
         dfd.train(student, teacher, fake, opt_s, opt_f, batches, args.steps, c, start_step=start, rank=d.rank,
                   ema=ema, log=on_log, on_step_end=on_step_end)
     except FloatingPointError as e:
         where = f"the last good checkpoint {saved[0]} is untouched" if saved[0] else "no checkpoint was written"
         raise SystemExit(f"error: training stopped: {e}; {where}")
+    except Drift as e:
+        raise SystemExit(f"error: --stop-on-drift: {e}")
     finally:
         log.close()
     if d.main:

@@ -37,8 +37,11 @@ def test_two_ranks_match_single_process(tmp_path):
             "--out", str(tmp_path / "run"), "--steps", str(STEPS), "--batch-size", "2", "--fake-updates", "2",
             "--lr", str(LR), "--lr-fake", str(LR), "--grad-clip", "0", "--save-every", "0", "--device", "cpu",
             "--monitor-every", "0", "--p", "0.5"]
+    # probes on 2 ranks: 3 videos split 2 + 1 (the short rank repeats a forward), gathered on rank 0; they must not
+    # move the weights away from the probe-free emulation below
+    probes = ["--probe-every", "1", "--probe-seeds", "0", "1", "2", "--probe-count", "1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "wan_dfd.py"), *argv], env=tiny_wan.quiet_env(), capture_output=True,
+                        os.path.join(ROOT, "wan_dfd.py"), *argv, *probes], env=tiny_wan.quiet_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = os.path.join(tmp_path, "run", "checkpoints", f"step-{STEPS - 1:06d}")
@@ -62,6 +65,7 @@ def test_two_ranks_match_single_process(tmp_path):
             tol = 1e-3 * LR + LR * 1e-4 * scale.median() / (scale + 1e-8)
             worst = ((got[k] - ref[k]).abs() / tol).max().item()
             assert worst < 1.0, (name, k, worst)
+    assert [json.loads(x)["step"] for x in open(os.path.join(tmp_path, "run", "probes.jsonl"))] == [-1, 0, 1]
     logs = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
     for a, b in zip(logs, logs_ref):
         assert a["dfd"] == b["dfd"]
