@@ -22,7 +22,8 @@ def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
     return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, space=args.space,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
-                         t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip, ema=args.ema,
+                         t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip,
+                         grad_clip_fake=args.grad_clip_fake, ema=args.ema,
                          seed=args.seed, monitor_every=args.monitor_every)
 
 
