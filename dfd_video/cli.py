@@ -13,6 +13,7 @@ from dfd_video.evaluate import run_evaluate
 from dfd_video.prepare import run_prepare
 from dfd_video.sample import run_export, run_sample
 from dfd_video.train import run_train
+from dfd_video.weights import fastgen_prefix_exists
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -22,12 +23,31 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the networks (auto: bf16 on CUDA, fp32 on CPU); weights stay fp32")
 
 
+def add_ckpt_trust_args(p: argparse.ArgumentParser) -> None:
+    """The flags that overrule a refusal of describe_dmd2 (docs/checkpoints.md)."""
+    p.add_argument("--bidirectional-ckpt", action="store_true",
+                   help="the Self-Forcing / CausVid .pt given is a bidirectional (full-sequence) student; without this "
+                        "flag such files are refused, because their released students are block-causal")
+    p.add_argument("--rectified-flow-ckpt", action="store_true",
+                   help="the checkpoint under a base/distilled path (NVIDIA's TrigFlow-distilled Cosmos) is in fact a "
+                        "rectified-flow model; without this flag that path is refused")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
-    p.add_argument("--dmd2-ckpt", help="the DMD2 student to start from: diffusers folder, .safetensors, .pt/.pth "
-                   "(generator / generator_ema / critic), or torch.distributed.checkpoint folder")
-    p.add_argument("--init-from", default="generator_ema", choices=("generator_ema", "generator"),
-                   help="which network of a DMD2 checkpoint starts the student (falls back to generator)")
+    p.add_argument("--dmd2-ckpt", help="the DMD2 checkpoint to start from: a FastGen FSDP checkpoint (any of its "
+                   "<iter>.net_model/ .fake_score_model/ .ema_model/ folders, its <iter>.pth, the <dir>/<iter> prefix "
+                   "or the checkpoints folder: latest iteration), a FastGen / Self-Forcing .pt/.pth, a diffusers "
+                   "folder, a .safetensors or a torch.distributed.checkpoint folder (docs/checkpoints.md)")
+    p.add_argument("--init-from", default="generator", choices=("generator", "generator_ema"),
+                   help="which network of the DMD2 checkpoint starts the student: generator (FastGen's net_model, "
+                        "the network its critic was trained against) or generator_ema (its EMA, e.g. ema_model; the "
+                        "generator when there is none)")
+    p.add_argument("--fake-init", default=None, choices=("critic", "teacher"),
+                   help="where the fake score starts: critic (the DMD2 checkpoint's fake score, e.g. FastGen's "
+                        "fake_score_model) or teacher (a copy of the base model, as a fresh DMD2 run starts it); "
+                        "default: the critic when the checkpoint has one, else the teacher")
+    add_ckpt_trust_args(p)
     p.add_argument("--data", required=True, help="folder written by `prepare`")
     p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -113,7 +133,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name, flag in (("dmd2_ckpt", "--dmd2-ckpt"), ("prompts", "--prompts"), ("embeddings", "--embeddings"),
                        ("ckpt", "--ckpt")):
         v = getattr(args, name, None)
-        if v is not None and not os.path.exists(v):
+        if v is not None and not os.path.exists(v) and not (flag != "--prompts" and fastgen_prefix_exists(v)):
             bad.append(f"{flag} {v}: no such file or folder")
     if bad:
         raise SystemExit("error: " + bad[0])
@@ -149,6 +169,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    "--dmd2-ckpt format")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
                    help="auto: the EMA when the checkpoint has one")
+    add_ckpt_trust_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file, one prompt per line (encoded with the base text encoder)")
     src.add_argument("--embeddings", help="safetensors with precomputed conditioning (as `prepare` stores it, [N, ...])")
@@ -169,7 +190,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, help="base model folder (architecture config)")
     p.add_argument("--ckpt", required=True, help="training checkpoint or any --dmd2-ckpt format")
-    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"))
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
+                   help="auto: the EMA of a training checkpoint when it has one")
+    add_ckpt_trust_args(p)
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
 
 

@@ -232,6 +232,21 @@ def test_every_dmd2_format_loads(tmp_path):
             net = tiny_cosmos.tiny_transformer(7)
             dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(path, role), path, adapter.convert_state_dict)
             assert same_weights(net.state_dict(), ref.state_dict()), (fmt, role)
+    # FastGen's FSDP checkpointer: one DCP folder per network, its CosmosPredict2 module's state dict (the original
+    # NVIDIA names under `transformer.`, plus the RoPE buffers diffusers' converter drops)
+    stem = str(tmp_path / "fastgen" / "0000040")
+    for name, net in (("net", gen), ("fake_score", critic)):
+        sd = {"transformer." + k: v.contiguous() for k, v in tiny_cosmos.to_original_keys(net.state_dict()).items()}
+        dcp.save({**sd, "transformer.pos_embedder.seq": torch.arange(8.0)}, checkpoint_id=f"{stem}.{name}_model",
+                 no_dist=True)
+    torch.save({"scheduler": {}, "grad_scaler": {}, "callbacks": {}, "iteration": 40}, stem + ".pth")
+    d = dfd_video.weights.describe_dmd2(stem + ".pth")
+    assert d["format"] == "fastgen-fsdp" and not d["refusals"] and not d["warnings"]
+    for role, ref in (("student", gen), ("fake_score", critic)):
+        net, src = tiny_cosmos.tiny_transformer(7), d["networks"][role]
+        dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(src["source"], src["role"]), "fastgen",
+                                       adapter.convert_state_dict)
+        assert same_weights(net.state_dict(), ref.state_dict()), role
 
 
 # ---------------------------------------------------------------------------------------------------

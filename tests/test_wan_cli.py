@@ -50,8 +50,8 @@ def setup(tmp_path_factory):
 
 
 def train_args(s, out, *more):
-    return ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--out", out,
-            "--steps", "6", "--batch-size", "2", "--fake-updates", "1", "--save-every", "2", "--ema", "0.9",
+    return ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt",
+            "--out", out, "--steps", "6", "--batch-size", "2", "--fake-updates", "1", "--save-every", "2", "--ema", "0.9",
             "--lr", "1e-4", "--lr-fake", "1e-4", "--monitor-every", "2", "--device", "cpu", *more]
 
 
@@ -175,7 +175,8 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     s = setup
     base = lambda **over: sum(([f"--{k.replace('_', '-')}", *([v] if isinstance(v, str) else v)] for k, v in
                                {"model_dir": s["pipe"], "data": s["data"], "dmd2_ckpt": s["dmd2"]["pt"],
-                                "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()), [])
+                                "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()),
+                      ["--bidirectional-ckpt"])
     cases = [
         (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
         (base(steps="0"), "--steps 0: must be >= 1"),
@@ -222,11 +223,11 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     assert "none of the 1 videos was usable (" in main_error([*prep, "--videos", str(tmp_path / "junk")])
     # sample: missing prompt file; export of a checkpoint that does not fit
     assert "missing.txt: no such file or folder" in main_error(
-        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--prompts", str(tmp_path / "missing.txt")])
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt", "--prompts", str(tmp_path / "missing.txt")])
     bad_emb = tmp_path / "emb.safetensors"
     save_file({"prompt": torch.zeros(1, 512, 32)}, str(bad_emb))
     assert "need a tensor 'text' of shape [N, 512, D]" in main_error(
-        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--embeddings", str(bad_emb)])
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt", "--embeddings", str(bad_emb)])
     other = tmp_path / "other.safetensors"
     save_file({"blocks.0.x": torch.zeros(1)}, str(other))
     assert "weights do not fit WanTransformer3DModel" in main_error(
@@ -318,3 +319,22 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path):
         a, b = load_file(str(tmp_path / "full" / sh["file"])), load_file(str(out / sh["file"]))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (out / "progress-r00.json").exists()
+
+
+def test_train_from_a_fastgen_fsdp_checkpoint_logs_where_each_network_came_from(setup, tmp_path, capsys):
+    """--dmd2-ckpt <iter>.pth of FastGen's per-network folders: the student from net_model, the fake score from the
+    sibling fake_score_model (not the teacher), one logged line each; a Self-Forcing .pt stops without the flag."""
+    s = setup
+    gen, critic = tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6)
+    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path / "fastgen"), 25000, {"net": gen, "fake_score": critic})
+    out = tmp_path / "run"
+    common = ["--model-dir", s["pipe"], "--data", s["data"], "--device", "cpu", "--steps", "1", "--fake-updates", "0",
+              "--save-every", "0", "--monitor-every", "0", "--batch-size", "1"]
+    wan_dfd.main(["train", *common, "--dmd2-ckpt", stem + ".pth", "--out", str(out)])
+    err = capsys.readouterr().err
+    n = len(gen.state_dict())
+    assert f"  student    <- {stem}.net_model ({n} tensors)\n" in err
+    assert f"  fake score <- {stem}.fake_score_model ({n} tensors)\n" in err
+    fake = load_file(str(out / "checkpoints" / "step-000000" / "fake.safetensors"))  # no fake update was made
+    assert all(torch.equal(fake[k], v) for k, v in critic.state_dict().items())
+    assert "block-causal" in main_error(["train", *common, "--dmd2-ckpt", s["dmd2"]["pt"], "--out", str(tmp_path / "r")])
