@@ -58,6 +58,7 @@ def train_args(s, out, *more):
 def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
     m = json.load(open(os.path.join(setup["data"], "manifest.json")))
     assert m["count"] == 4 and m["shapes"] == {"latents": [16, 3, 4, 6], "text": [512, 32]}
+    assert m["vae_latent"] == "sample" and m["negative_prompt"].startswith("Bright tones, overexposed, static")
     assert [os.path.basename(s["file"]) for s in m["skipped"]] == ["broken0.mp4"]
     data = dfd_video.data.LatentShards(setup["data"], ("latents", "text"))
     enc = wan_dfd.WanEncoders(setup["pipe"], torch.device("cpu"))
