@@ -2,7 +2,7 @@
 
 The paper (Sec. 5.1.2, Table 2): Cosmos-Predict2.5-2B distilled into a 4-step student with DMD2, then 300 DFD
 steps from that checkpoint; 81 frames at 480p, batch 16 (up to 128, Sec. 5.3), CFG 3.0, lr 1e-5 for student
-and fake score, 5 fake-score updates per student update, p = 0.5. The loss and the loop are dfd.py's; this
+and fake score, student update frequency 5 (FastGen's: 4 fake-score updates, then 1 student update), p = 0.5. The loss and the loop are dfd.py's; this
 file only says how Cosmos-Predict2.5 turns (x_t, t, condition) into an x0 estimate (CosmosAdapter); the
 subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are the shared package dfd_video/.
 
@@ -12,8 +12,8 @@ Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` ru
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
   python cosmos_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --clip clip/ --dino dino/ --out eval/
-Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 5 fake updates, lr 1e-5, the 4-step
-t = [0.999, 0.937, 0.833, 0.624]). `prepare --text cache` (default) stores one embedding per unique caption;
+Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 4 fake updates, lr 1e-5, the 4-step
+t = [0.999, 0.937, 0.833, 0.624]) and, where the paper is silent, FastGen's Cosmos DMD2 config's (docs/recipe.md). `prepare --text cache` (default) stores one embedding per unique caption;
 `--text online` stores captions and `train` encodes them with the FSDP-sharded text encoder.
 
 Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and transformer_cosmos.py)
@@ -22,8 +22,10 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                its tokenizer (tokenizer/), UniPCMultistepScheduler (scheduler/: flow sigmas from a Karras
                schedule, sigma_max 200, sigma_min 0.01). The real weights live on the branch
                `diffusers/base/post-trained` of nvidia/Cosmos-Predict2.5-2B; every command takes a local folder.
-  latents      z = (VAE mode - latents_mean) / latents_std, [B, 16, T, H/8, W/8] with T = (frames - 1) / 4 + 1
+  latents      z = (VAE latent - latents_mean) / latents_std, [B, 16, T, H/8, W/8] with T = (frames - 1) / 4 + 1
                (81 frames -> 21 latent frames). The encoder is causal: latent frame 0 sees pixel frame 0 only.
+               `prepare` stores the clip as a seeded posterior sample (FastGen's trainer; --vae-latent mode: the
+               mode) and the conditioning image as the mode (argmax), as both FastGen and the pipeline do.
   schedule     rectified flow, x_t = (1 - t) x0 + t eps. The transformer predicts the velocity v = eps - x0,
                so x0 = x_t - t v. Its `timestep` is t itself in [0, 1] (not 1000 t as in Wan), either [B] or per
                latent frame [B, 1, T, 1, 1]; the pipeline always passes the per-frame form.
@@ -46,8 +48,11 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
   guidance     the pipeline computes  v_cond + s (v_cond - v_uncond)  with s = guidance_scale = 7.0 by default
                and guidance only when s > 1. The paper (and every flag here) uses  uncond + g (cond - uncond),
                so g = s + 1: the paper's g = 3.0 is guidance_scale = 2.0, the pipeline's default 7.0 is g = 8.0.
-               The unconditional branch keeps the image condition and swaps the prompt for the negative prompt
-               (the pipeline's DEFAULT_NEGATIVE_PROMPT unless one is given). Guiding v or x0 is the same.
+               The unconditional branch keeps the image condition and swaps the prompt for the negative prompt.
+               Default: FastGen's English Wan negative prompt (dfd_video.adapter.FASTGEN_NEGATIVE_PROMPT) encoded
+               by Qwen2.5-VL, because FastGen's Cosmos DMD2 config reuses the Wan video loader and so guided the
+               teacher with it; `prepare --negative-prompt ""` stores the pipeline's DEFAULT_NEGATIVE_PROMPT
+               instead. Guiding v or x0 is the same.
   export       the pipeline calls scheduler.set_timesteps(n) itself and keeps its conditioning frame clean only
                on a deterministic path (velocity there := eps0 - c, eps0 the initial noise); with fresh noise
                between steps (dfd.sample; stochastic_sampling=True) that frame ends far from c, a mix of the
@@ -76,7 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer
+from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt
 from dfd_video.cli import main as cli_main
 from dfd_video.distributed import setup_distributed, shard
 from dfd_video.files import atomic_write
@@ -243,7 +248,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> 
 
 
 def default_negative_prompt() -> str:
-    """The pipeline's negative prompt, the unconditional branch unless --negative-prompt is given."""
+    """The pipeline's DEFAULT_NEGATIVE_PROMPT, the unconditional branch with `prepare --negative-prompt ""`."""
     from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
 
     return DEFAULT_NEGATIVE_PROMPT
@@ -339,14 +344,15 @@ class CosmosEncoders:
         self.device, self.cache = device, args.text == "cache"
         self.store = PromptStore(args.out)
         self.store_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.store_dtype]
-        self.negative_prompt = args.negative_prompt if args.negative_prompt is not None else default_negative_prompt()
+        self.negative_prompt = negative_prompt(args.negative_prompt, default_negative_prompt())
 
     @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 [T, H, W, 3] -> {"latents": [16, T', h, w], "image": [16, 1, h, w]}. The image latent is the
-        first frame encoded alone, as the pipeline encodes its conditioning image (the causal VAE gives the
-        same first latent frame either way; stored separately so training never depends on that)."""
-        return {"latents": self.vae.encode_video(frames)["latents"],
+    def encode_video(self, frames: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """uint8 [T, H, W, 3] -> {"latents": [16, T', h, w], "image": [16, 1, h, w]}. The clip is a posterior
+        sample with `seed` (None: the mode); the image latent is the first frame encoded alone, as the pipeline
+        (and FastGen) encode the conditioning image: the mode. Stored separately so training never depends on the
+        causal VAE giving the same first latent frame."""
+        return {"latents": self.vae.encode_video(frames, seed)["latents"],
                 "image": self.vae.encode_video(frames[:1])["latents"]}
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -485,7 +491,6 @@ class CosmosAdapter:
         p.add_argument("--text", default="cache", choices=("cache", "online"),
                        help="cache: store one embedding per unique caption (103 MB each for the real encoder); "
                             "online: store captions only, `train` encodes them with the sharded text encoder")
-        p.add_argument("--negative-prompt", default=None, help="unconditional branch (default: the pipeline's)")
 
     def open_encoders(self, args, device: torch.device) -> CosmosEncoders:
         return CosmosEncoders(args, device)

@@ -236,15 +236,16 @@ class DFDConfig:
     p: float = 0.5  # P(teacher sees the real sample) per student step (Eq. 10); 0 = DMD, 1 = pure DFD
     per_sample_coin: bool = False  # one coin per sample instead of per step
     space: str = "x0"  # "x0": the authors' code; "score": Eq. 8 taken literally (see dm_loss)
-    fake_updates: int = 5  # fake-score updates before each student update (5 -> 6 iterations a cycle;
-    #                        FastGen's student_update_freq=5 means 4 here)
+    fake_updates: int = 4  # fake-score updates before each student update: the paper's "student update
+    #                        frequency 5" (FastGen's student_update_freq=5: 4 fake-score iterations, then 1 student one)
     grad_accum: int = 1  # micro-batches per update (each network)
     student_ts: tuple[float, ...] = STUDENT_TS  # the few-step student's times
     backward_sim: bool = False  # student input by backward simulation from noise instead of noised data
-    t_min: float = 0.02  # range of the DMD / fake-score noise level t, before the shift
-    t_max: float = 0.98
-    t_shift: float = 1.0  # shift applied to t ~ U[t_min, t_max]
-    grad_clip: float = 1.0  # max global grad norm for both networks (<= 0: no clipping)
+    t_min: float = 0.02  # range of the DMD / fake-score noise level t, before the shift (the video scripts use
+    t_max: float = 0.98  # FastGen's 0.001, 0.999 with shift 5)
+    t_shift: float = 1.0  # shift applied to t ~ U[t_min, t_max]; the result is clamped to [t_min, t_max]
+    grad_clip: float = 1.0  # max global grad norm of the student (<= 0: no clipping)
+    grad_clip_fake: float | None = None  # ... of the fake score (None: grad_clip; FastGen clips the student only)
     ema: float = 0.0  # EMA decay of the student (0: no EMA)
     seed: int = 0  # seeds every draw: (seed, step, rank) -> noise, t, coin
     monitor_every: int = 0  # every N student steps, one extra teacher call for the score discrepancy (0: off)
@@ -270,8 +271,10 @@ def _unpack(batch: Batch):
 
 
 def sample_t(B: int, c: DFDConfig, generator: torch.Generator, device) -> torch.Tensor:
+    """t ~ U[t_min, t_max], shifted, clamped back to [t_min, t_max] (FastGen's "shifted" draw: a shift > 1 pushes
+    the top of the range past t_max, e.g. 0.999 -> 0.9998 at s = 5)."""
     u = torch.rand(B, generator=generator, device=device)
-    return shift_t(c.t_min + (c.t_max - c.t_min) * u, c.t_shift)
+    return shift_t(c.t_min + (c.t_max - c.t_min) * u, c.t_shift).clamp(c.t_min, c.t_max)
 
 
 def _finite(name: str, value: torch.Tensor, step: int) -> None:
@@ -307,7 +310,7 @@ def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step
         _finite("fake-score loss", loss.detach(), step)
         (loss / len(batches)).backward()
         total += loss.item() / len(batches)
-    norm = _apply(fake, opt, c.grad_clip, "fake-score", step)
+    norm = _apply(fake, opt, c.grad_clip if c.grad_clip_fake is None else c.grad_clip_fake, "fake-score", step)
     return {"loss_fake": total, "grad_norm_fake": norm.item()}
 
 

@@ -16,8 +16,14 @@ A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one; no subcomm
 
 Conventions (Wan2.1, verified against diffusers 0.42.1 in tests/test_wan_oracle.py): x_t = (1 - t) x0 + t eps, the
 transformer predicts v = eps - x0 and takes timestep t * 1000 as a float [B]; CFG is uncond + g (cond - uncond) with
-g = 5.0 and the embedding of the pipeline's default negative prompt "" as uncond; UMT5 embeddings are cut to the real
-token count and zero-padded to 512; latents are normalised as (z - latents_mean) / latents_std.
+g = 5.0; UMT5 embeddings are cut to the real token count and zero-padded to 512; latents are normalised as
+(z - latents_mean) / latents_std.
+
+Where the authors' recipe (FastGen's Wan DMD2 config, docs/recipe.md) and the diffusers pipeline differ, the defaults
+are the recipe's and a flag gives the pipeline's: the uncond of CFG is the embedding of FastGen's English negative
+prompt (dfd_video.adapter.FASTGEN_NEGATIVE_PROMPT; `prepare --negative-prompt ""` stores the pipeline's default, the
+empty string), real videos are encoded with a seeded VAE posterior sample (`prepare --vae-latent mode`: the mode), and
+`sample` runs the deterministic ODE sampler (`--sampler renoise`: fresh noise between steps).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer
+from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt
 from dfd_video.cli import main as cli_main
 from dfd_video.vae import WanVAE
 from dfd_video.video import read_prompts
@@ -63,9 +69,10 @@ class WanEncoders:
     """The base model's VAE (dfd_video.vae.WanVAE) and UMT5 text encoder, used by `prepare` and `sample`."""
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 text: bool = True, vae: bool = True):
+                 text: bool = True, vae: bool = True, negative: str | None = None):
         from transformers import AutoTokenizer, UMT5EncoderModel
         self.device, self.dtype = device, dtype
+        self.negative_prompt = negative_prompt(negative, "")  # None: FastGen's; "": WanPipeline's default ""
         for sub in (["vae"] if vae else []) + (["text_encoder", "tokenizer"] if text else []):
             if not os.path.isdir(os.path.join(model_dir, sub)):
                 raise ValueError(f"--model-dir {model_dir}: no {sub}/ folder (expected a diffusers Wan pipeline)")
@@ -79,8 +86,8 @@ class WanEncoders:
                 raise ValueError(f"--model-dir {model_dir}: cannot load the text encoder "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
-    def encode_video(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.vae.encode_video(frames)
+    def encode_video(self, frames: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+        return self.vae.encode_video(frames, seed)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -95,8 +102,8 @@ class WanEncoders:
         return {"text": h * keep}
 
     def negative(self) -> dict[str, torch.Tensor]:
-        """The pipeline's default negative prompt (the empty string), the unconditional branch of CFG."""
-        return {k: v[0] for k, v in self.encode_text([""]).items()}
+        """The negative prompt's embedding, the unconditional branch of CFG (default: FastGen's English Wan text)."""
+        return {k: v[0] for k, v in self.encode_text([self.negative_prompt]).items()}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents)
@@ -160,7 +167,7 @@ class WanAdapter:
 
     def open_encoders(self, args, device: torch.device) -> WanEncoders:
         dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
-        return WanEncoders(args.model_dir, device, dtype)
+        return WanEncoders(args.model_dir, device, dtype, negative=args.negative_prompt)
 
     def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
         if args.prompts is not None:

@@ -14,6 +14,24 @@ import torch.nn as nn
 
 from dfd_video.weights import load_weights, read_raw
 
+# The negative prompt FastGen's video data loader feeds the teacher's unconditional branch (its preset
+# "neg_prompt_wan", fastgen/datasets/wds_dataloaders.py, wired by VideoLoaderConfig in fastgen/configs/data.py).
+# Its Wan and its Cosmos DMD2 configs both use that loader, so a FastGen DMD2 student and critic of either model
+# were distilled against this text (for Cosmos, encoded by Cosmos' own text encoder). docs/recipe.md has the sources.
+FASTGEN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+
+
+def negative_prompt(flag: str | None, pipeline_default: str) -> str:
+    """The text of CFG's unconditional branch from --negative-prompt: None (not given) -> FastGen's, "" -> the
+    diffusers pipeline's default (`pipeline_default`), anything else -> itself."""
+    if flag is None:
+        return FASTGEN_NEGATIVE_PROMPT
+    return flag if flag else pipeline_default
+
 
 class Adapter(Protocol):
     name: str                                   # tag written into manifests and checkpoints
@@ -46,8 +64,9 @@ class Adapter(Protocol):
         """Raise ValueError when prepared data of these per-sample shapes cannot feed `net`."""
 
     def open_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:
-        """For `prepare`: an object with encode_video(frames uint8 [T, H, W, 3]) -> dict, encode_text(list[str]) ->
-        dict of [N, ...], and negative() -> dict (the unconditional branch)."""
+        """For `prepare`: an object with encode_video(frames uint8 [T, H, W, 3], seed) -> dict (seed: the VAE posterior
+        sample's, None: its mode), encode_text(list[str]) -> dict of [N, ...], negative() -> dict (the unconditional
+        branch, from --negative-prompt via negative_prompt()) and negative_prompt (that text)."""
 
     def sample_items(self, args: argparse.Namespace, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """Per-video conditioning for `sample` (no batch dim)."""

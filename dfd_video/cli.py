@@ -14,6 +14,7 @@ from dfd_video.plot import run_plot
 from dfd_video.prepare import run_prepare
 from dfd_video.sample import run_export, run_sample
 from dfd_video.train import run_train
+from dfd_video.weights import fastgen_prefix_exists
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -23,17 +24,38 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the networks (auto: bf16 on CUDA, fp32 on CPU); weights stay fp32")
 
 
+def add_ckpt_trust_args(p: argparse.ArgumentParser) -> None:
+    """The flags that overrule a refusal of describe_dmd2 (docs/checkpoints.md)."""
+    p.add_argument("--bidirectional-ckpt", action="store_true",
+                   help="the Self-Forcing / CausVid .pt given is a bidirectional (full-sequence) student; without this "
+                        "flag such files are refused, because their released students are block-causal")
+    p.add_argument("--rectified-flow-ckpt", action="store_true",
+                   help="the checkpoint under a base/distilled path (NVIDIA's TrigFlow-distilled Cosmos) is in fact a "
+                        "rectified-flow model; without this flag that path is refused")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
-    p.add_argument("--dmd2-ckpt", help="the DMD2 student to start from: diffusers folder, .safetensors, .pt/.pth "
-                   "(generator / generator_ema / critic), or torch.distributed.checkpoint folder")
-    p.add_argument("--init-from", default="generator_ema", choices=("generator_ema", "generator"),
-                   help="which network of a DMD2 checkpoint starts the student (falls back to generator)")
+    p.add_argument("--dmd2-ckpt", help="the DMD2 checkpoint to start from: a FastGen FSDP checkpoint (any of its "
+                   "<iter>.net_model/ .fake_score_model/ .ema_model/ folders, its <iter>.pth, the <dir>/<iter> prefix "
+                   "or the checkpoints folder: latest iteration), a FastGen / Self-Forcing .pt/.pth, a diffusers "
+                   "folder, a .safetensors or a torch.distributed.checkpoint folder (docs/checkpoints.md)")
+    p.add_argument("--init-from", default="generator", choices=("generator", "generator_ema"),
+                   help="which network of the DMD2 checkpoint starts the student: generator (FastGen's net_model, "
+                        "the network its critic was trained against) or generator_ema (its EMA, e.g. ema_model; the "
+                        "generator when there is none)")
+    p.add_argument("--fake-init", default=None, choices=("critic", "teacher"),
+                   help="where the fake score starts: critic (the DMD2 checkpoint's fake score, e.g. FastGen's "
+                        "fake_score_model) or teacher (a copy of the base model, as a fresh DMD2 run starts it); "
+                        "default: the critic when the checkpoint has one, else the teacher")
+    add_ckpt_trust_args(p)
     p.add_argument("--data", required=True, help="folder written by `prepare`")
     p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder (no value: the latest one in --out)")
-    p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100)")
+    p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100 \"iterations\"; "
+                   "FastGen counts every update of either network, so its 100 are 20 student updates: "
+                   "docs/recipe.md)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch: ranks x grad-accum x per-rank batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (each network)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the student (paper: 1e-5)")
@@ -44,16 +66,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-sample-coin", action="store_true", help="one DFD coin per sample instead of per step")
     p.add_argument("--space", default="x0", choices=("x0", "score"), help="x0: the authors' loss; score: Eq. 8 literally")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG g in uncond + g (cond - uncond)")
-    p.add_argument("--fake-updates", type=int, default=5, help="fake-score updates before each student update "
-                   "(5: 6 iterations per cycle; FastGen's student_update_freq=5 is --fake-updates 4)")
+    p.add_argument("--fake-updates", type=int, default=4, help="fake-score updates before each student update "
+                   "(4: the paper's student update frequency 5, FastGen's student_update_freq=5, a 5-iteration cycle)")
     p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS),
                    help="the few-step student's times t (decreasing, in (0, 1])")
     p.add_argument("--backward-sim", action="store_true",
                    help="student input by backward simulation from noise instead of the real video noised to t_s")
-    p.add_argument("--t-min", type=float, default=0.02, help="DMD / fake-score noise level t ~ U[t-min, t-max] ...")
-    p.add_argument("--t-max", type=float, default=0.98, help="... before the shift")
-    p.add_argument("--t-shift", type=float, default=5.0, help="shift of that t (5.0: the student schedule's shift)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, both networks (<= 0: off)")
+    p.add_argument("--t-min", type=float, default=0.001, help="DMD / fake-score noise level t ~ U[t-min, t-max], "
+                   "shifted, then clamped to [t-min, t-max] (FastGen's DMD2 configs: 0.001 ...")
+    p.add_argument("--t-max", type=float, default=0.999, help="... and 0.999; Self-Forcing / CausVid: 0.02, 0.98)")
+    p.add_argument("--t-shift", type=float, default=5.0, help="shift of that t (5.0: FastGen's, and the student "
+                   "schedule's)")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="max grad norm of the student (<= 0: off; "
+                   "FastGen's DMD2: 10)")
+    p.add_argument("--grad-clip-fake", type=float, default=0.0, help="max grad norm of the fake score (<= 0: off, "
+                   "as in FastGen's DMD2, which clips the student only; Self-Forcing: 10)")
     p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
     p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
@@ -114,7 +141,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name, flag in (("dmd2_ckpt", "--dmd2-ckpt"), ("prompts", "--prompts"), ("embeddings", "--embeddings"),
                        ("ckpt", "--ckpt"), ("probe_prompts", "--probe-prompts"), ("probe_encoder", "--probe-encoder")):
         v = getattr(args, name, None)
-        if v is not None and not os.path.exists(v):
+        if v is not None and not os.path.exists(v) and not (flag != "--prompts" and fastgen_prefix_exists(v)):
             bad.append(f"{flag} {v}: no such file or folder")
     if bad:
         raise SystemExit("error: " + bad[0])
@@ -181,6 +208,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    "--dmd2-ckpt format")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
                    help="auto: the EMA when the checkpoint has one")
+    add_ckpt_trust_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file, one prompt per line (encoded with the base text encoder)")
     src.add_argument("--embeddings", help="safetensors with precomputed conditioning (as `prepare` stores it, [N, ...])")
@@ -188,9 +216,10 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples", help="output folder")
     add_clip_args(p, "frames per video (4k + 1)", "mp4 frame rate")
     p.add_argument("--student-ts", type=float, nargs="+", default=list(dfd.STUDENT_TS), help="sampler times")
-    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
-                   help="renoise: fresh noise between steps (DMD2's sampler, as trained); ode: the noise x_t implies "
-                        "(deterministic; what a diffusers pipeline with an Euler scheduler computes)")
+    p.add_argument("--sampler", default="ode", choices=("ode", "renoise"),
+                   help="ode: re-noise with the noise x_t implies (deterministic; FastGen's student_sample_type='ode' in "
+                        "its Wan and Cosmos DMD2 configs, and what a diffusers pipeline with an Euler scheduler "
+                        "computes); renoise: fresh noise between steps (FastGen's 'sde', DMD2's original sampler)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
 
 
@@ -198,7 +227,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, help="base model folder (architecture config)")
     p.add_argument("--ckpt", required=True, help="training checkpoint or any --dmd2-ckpt format")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
-                   help="auto: the EMA when the checkpoint has one")
+                   help="auto: the EMA of a training checkpoint when it has one")
+    add_ckpt_trust_args(p)
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
 
 
@@ -210,6 +240,15 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     add_clip_args(p, "frames per clip (4k + 1)", "frames are sampled at this rate from the start of each video")
     p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
     p.add_argument("--store-dtype", default="bf16", choices=("bf16", "fp32"), help="dtype of the stored tensors")
+    p.add_argument("--vae-latent", default="sample", choices=("sample", "mode"),
+                   help="how real videos become latents: sample = one posterior sample per video, seeded by its path "
+                        "(FastGen's trainer encodes with a posterior sample, fresh at every step); mode = the "
+                        "posterior mode (deterministic, what the diffusers pipelines use for a conditioning image)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="text of CFG's unconditional branch, stored as the negative embedding the teacher is guided "
+                        "against (default: FastGen's English Wan negative prompt, which its Wan and Cosmos DMD2 "
+                        "configs feed; \"\": the diffusers pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT "
+                        "for Cosmos)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prepare into the same --out "
                    "(after its last complete shard; same videos, settings and number of ranks)")
 

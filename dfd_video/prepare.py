@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -48,7 +49,8 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
     # progress of this rank, rewritten after every shard, so that --resume continues after the last full shard
     progress = os.path.join(args.out, f"progress-r{d.rank:02d}.json")
     settings = {"world": d.world, "videos": len(videos), "adapter": adapter.name, "num_frames": args.num_frames,
-                "fps": args.fps, "height": args.height, "width": args.width, "store_dtype": args.store_dtype}
+                "fps": args.fps, "height": args.height, "width": args.width, "store_dtype": args.store_dtype,
+                "vae_latent": args.vae_latent}
     done = 0
     if args.resume and os.path.exists(progress):
         prev = json.load(open(progress))
@@ -68,7 +70,8 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
             skipped.append({"file": path, "reason": str(e)})
             continue
         with torch.no_grad():
-            item = {**enc.encode_video(frames), **{k: v[0] for k, v in enc.encode_text([caption]).items()}}
+            seed = video_seed(path, args.videos) if args.vae_latent == "sample" else None
+            item = {**enc.encode_video(frames, seed), **{k: v[0] for k, v in enc.encode_text([caption]).items()}}
         writer.add({k: v.to(storage_dtype(args)) for k, v in item.items()})
         if not writer.pending:  # a shard was just written
             write_text(progress, json.dumps({"settings": settings, "done": i + 1, "skipped": skipped,
@@ -76,7 +79,8 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         negative = {k: v.to(storage_dtype(args)) for k, v in enc.negative().items()}
     info = {"adapter": adapter.name, "num_frames": args.num_frames, "fps": args.fps, "height": args.height,
-            "width": args.width, "skipped": skipped}
+            "width": args.width, "vae_latent": args.vae_latent, "negative_prompt": enc.negative_prompt,
+            "skipped": skipped}
     part = writer.close(info, negative if d.main else None)
     parts = [None] * d.world
     dist.all_gather_object(parts, part)
@@ -99,6 +103,14 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
     if os.path.exists(progress):  # the manifest is complete: nothing left to resume
         os.remove(progress)
     return manifest
+
+
+def video_seed(path: str, videos: str) -> int:
+    """The seed of a video's VAE posterior sample: a hash of its path relative to --videos, so the same clip gets
+    the same latent whatever the number of ranks, the order or a --resume (one fixed sample per clip, where
+    FastGen's trainer draws a fresh one every time it sees the clip)."""
+    rel = os.path.relpath(path, videos)
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "little") >> 1
 
 
 def storage_dtype(args) -> torch.dtype:

@@ -18,7 +18,8 @@ from dfd_video.weights import load_student_weights, load_weights
 
 def load_student(adapter, args) -> nn.Module:
     net = adapter.load_network(args.model_dir)
-    load_weights(net, load_student_weights(args.ckpt, args.weights), f"--ckpt {args.ckpt}", adapter.convert_state_dict)
+    sd = load_student_weights(args.ckpt, args.weights, args.bidirectional_ckpt, args.rectified_flow_ckpt)
+    load_weights(net, sd, f"--ckpt {args.ckpt}", adapter.convert_state_dict)
     return net
 
 

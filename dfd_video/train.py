@@ -16,7 +16,7 @@ from dfd_video.distributed import compute_dtype, mean_over_ranks, peak_memory_gb
 from dfd_video.files import fail
 from dfd_video.probes import Drift, open_probes
 from dfd_video.runs import MetricLog, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from dfd_video.weights import load_weights, read_checkpoint
+from dfd_video.weights import describe_dmd2, describe_lines, load_weights, read_checkpoint
 
 
 def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
@@ -24,7 +24,8 @@ def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
     return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, space=args.space,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
-                         t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip, ema=args.ema,
+                         t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip,
+                         grad_clip_fake=args.grad_clip_fake, ema=args.ema,
                          seed=args.seed, monitor_every=args.monitor_every)
 
 
@@ -62,14 +63,20 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         teacher_net = shard(teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net),
                             False, False)
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
-            sd = read_checkpoint(args.dmd2_ckpt, args.init_from)
-            if sd is None:
-                raise ValueError(f"--dmd2-ckpt {args.dmd2_ckpt}: holds no generator weights")
-            src = f"--dmd2-ckpt {args.dmd2_ckpt}"
-            student_net = build(sd, f"{src} (student)", True)
-            ema_net = build(sd, f"{src} (EMA)", False, mixed=False) if args.ema > 0 else None
+            desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
+                                 args.rectified_flow_ckpt)
+            if desc["refusals"]:
+                raise ValueError(desc["refusals"][0])
+            if d.main:
+                lines = describe_lines(desc) + (["  EMA        <- the student's starting weights"] if args.ema > 0 else [])
+                print("\n".join(lines), file=sys.stderr)
+            s, f = desc["networks"]["student"], desc["networks"]["fake_score"]
+            sd = read_checkpoint(s["source"], s["role"])
+            student_net = build(sd, f"{s['source']} (student)", True)
+            ema_net = build(sd, f"{s['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
             del sd
-            fake_net = build(read_checkpoint(args.dmd2_ckpt, "critic"), f"{src} (critic)", True)
+            fake_net = build(read_checkpoint(f["source"], f["role"]) if f else None,
+                             f"{f['source']} (critic)" if f else "teacher", True)
         else:
             w = resume[0]
             src = f"--resume {resumed_from}"

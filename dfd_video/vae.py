@@ -1,7 +1,8 @@
 """The Wan 2.1 VAE (AutoencoderKLWan), which Wan2.1 and Cosmos-Predict2.5 share: videos <-> normalised latents.
 
-Latents are z = (VAE mode - latents_mean) / latents_std, [16, (T-1)/4 + 1, H/8, W/8], exactly as the diffusers
-pipelines decode them."""
+Latents are z = (z_vae - latents_mean) / latents_std, [16, (T-1)/4 + 1, H/8, W/8], exactly as the diffusers
+pipelines decode them. z_vae is a seeded sample of the VAE posterior (what FastGen's trainer encodes real videos
+with, `WanVideoEncoder.encode(mode="sample")`) or its mode (what the pipelines use for a conditioning image)."""
 from __future__ import annotations
 
 import os
@@ -28,11 +29,17 @@ class WanVAE:
                 torch.tensor(cfg.latents_std).view(shape).to(self.device))
 
     @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_video(self, frames: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
         """uint8 [T, H, W, 3] -> {"latents": [16, (T-1)/4+1, H/8, W/8]}, normalised (z - mean) / std, the
-        inverse of the pipeline's decode; z is the posterior mode (deterministic)."""
+        inverse of the pipeline's decode. seed=None: z is the posterior mode; else a posterior sample
+        mean + std * eps with eps from a CPU generator seeded with `seed` (the same on every device)."""
         x = frames.to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W] in [-1, 1]
-        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float()
+        posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        if seed is None:
+            z = posterior.mode().float()
+        else:
+            eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            z = posterior.mean.float() + posterior.std.float() * eps.to(self.device)
         mean, std = self._stats()
         return {"latents": ((z - mean) / std)[0]}
 

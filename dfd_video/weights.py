@@ -1,8 +1,13 @@
 """Reading network weights: DMD2 checkpoints (--dmd2-ckpt) in every layout we know, base-model folders, and
-student weights for `sample` / `export`; copying them into a network with clear mismatch errors."""
+student weights for `sample` / `export`; copying them into a network with clear mismatch errors.
+
+describe_dmd2(path, ...) says, without loading any weights, what a DMD2 checkpoint is and where the student, the fake
+score and the EMA come from (the lines `train` logs); docs/checkpoints.md describes the layouts it knows."""
 from __future__ import annotations
 
+import glob
 import os
+import re
 import warnings
 from typing import Any, Callable
 
@@ -105,20 +110,17 @@ def _read_dcp(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tensor] | None:
-    """The state dict of one network from a DMD2 checkpoint, wrapper prefixes stripped.
-
-    role: "generator", "generator_ema" or "critic". A checkpoint without role names (a diffusers folder or a
-    plain .safetensors) is the generator; asking it for the critic returns None. "generator_ema" falls back to
-    "generator" when the checkpoint holds no EMA."""
-    sd = strip_prefixes(read_raw(path))
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
+def _by_role(sd: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A flattened checkpoint split by network role (ROLES), wrapper prefixes stripped; a checkpoint without role
+    names is all generator. Optimizer states are skipped, and so is FastGen's optional `logvar_linear` head (not
+    part of the base model). Works on names alone (values None) too."""
+    groups: dict[str, dict[str, Any]] = {}
+    plain: dict[str, Any] = {}
+    for k, v in strip_prefixes(sd).items():
         parts = k.split(".")
-        if parts[0] in NOT_WEIGHTS:  # optimizer moments etc. also carry network names
+        if parts[0] in NOT_WEIGHTS or "logvar_linear" in parts:  # optimizer moments etc. also carry network names
             continue
-        # the role name may sit under a wrapper level or two ({"model": {"net": ...}} in FastGen's DCP)
+        # the role name may sit under a wrapper level or two ({"model": {"net": ...}} in FastGen's .pth)
         at = next((i for i, part in enumerate(parts[:3]) if any(part in names for names in ROLES.values())), None)
         if at is not None and at + 1 < len(parts):
             owner = next(r for r, names in ROLES.items() if parts[at] in names)
@@ -127,11 +129,20 @@ def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tenso
             plain[k] = v
     if not groups:
         groups["generator"] = plain
+    return {r: strip_prefixes(g) for r, g in groups.items()}
+
+
+def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tensor] | None:
+    """The state dict of one network from a DMD2 checkpoint file or folder, wrapper prefixes stripped.
+
+    role: "generator", "generator_ema" or "critic". A checkpoint without role names (a diffusers folder, a plain
+    .safetensors, one of FastGen's per-network DCP folders) is the generator; asking it for the critic returns None.
+    "generator_ema" falls back to "generator" when the checkpoint holds no EMA. describe_dmd2 says which file or
+    folder holds which network of a multi-folder FastGen checkpoint."""
+    groups = _by_role(read_raw(path))
     if role == "generator_ema" and "generator_ema" not in groups:
         role = "generator"
-    if role not in groups:
-        return None
-    return strip_prefixes(groups[role])
+    return groups.get(role)
 
 
 def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
@@ -170,9 +181,11 @@ def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
             t.copy_(best[k].to(t.dtype))
 
 
-def load_student_weights(path: str, weights: str = "auto") -> dict[str, torch.Tensor]:
+def load_student_weights(path: str, weights: str = "auto", bidirectional: bool = False,
+                         rectified_flow: bool = False) -> dict[str, torch.Tensor]:
     """Student weights from a training checkpoint (its EMA when it has one and weights is auto/ema) or from
-    anything --dmd2-ckpt accepts (its generator, or generator_ema with weights=ema)."""
+    anything --dmd2-ckpt accepts (its generator, or generator_ema with weights=ema), refused as describe_dmd2
+    refuses it unless bidirectional / rectified_flow say otherwise."""
     try:
         folder = latest_checkpoint(path)
     except ValueError:
@@ -183,7 +196,270 @@ def load_student_weights(path: str, weights: str = "auto") -> dict[str, torch.Te
         if weights == "ema" and "ema" not in w:
             raise ValueError(f"{path}: the checkpoint has no EMA (trained with --ema 0)")
         return w[name]
-    sd = read_checkpoint(path, "generator_ema" if weights == "ema" else "generator")
-    if sd is None:
-        raise ValueError(f"{path}: holds no generator weights")
-    return sd
+    desc = describe_dmd2(path, "generator_ema" if weights == "ema" else "generator", "teacher", bidirectional,
+                         rectified_flow)
+    if desc["refusals"]:
+        raise ValueError(desc["refusals"][0])
+    s = desc["networks"]["student"]
+    return read_checkpoint(s["source"], s["role"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a DMD2 checkpoint is, and where each network of a DFD run comes from (docs/checkpoints.md).
+
+# FastGen's FSDPCheckpointer writes <save_dir>/<iteration:07d>.<name>_model/ (one DCP folder per network: net,
+# fake_score, ema or ema_<beta>, discriminator), <iteration>.<name>_optim/ and <iteration>.pth (scheduler state only).
+_FASTGEN_ENTRY = re.compile(r"^(?P<iter>\d+)\.(?P<net>\w+?)_(?P<kind>model|optim)(?P<zip>\.zip)?$")
+# NVIDIA's distilled Cosmos-Predict2.5-2B (experiment dmd2_trigflow_distill_cosmos_predict2_2B_bidirectional_TnI2V):
+# nvidia/Cosmos-Predict2.5-2B, base/distilled/575edf0f-d973-4c74-b52c-69929a08d0a5_ema_bf16.pt. Its keys are the
+# same `net.*` names as the rectified-flow checkpoints; only the path tells them apart.
+TRIGFLOW_PATH = re.compile(r"(^|/)base/distilled(/|$)|575edf0f-d973-4c74-b52c-69929a08d0a5")
+SELF_FORCING_ROLES = {"generator", "critic", "generator_ema"}  # top-level keys of Self-Forcing / CausVid model.pt
+
+
+def _fastgen_siblings(prefix: str) -> dict[str, str]:
+    """{network name: folder, or .zip when only the archive is there} of the FastGen prefix <dir>/<iteration>."""
+    out: dict[str, str] = {}
+    for f in sorted(glob.glob(glob.escape(prefix) + ".*_model*")):
+        m = _FASTGEN_ENTRY.match(os.path.basename(f))
+        if m and m["kind"] == "model" and m["iter"] == os.path.basename(prefix) and not (m["zip"] and m["net"] in out):
+            out[m["net"]] = f  # sorted: the unzipped folder comes before its .zip and wins
+    return out
+
+
+def _fastgen_prefix(path: str) -> tuple[str, str | None] | None:
+    """(prefix <dir>/<iteration>, note) when `path` names a FastGen FSDP checkpoint: one of its per-network folders
+    (or their .zip), its <iteration>.pth next to them, the prefix itself (as FastGen's loader takes it), or the
+    checkpoints folder (then its latest iteration, with a note). None otherwise."""
+    p = path.rstrip("/") or path
+    m = _FASTGEN_ENTRY.match(os.path.basename(p))
+    if m:
+        return os.path.join(os.path.dirname(p), m["iter"]), None
+    if p.endswith(".pth") and _fastgen_siblings(p[:-4]):
+        return p[:-4], None
+    if not os.path.exists(p) and _fastgen_siblings(p):
+        return p, None
+    if os.path.isdir(p) and not _is_dcp(p):
+        iters = sorted({m["iter"] for n in os.listdir(p) if (m := _FASTGEN_ENTRY.match(n)) and m["kind"] == "model"},
+                       key=int)
+        if iters:
+            note = (f"{p} holds FastGen iterations {', '.join(iters)}; using the latest, {iters[-1]} (pass "
+                    f"{os.path.join(p, iters[0])} for another)") if len(iters) > 1 else None
+            return os.path.join(p, iters[-1]), note
+    return None
+
+
+def fastgen_prefix_exists(path: str) -> bool:
+    """True for a FastGen checkpoint prefix <dir>/<iteration> that is no file itself (its folders are <prefix>.*)."""
+    return bool(_fastgen_siblings(path.rstrip("/")))
+
+
+def unzip_command(archive: str) -> str:
+    """The shell line that unpacks a zipped DCP folder (DFD's released `0000040.net_model.zip`) into the folder
+    next to it that --dmd2-ckpt reads: the archive's own top folder decides the -d target."""
+    import shlex
+    import zipfile
+    target = archive[:-len(".zip")]
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        names = []
+    top = os.path.basename(target) + "/"
+    dest = (os.path.dirname(archive) or ".") if names and all(n.startswith(top) for n in names) else target
+    return f"unzip {shlex.quote(archive)} -d {shlex.quote(dest)}"
+
+
+def _zip_refusal(archive: str, what: str) -> str:
+    return (f"{archive}: {what} is a zipped torch.distributed.checkpoint folder, which cannot be read in place; "
+            f"unpack it next to the archive, then pass the same --dmd2-ckpt again:  {unzip_command(archive)}")
+
+
+def _tensor_names(path: str) -> tuple[list[str], set[str]]:
+    """(flattened tensor names, top-level keys) of a checkpoint file or folder, from its index or metadata where it
+    has one (safetensors headers, DCP .metadata); a .pt / .pth is memory-mapped, not read."""
+    from safetensors import safe_open
+    if os.path.isdir(path):
+        if _is_dcp(path):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+            meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            names = [k for k, m in meta.items() if isinstance(m, TensorStorageMetadata)]
+            return names, {k.partition(".")[0] for k in names}
+        for sub in ("", "transformer"):
+            folder = os.path.join(path, sub)
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+            if files:
+                names = []
+                for f in files:
+                    with safe_open(os.path.join(folder, f), "pt") as h:
+                        names += list(h.keys())
+                return names, set()
+        read_raw(path)  # raises the one-line error for a folder that holds no weights
+    if path.endswith(".safetensors"):
+        try:
+            with safe_open(path, "pt") as h:
+                return list(h.keys()), set()
+        except Exception:
+            read_raw(path)  # the one-line error
+    obj = None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return list(read_raw(path)), set()  # legacy format or the one-line error
+    return list(_flatten(obj)), set(obj) if isinstance(obj, dict) else set()
+
+
+def _causal_wan(names: list[str], top: set[str]) -> bool:
+    """Self-Forcing / CausVid model.pt: {"generator", "critic"[, "generator_ema"]} over WanDiffusionWrapper's
+    `model.`-prefixed original Wan names (blocks.N.self_attn.q, head.head, ...)."""
+    inner = []
+    for n in names:
+        head, _, k = n.partition(".")
+        if head in ("generator", "critic"):  # (an EMA shadow may carry other wrapper names)
+            for w in WRAPPER_PARTS:
+                k = k.replace(w, "")
+            inner.append(k.removeprefix("module."))
+    return (bool(top & SELF_FORCING_ROLES) and bool(inner) and all(k.startswith("model.") for k in inner)
+            and any(".self_attn." in k or k.startswith("model.head.head") for k in inner))
+
+
+def describe_dmd2(path: str, init_from: str = "generator", fake_init: str | None = None,
+                  bidirectional: bool = False, rectified_flow: bool = False) -> dict[str, Any]:
+    """What the DMD2 checkpoint at `path` is and where each network of a DFD run would come from, from names and
+    metadata alone: no weights are loaded, nothing is written or printed (the `check` command and `train` call it).
+
+    init_from: "generator" (FastGen's net_model, Self-Forcing's generator) or "generator_ema" (the checkpoint's EMA;
+      its generator when it has none, with a warning). fake_init: None (its critic when it has one, else the teacher,
+      with a warning), "critic" (refused without one) or "teacher". bidirectional / rectified_flow: the user's word
+      (--bidirectional-ckpt, --rectified-flow-ckpt) that a checkpoint whose layout or path says block-causal
+      Self-Forcing / CausVid student or TrigFlow-distilled Cosmos is not one.
+
+    Returns {"path", "format", "summary", "networks", "warnings", "refusals"}. networks["student" | "fake_score" |
+    "ema"] is None or {"source": what read_checkpoint(source, role) loads, "role", "tensors": count}; fake_score None
+    means the teacher; ema is the checkpoint's own EMA. refusals: why `train` would stop before loading anything,
+    each naming the flag or command that resolves it."""
+    out: dict[str, Any] = {"path": path, "format": None, "summary": "", "warnings": [], "refusals": [],
+                           "networks": {"student": None, "fake_score": None, "ema": None}}
+    warn, refuse = out["warnings"].append, out["refusals"].append
+    if any(TRIGFLOW_PATH.search(p.replace(os.sep, "/")) for p in (path, os.path.realpath(path))):
+        (warn if rectified_flow else refuse)(
+            f"{path}: the path of NVIDIA's distilled Cosmos-Predict2.5-2B (base/distilled, 575edf0f-...): a 4-step "
+            "student distilled with TrigFlow (experiment dmd2_trigflow_distill_cosmos_predict2_2B_bidirectional_TnI2V), "
+            "whose output is not the rectified-flow velocity this code turns into x0, so training or sampling it "
+            "would be silently wrong. Its keys are the same as the rectified-flow checkpoints'; only the path marks "
+            "it. Pass --rectified-flow-ckpt if this file is a rectified-flow student (e.g. a FastGen DMD2 one)")
+    found: dict[str, tuple[str, str, int]] = {}  # role -> (source, role to read it with, tensor count)
+    fg = _fastgen_prefix(path)
+    if fg is not None:
+        prefix, note = fg
+        if note:
+            warn(note)
+        sib = _fastgen_siblings(prefix)
+        emas = sorted(n for n in sib if n.startswith("ema"))
+        out["format"] = "fastgen-fsdp"
+        out["summary"] = (f"FastGen FSDP checkpoint, iteration {int(os.path.basename(prefix))}: one DCP folder per "
+                          f"network ({', '.join(os.path.basename(f) for f in sib.values()) or 'none found'})")
+        if len(emas) > 1:
+            warn(f"{prefix}: several EMA networks ({', '.join(emas)}); --init-from generator_ema uses {emas[0]}")
+        need = {"generator": True, "critic": fake_init != "teacher", "generator_ema": init_from == "generator_ema"}
+        for role, name in (("generator", "net"), ("critic", "fake_score"), ("generator_ema", emas[0] if emas else "")):
+            f = sib.get(name)
+            if f is None:
+                continue
+            if f.endswith(".zip"):
+                if need[role]:
+                    refuse(_zip_refusal(f, {"generator": "the student", "critic": "the critic (fake score; "
+                                            "or pass --fake-init teacher)", "generator_ema": "the EMA"}[role]))
+                continue
+            found[role] = (f, "generator", len(_by_role(dict.fromkeys(_tensor_names(f)[0])).get("generator", {})))
+        if "net" not in sib:
+            refuse(f"{path}: no {os.path.basename(prefix)}.net_model/ folder next to {prefix}.* (the student); "
+                   f"found {', '.join(os.path.basename(f) for f in glob.glob(glob.escape(prefix) + '.*')) or 'nothing'}")
+    elif path.endswith(".zip"):
+        out["format"] = "zip"
+        refuse(_zip_refusal(path, "the checkpoint"))
+    elif not os.path.exists(path):
+        refuse(f"{path}: no such file or folder")
+    else:
+        try:
+            names, top = _tensor_names(path)
+        except ValueError as e:
+            if not path.endswith(".pth"):
+                refuse(str(e))
+                return out
+            names, top = [], set()  # e.g. a FastGen <iteration>.pth whose callback state is not plain data
+        groups = _by_role(dict.fromkeys(names))
+        for role, keys in groups.items():
+            if keys:
+                found[role] = (path, role, len(keys))
+        if os.path.isdir(path):
+            out["format"] = "dcp" if _is_dcp(path) else "diffusers"
+        elif path.endswith(".safetensors"):
+            out["format"] = "safetensors"
+        elif _causal_wan(names, top):
+            out["format"] = "self-forcing"
+        elif "model" in top and set(groups) - {"generator"}:
+            out["format"] = "fastgen-pth"
+        else:
+            out["format"] = "pt"
+        out["summary"] = {
+            "dcp": "a torch.distributed.checkpoint folder (networks under net.* / fake_score.* keys)",
+            "diffusers": "a diffusers transformer (or pipeline) folder: the student alone",
+            "safetensors": "a .safetensors state dict: the student alone",
+            "self-forcing": "a Self-Forcing / CausVid model.pt ({generator, critic[, generator_ema]}, original Wan names)",
+            "fastgen-pth": "a FastGen .pth from its non-FSDP checkpointer ({model: {net, fake_score[, ema]}})",
+            "pt": "a .pt / .pth state dict" + (f" (networks: {', '.join(sorted(groups))})" if set(groups) - {"generator"} else ""),
+        }[out["format"]]
+        if not names and path.endswith(".pth"):
+            prefix = path[:-4]
+            refuse(f"{path}: holds no readable weights. FastGen's FSDP checkpointer keeps only the scheduler state in "
+                   f"<iteration>.pth and writes each network to a folder next to it: {prefix}.net_model/, "
+                   f"{prefix}.fake_score_model/ (and {prefix}.ema_model/ with an EMA). None is there; copy them next "
+                   f"to it, or pass the {os.path.basename(prefix)}.net_model folder")
+        if out["format"] == "self-forcing":
+            (warn if bidirectional else refuse)(
+                f"{path}: a Self-Forcing / CausVid checkpoint. Their released students are block-causal (3 latent "
+                "frames per block, generated autoregressively with a KV cache), and the file cannot tell: the causal "
+                "and bidirectional Wan share every key name. Run as a full-sequence student, a causal one is "
+                "meaningless and nothing fails. Pass --bidirectional-ckpt if it is a bidirectional student (e.g. "
+                "CausVid's bidirectional_checkpoint1/2)")
+    nets = out["networks"]
+    role = init_from
+    if role == "generator_ema" and "generator_ema" not in found and "generator" in found:
+        warn("--init-from generator_ema: the checkpoint holds no EMA; the student starts from its generator")
+        role = "generator"
+    if role in found:
+        nets["student"] = dict(zip(("source", "role", "tensors"), found[role]))
+    elif not out["refusals"]:
+        refuse(f"{path}: holds no student ({role}) weights")
+    if "generator_ema" in found:
+        nets["ema"] = dict(zip(("source", "role", "tensors"), found["generator_ema"]))
+    if fake_init != "teacher" and "critic" in found:
+        nets["fake_score"] = dict(zip(("source", "role", "tensors"), found["critic"]))
+    elif fake_init == "critic" and not out["refusals"]:
+        refuse(f"--fake-init critic: {path} holds no critic (fake score); pass --fake-init teacher to start it "
+               "from the teacher")
+    elif fake_init is None and nets["student"] is not None:
+        warn("the checkpoint holds no critic: the fake score starts from the teacher, as in a fresh DMD2 run, not "
+             "from the critic the DMD2 student was trained against")
+    return out
+
+
+def describe_lines(desc: dict[str, Any]) -> list[str]:
+    """describe_dmd2's answer as the lines `train` logs: the format, one line per network, the warnings."""
+    def where(net: dict | None, none: str) -> str:
+        if net is None:
+            return none
+        single = desc["format"] in ("fastgen-fsdp", "diffusers", "safetensors")  # one network per folder or file
+        inside = "" if single else f" [{net['role']}]"
+        return f"{net['source']}{inside} ({net['tensors']} tensors)"
+    n = desc["networks"]
+    ema, student = n["ema"], n["student"]
+    unused = ema is not None and (student is None or (ema["source"], ema["role"]) != (student["source"], student["role"]))
+    return [f"--dmd2-ckpt {desc['path']}: {desc['summary']}",
+            f"  student    <- {where(student, 'nothing')}",
+            f"  fake score <- {where(n['fake_score'], 'the teacher (--model-dir)')}",
+            *([f"  its EMA is not used ({where(ema, '')}; --init-from generator_ema starts the student from it)"]
+              if unused else []),
+            *[f"  warning: {w}" for w in desc["warnings"]]]

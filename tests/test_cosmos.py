@@ -22,9 +22,11 @@ import tiny_cosmos
 import tiny_wan
 import dfd_video.cli
 import dfd_video.data
+import dfd_video.prepare
 import dfd_video.video
 import dfd_video.weights
 import wan_dfd
+from dfd_video.adapter import FASTGEN_NEGATIVE_PROMPT
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,6 +232,21 @@ def test_every_dmd2_format_loads(tmp_path):
             net = tiny_cosmos.tiny_transformer(7)
             dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(path, role), path, adapter.convert_state_dict)
             assert same_weights(net.state_dict(), ref.state_dict()), (fmt, role)
+    # FastGen's FSDP checkpointer: one DCP folder per network, its CosmosPredict2 module's state dict (the original
+    # NVIDIA names under `transformer.`, plus the RoPE buffers diffusers' converter drops)
+    stem = str(tmp_path / "fastgen" / "0000040")
+    for name, net in (("net", gen), ("fake_score", critic)):
+        sd = {"transformer." + k: v.contiguous() for k, v in tiny_cosmos.to_original_keys(net.state_dict()).items()}
+        dcp.save({**sd, "transformer.pos_embedder.seq": torch.arange(8.0)}, checkpoint_id=f"{stem}.{name}_model",
+                 no_dist=True)
+    torch.save({"scheduler": {}, "grad_scaler": {}, "callbacks": {}, "iteration": 40}, stem + ".pth")
+    d = dfd_video.weights.describe_dmd2(stem + ".pth")
+    assert d["format"] == "fastgen-fsdp" and not d["refusals"] and not d["warnings"]
+    for role, ref in (("student", gen), ("fake_score", critic)):
+        net, src = tiny_cosmos.tiny_transformer(7), d["networks"][role]
+        dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(src["source"], src["role"]), "fastgen",
+                                       adapter.convert_state_dict)
+        assert same_weights(net.state_dict(), ref.state_dict()), role
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,9 +293,14 @@ def test_prepare_stores_image_latents_and_one_embedding_per_prompt(e2e):
     vae = wan_dfd.WanEncoders(e2e["model"], torch.device("cpu"), text=False)
     frames = dfd_video.video.read_video_frames(str(e2e["videos"] / "clip01.mp4"), FRAMES, 8, H, W)
     torch.testing.assert_close(data[1]["image"], vae.encode_video(frames[:1])["latents"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(data[1]["latents"], vae.encode_video(frames)["latents"], atol=1e-5, rtol=0)
-    # the causal VAE: the clip's first latent frame is the first frame's latent
-    torch.testing.assert_close(data[1]["latents"][:, :1], data[1]["image"], atol=1e-5, rtol=0)
+    # the clip: a posterior sample seeded by its file name (prepare --vae-latent sample, the default); the image: the mode
+    seed = dfd_video.prepare.video_seed(str(e2e["videos"] / "clip01.mp4"), str(e2e["videos"]))
+    torch.testing.assert_close(data[1]["latents"], vae.encode_video(frames, seed)["latents"], atol=1e-5, rtol=0)
+    mode = vae.encode_video(frames)["latents"]
+    assert (data[1]["latents"] - mode).abs().max() > 1e-3
+    # the causal VAE: the clip's first latent frame (as the mode) is the first frame's latent
+    torch.testing.assert_close(mode[:, :1], data[1]["image"], atol=1e-5, rtol=0)
+    assert m["vae_latent"] == "sample" and m["negative_prompt"] == FASTGEN_NEGATIVE_PROMPT
     prompts = os.path.join(e2e["data"], C.PROMPTS)
     assert len([f for f in os.listdir(prompts) if f.endswith(".safetensors")]) == 3  # 4 clips, 3 captions
     tok, te = C.load_text_encoder(e2e["model"], torch.float32)
@@ -286,7 +308,9 @@ def test_prepare_stores_image_latents_and_one_embedding_per_prompt(e2e):
     store = C.PromptStore(e2e["data"])
     torch.testing.assert_close(store.get(data[1]["text_key"][None], "cpu")[0], C.encode_prompts(tok, te, [caption])[0])
     assert torch.equal(data[0]["text_key"], data[2]["text_key"])  # same caption, same key
-    torch.testing.assert_close(data.negative["text"], C.encode_prompts(tok, te, [C.default_negative_prompt()])[0])
+    # FastGen's Cosmos DMD2 config feeds the Wan loader's English negative prompt (prepare --negative-prompt "":
+    # the pipeline's DEFAULT_NEGATIVE_PROMPT)
+    torch.testing.assert_close(data.negative["text"], C.encode_prompts(tok, te, [FASTGEN_NEGATIVE_PROMPT])[0])
     # online encoding (prepare --text online stores the captions only) gives the cached embeddings
     online = C.PromptStore(e2e["data"], (tok, te))
     keys = torch.stack([data[i]["text_key"] for i in range(4)])

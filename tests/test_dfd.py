@@ -626,6 +626,35 @@ def test_nan_gradient_caught_before_optimizer_step():
     assert all(torch.equal(a, b) for a, b in zip(fb, fake.parameters()))
 
 
+def test_fake_score_clip_is_its_own_setting():
+    """grad_clip_fake caps the fake score's update (SGD, lr 1: the step is the clipped gradient); None follows
+    grad_clip; 0 leaves it unclipped whatever grad_clip is (FastGen clips the student only)."""
+    student, fake, _, x_real = _setup()
+
+    def step_norm(**kw):
+        f = copy.deepcopy(fake)
+        before = torch.cat([q.detach().flatten() for q in f.parameters()])
+        logs = dfd.fake_score_step(student, f, torch.optim.SGD(f.parameters(), lr=1.0), [(x_real, None)],
+                                   dfd.DFDConfig(seed=2, **kw), 0, 0)
+        return (torch.cat([q.detach().flatten() for q in f.parameters()]) - before).norm().item(), logs["grad_norm_fake"]
+
+    free, g = step_norm(grad_clip=0.0)
+    assert g > 0.05 and free == pytest.approx(g, rel=1e-4)  # unclipped: the step is the whole gradient
+    assert step_norm(grad_clip=0.0, grad_clip_fake=0.01)[0] == pytest.approx(0.01, rel=1e-4)
+    assert step_norm(grad_clip=0.02)[0] == pytest.approx(0.02, rel=1e-4)  # None: the student's setting
+    assert step_norm(grad_clip=0.02, grad_clip_fake=0.0)[0] == pytest.approx(free, rel=1e-6)
+
+
+def test_sample_t_is_fastgens_shifted_draw():
+    """U[t_min, t_max], shift s, then clamped to [t_min, t_max]: at s = 5 the top 0.4 % of the range lands on t_max."""
+    c = dfd.DFDConfig(t_min=0.001, t_max=0.999, t_shift=5.0)
+    t = dfd.sample_t(200_000, c, gen(0), "cpu")
+    assert t.min() >= 0.001 and t.max() == pytest.approx(0.999)
+    u_top = 0.999 / (5 - 4 * 0.999)  # shift(u) = 0.999
+    assert (t >= 0.999 - 1e-7).float().mean().item() == pytest.approx((0.999 - u_top) / 0.998, abs=1e-3)
+    assert t.min().item() == pytest.approx(dfd.shift_t(0.001, 5.0), abs=1e-4)
+
+
 @pytest.mark.parametrize("kw", [dict(p=-0.1), dict(p=1.5), dict(space="eps"), dict(fake_updates=-1),
                                 dict(grad_accum=0), dict(t_min=0.5, t_max=0.4), dict(t_max=1.2)])
 def test_config_rejects_bad_values(kw):

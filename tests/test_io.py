@@ -1,6 +1,7 @@
 """dfd_video's file handling (weights, data, video, runs): every --dmd2-ckpt format, weight mismatches, data shards,
 video I/O, atomic checkpoints."""
 import json
+import shutil
 import os
 
 import numpy as np
@@ -183,3 +184,131 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         assert not os.path.exists(tmp_path / "checkpoints" / "step-000001")
     finally:
         dfd_video.distributed.teardown_distributed()
+
+
+# ---------------------------------------------------------------------------------------------------
+# DMD2 checkpoints as the authors' tools write them: describe_dmd2 (what train logs and refuses)
+
+
+def _loads(desc, role, ref):
+    """The network describe_dmd2 names for `role` loads into a fresh tiny Wan as exactly `ref`."""
+    net, src = tiny_wan.tiny_transformer(3), desc["networks"][role]
+    sd = dfd_video.weights.read_checkpoint(src["source"], src["role"])
+    dfd_video.weights.load_weights(net, sd, src["source"], wan_dfd.WanAdapter().convert_state_dict)
+    return _same(net, ref)
+
+
+def test_fastgen_fsdp_checkpoint_from_any_entry_point(tmp_path, nets):
+    gen, critic, ema = nets
+    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path / "checkpoints"), 500, {"net": gen, "fake_score": critic, "ema": ema})
+    assert os.path.basename(stem) == "0000500"
+    describe = dfd_video.weights.describe_dmd2
+    for entry in (stem + ".net_model", stem + ".fake_score_model/", stem + ".ema_model", stem + ".net_optim",
+                  stem + ".pth", stem, str(tmp_path / "checkpoints")):
+        d = describe(entry)
+        assert d["format"] == "fastgen-fsdp" and not d["refusals"] and not d["warnings"], (entry, d)
+        n = d["networks"]
+        assert n["student"]["source"] == stem + ".net_model" and n["fake_score"]["source"] == stem + ".fake_score_model"
+        assert n["ema"]["source"] == stem + ".ema_model"
+        assert n["student"]["tensors"] == len(gen.state_dict()) == n["fake_score"]["tensors"]
+    d = describe(stem + ".pth")
+    assert _loads(d, "student", gen) and _loads(d, "fake_score", critic)
+    lines = dfd_video.weights.describe_lines(d)
+    assert "iteration 500" in lines[0]
+    assert lines[1] == f"  student    <- {stem}.net_model ({len(gen.state_dict())} tensors)"
+    assert lines[2] == f"  fake score <- {stem}.fake_score_model ({len(gen.state_dict())} tensors)"
+    assert "its EMA is not used" in lines[3] and "0000500.ema_model" in lines[3]
+    d = describe(stem, init_from="generator_ema", fake_init="teacher")
+    assert _loads(d, "student", ema) and d["networks"]["fake_score"] is None
+    assert dfd_video.weights.describe_lines(d)[2] == "  fake score <- the teacher (--model-dir)"
+    # a second iteration in the folder: the latest, with a note; the prefix picks another
+    tiny_wan.write_fastgen_fsdp(str(tmp_path / "checkpoints"), 1000, {"net": ema, "fake_score": critic})
+    d = describe(str(tmp_path / "checkpoints"))
+    assert d["networks"]["student"]["source"].endswith("0001000.net_model") and d["networks"]["ema"] is None
+    assert d["warnings"] == [f"{tmp_path / 'checkpoints'} holds FastGen iterations 0000500, 0001000; using the latest, "
+                             f"0001000 (pass {stem} for another)"]
+    assert describe(stem)["networks"]["student"]["source"] == stem + ".net_model"
+
+
+def test_fastgen_pth_without_its_folders_names_them(tmp_path, nets):
+    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path), 40, {"net": nets[0], "fake_score": nets[1]})
+    for f in ("net_model", "fake_score_model", "net_optim"):
+        shutil.rmtree(f"{stem}.{f}")
+    d = dfd_video.weights.describe_dmd2(stem + ".pth")
+    assert len(d["refusals"]) == 1 and d["networks"]["student"] is None
+    assert d["refusals"][0].startswith(f"{stem}.pth: holds no readable weights. FastGen's FSDP checkpointer keeps "
+                                       "only the scheduler state")
+    assert f"{stem}.net_model/, {stem}.fake_score_model/" in d["refusals"][0]
+
+
+def test_zipped_dcp_is_refused_with_the_unzip_command(tmp_path, nets):
+    import zipfile
+    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path), 40, {"net": nets[0]})
+    folder = stem + ".net_model"
+    shutil.make_archive(folder, "zip", root_dir=str(tmp_path), base_dir="0000040.net_model")  # DFD's release layout
+    shutil.rmtree(folder)
+    d = dfd_video.weights.describe_dmd2(folder + ".zip")
+    assert d["refusals"] == [f"{folder}.zip: the student is a zipped torch.distributed.checkpoint folder, which cannot "
+                             "be read in place; unpack it next to the archive, then pass the same --dmd2-ckpt again:  "
+                             f"unzip {folder}.zip -d {tmp_path}"]
+    with zipfile.ZipFile(folder + ".zip") as z:  # what that command does
+        z.extractall(str(tmp_path))
+    d = dfd_video.weights.describe_dmd2(folder + ".zip")  # the folder now beside it is used
+    assert not d["refusals"] and _loads(d, "student", nets[0])
+    assert "holds no critic" in d["warnings"][0]
+    # an archive of the files alone unpacks into the folder itself
+    flat = str(tmp_path / "flat" / "0000040.net_model")
+    shutil.make_archive(flat, "zip", root_dir=folder)
+    assert dfd_video.weights.unzip_command(flat + ".zip") == f"unzip {flat}.zip -d {flat}"
+
+
+def test_self_forcing_and_causvid_pt_are_refused_as_causal(tmp_path, nets):
+    gen, critic, ema = nets
+    paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path), gen, critic, ema)  # "pt": Self-Forcing's model.pt
+    causvid = str(tmp_path / "causvid.pt")  # {"generator", "critic"}, WanDiffusionWrapper's model.<original names>
+    torch.save({k: {"model." + n: v for n, v in tiny_wan.to_original_keys(m.state_dict()).items()}
+                for k, m in (("generator", gen), ("critic", critic))}, causvid)
+    for path in (paths["pt"], causvid):
+        d = dfd_video.weights.describe_dmd2(path)
+        assert d["format"] == "self-forcing" and len(d["refusals"]) == 1, path
+        assert "block-causal (3 latent frames per block" in d["refusals"][0]
+        assert d["refusals"][0].endswith("Pass --bidirectional-ckpt if it is a bidirectional student (e.g. CausVid's "
+                                         "bidirectional_checkpoint1/2)")
+        d = dfd_video.weights.describe_dmd2(path, bidirectional=True)
+        assert not d["refusals"] and "block-causal" in d["warnings"][0]
+        assert _loads(d, "student", gen) and _loads(d, "fake_score", critic)
+    d = dfd_video.weights.describe_dmd2(paths["pt"], init_from="generator_ema", bidirectional=True)
+    assert _loads(d, "student", ema)
+    # the same networks under diffusers names ({"generator", "critic"} with no wrapper) are not flagged
+    plain = str(tmp_path / "plain.pt")
+    torch.save({"generator": gen.state_dict(), "critic": critic.state_dict()}, plain)
+    assert dfd_video.weights.describe_dmd2(plain)["format"] == "pt"
+    with pytest.raises(ValueError, match="block-causal"):
+        dfd_video.weights.load_student_weights(paths["pt"])
+
+
+def test_trigflow_distilled_cosmos_is_refused_by_its_path(tmp_path, nets):
+    folder = tmp_path / "Cosmos-Predict2.5-2B" / "base" / "distilled"
+    folder.mkdir(parents=True)
+    path = str(folder / "575edf0f-d973-4c74-b52c-69929a08d0a5_ema_bf16.pt")
+    torch.save({"net." + k: v for k, v in nets[0].state_dict().items()}, path)
+    d = dfd_video.weights.describe_dmd2(path)
+    assert len(d["refusals"]) == 1 and "TrigFlow" in d["refusals"][0] and "--rectified-flow-ckpt" in d["refusals"][0]
+    d = dfd_video.weights.describe_dmd2(path, rectified_flow=True)
+    assert not d["refusals"] and "TrigFlow" in d["warnings"][0] and _loads(d, "student", nets[0])
+    renamed = str(tmp_path / "student.pt")  # nothing in the file marks it
+    shutil.copy(path, renamed)
+    assert not dfd_video.weights.describe_dmd2(renamed)["refusals"]
+
+
+def test_fake_init_and_missing_critic(tmp_path, nets):
+    paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path), *nets)
+    d = dfd_video.weights.describe_dmd2(paths["safetensors"])
+    assert d["networks"]["fake_score"] is None and "fake score starts from the teacher" in d["warnings"][0]
+    d = dfd_video.weights.describe_dmd2(paths["safetensors"], fake_init="critic")
+    assert d["refusals"][0].startswith("--fake-init critic: ") and "--fake-init teacher" in d["refusals"][0]
+    d = dfd_video.weights.describe_dmd2(paths["dcp"], init_from="generator_ema")
+    assert d["warnings"] == ["--init-from generator_ema: the checkpoint holds no EMA; the student starts from its "
+                             "generator"] and _loads(d, "fake_score", nets[1])
+    absent = str(tmp_path / "absent.pt")
+    assert dfd_video.weights.describe_dmd2(absent)["refusals"] == [f"{absent}: no such file or folder"]

@@ -41,7 +41,7 @@ def data(tmp_path_factory):
         w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
     w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
     dmd2 = tiny_wan.write_dmd2_checkpoints(str(root / "dmd2"), tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6))
-    return {"root": root, "pipe": tiny_wan.cached_pipeline(), "data": str(root / "data"), "dmd2": dmd2["pt"]}
+    return {"root": root, "pipe": tiny_wan.cached_pipeline(), "data": str(root / "data"), "dmd2": dmd2["dcp"]}
 
 
 def train(s, out, *more):

@@ -50,21 +50,23 @@ def setup(tmp_path_factory):
 
 
 def train_args(s, out, *more):
-    return ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--out", out,
-            "--steps", "6", "--batch-size", "2", "--fake-updates", "1", "--save-every", "2", "--ema", "0.9",
+    return ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt",
+            "--out", out, "--steps", "6", "--batch-size", "2", "--fake-updates", "1", "--save-every", "2", "--ema", "0.9",
             "--lr", "1e-4", "--lr-fake", "1e-4", "--monitor-every", "2", "--device", "cpu", *more]
 
 
 def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
     m = json.load(open(os.path.join(setup["data"], "manifest.json")))
     assert m["count"] == 4 and m["shapes"] == {"latents": [16, 3, 4, 6], "text": [512, 32]}
+    assert m["vae_latent"] == "sample" and m["negative_prompt"].startswith("Bright tones, overexposed, static")
     assert [os.path.basename(s["file"]) for s in m["skipped"]] == ["broken0.mp4"]
     data = dfd_video.data.LatentShards(setup["data"], ("latents", "text"))
     enc = wan_dfd.WanEncoders(setup["pipe"], torch.device("cpu"))
     torch.testing.assert_close(data[1]["text"], enc.encode_text([setup["captions"][1]])["text"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(data.negative["text"], enc.negative()["text"], atol=1e-5, rtol=0)
     frames = dfd_video.video.read_video_frames(str(setup["root"] / "videos" / "clip02.mp4"), 9, 8, 32, 48)
-    torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames)["latents"], atol=1e-4, rtol=0)
+    seed = dfd_video.prepare.video_seed(str(setup["root"] / "videos" / "clip02.mp4"), str(setup["root"] / "videos"))
+    torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames, seed)["latents"], atol=1e-4, rtol=0)
 
 
 def test_train_kill_resume_sample_export(setup, capsys):
@@ -141,21 +143,17 @@ def test_train_kill_resume_sample_export(setup, capsys):
 
 
 def pipeline_student(pipe_dir, net, prompt, seed):
-    """diffusers' WanPipeline running the DMD sampler: FlowMatchEulerDiscreteScheduler with stochastic_sampling
-    (predict x0, re-noise with fresh noise) at the student's sigmas, no CFG."""
+    """diffusers' WanPipeline running the student's ODE sampler (`sample`'s default, FastGen's "ode"): the
+    FlowMatchEulerDiscreteScheduler at the student's sigmas, no CFG."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
     sched.set_timesteps = functools.partial(sched.set_timesteps, sigmas=list(dfd.STUDENT_TS))
     pipe = WanPipeline.from_pretrained(pipe_dir, transformer=net, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 16, 3, 4, 6), generator=g)
-    torch.manual_seed(seed)
-    torch.randn(noise.shape)  # the pipeline re-noises from the global RNG: align it with sample's generator
     kw = dict(prompt=prompt, height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=1.0)
     lat = pipe(**kw, latents=noise.clone(), output_type="latent").frames
-    torch.manual_seed(seed)
-    torch.randn(noise.shape)
     frames = pipe(**kw, latents=noise.clone(), output_type="np").frames
     return lat, torch.as_tensor(frames)
 
@@ -179,7 +177,8 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     s = setup
     base = lambda **over: sum(([f"--{k.replace('_', '-')}", *([v] if isinstance(v, str) else v)] for k, v in
                                {"model_dir": s["pipe"], "data": s["data"], "dmd2_ckpt": s["dmd2"]["pt"],
-                                "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()), [])
+                                "out": str(tmp_path / "r"), "device": "cpu", "batch_size": "2", **over}.items()),
+                      ["--bidirectional-ckpt"])
     cases = [
         (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
         (base(steps="0"), "--steps 0: must be >= 1"),
@@ -226,11 +225,11 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     assert "none of the 1 videos was usable (" in main_error([*prep, "--videos", str(tmp_path / "junk")])
     # sample: missing prompt file; export of a checkpoint that does not fit
     assert "missing.txt: no such file or folder" in main_error(
-        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--prompts", str(tmp_path / "missing.txt")])
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt", "--prompts", str(tmp_path / "missing.txt")])
     bad_emb = tmp_path / "emb.safetensors"
     save_file({"prompt": torch.zeros(1, 512, 32)}, str(bad_emb))
     assert "need a tensor 'text' of shape [N, 512, D]" in main_error(
-        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--embeddings", str(bad_emb)])
+        ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt", "--embeddings", str(bad_emb)])
     other = tmp_path / "other.safetensors"
     save_file({"blocks.0.x": torch.zeros(1)}, str(other))
     assert "weights do not fit WanTransformer3DModel" in main_error(
@@ -330,3 +329,22 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path, capsys):
         a, b = load_file(str(tmp_path / "full" / sh["file"])), load_file(str(out / sh["file"]))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (out / "progress-r00.json").exists()
+
+
+def test_train_from_a_fastgen_fsdp_checkpoint_logs_where_each_network_came_from(setup, tmp_path, capsys):
+    """--dmd2-ckpt <iter>.pth of FastGen's per-network folders: the student from net_model, the fake score from the
+    sibling fake_score_model (not the teacher), one logged line each; a Self-Forcing .pt stops without the flag."""
+    s = setup
+    gen, critic = tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6)
+    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path / "fastgen"), 25000, {"net": gen, "fake_score": critic})
+    out = tmp_path / "run"
+    common = ["--model-dir", s["pipe"], "--data", s["data"], "--device", "cpu", "--steps", "1", "--fake-updates", "0",
+              "--save-every", "0", "--monitor-every", "0", "--batch-size", "1"]
+    wan_dfd.main(["train", *common, "--dmd2-ckpt", stem + ".pth", "--out", str(out)])
+    err = capsys.readouterr().err
+    n = len(gen.state_dict())
+    assert f"  student    <- {stem}.net_model ({n} tensors)\n" in err
+    assert f"  fake score <- {stem}.fake_score_model ({n} tensors)\n" in err
+    fake = load_file(str(out / "checkpoints" / "step-000000" / "fake.safetensors"))  # no fake update was made
+    assert all(torch.equal(fake[k], v) for k, v in critic.state_dict().items())
+    assert "block-causal" in main_error(["train", *common, "--dmd2-ckpt", s["dmd2"]["pt"], "--out", str(tmp_path / "r")])

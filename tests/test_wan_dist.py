@@ -33,7 +33,7 @@ def test_two_ranks_match_single_process(tmp_path):
     random_data(tmp_path / "data")
     paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path / "dmd2"), tiny_wan.tiny_transformer(5),
                                             tiny_wan.tiny_transformer(6))
-    argv = ["train", "--model-dir", pipe, "--data", str(tmp_path / "data"), "--dmd2-ckpt", paths["pt"],
+    argv = ["train", "--model-dir", pipe, "--data", str(tmp_path / "data"), "--dmd2-ckpt", paths["pt"], "--bidirectional-ckpt",
             "--out", str(tmp_path / "run"), "--steps", str(STEPS), "--batch-size", "2", "--fake-updates", "2",
             "--lr", str(LR), "--lr-fake", str(LR), "--grad-clip", "0", "--save-every", "0", "--device", "cpu",
             "--monitor-every", "0", "--p", "0.5"]

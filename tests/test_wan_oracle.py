@@ -11,6 +11,7 @@ import torch
 import dfd
 import tiny_wan
 import wan_dfd
+from dfd_video.adapter import FASTGEN_NEGATIVE_PROMPT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -48,7 +49,12 @@ def test_text_embeddings_match_pipeline(wan):
     mine = enc.encode_text(PROMPTS)["text"]
     assert mine.shape == (2, 512, 32)
     torch.testing.assert_close(mine, cond, atol=1e-5, rtol=0)
-    torch.testing.assert_close(enc.negative()["text"], uncond[0], atol=1e-5, rtol=0)  # default negative prompt ""
+    # prepare --negative-prompt "": the pipeline's default negative prompt ""; by default FastGen's text
+    empty = wan_dfd.WanEncoders(tiny_wan.cached_pipeline(), torch.device("cpu"), vae=False, negative="").negative()["text"]
+    torch.testing.assert_close(empty, uncond[0], atol=1e-5, rtol=0)
+    fastgen = pipe.encode_prompt(PROMPTS[:1], negative_prompt=FASTGEN_NEGATIVE_PROMPT, device="cpu",
+                                 max_sequence_length=512)[1]
+    torch.testing.assert_close(enc.negative()["text"], fastgen[0], atol=1e-5, rtol=0)
     n_tokens = len(PROMPTS[0].split()) + 1  # words + </s>
     assert mine[0, n_tokens:].abs().max() == 0 and mine[0, n_tokens - 1].abs().max() > 0  # cut, then zero-padded
 
@@ -60,7 +66,7 @@ def test_teacher_with_unipc_reproduces_pipeline(wan):
     adapter, net, pipe, enc = wan
     lat = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     out = pipe(prompt=PROMPTS, height=32, width=48, num_frames=9, num_inference_steps=6, latents=lat.clone(),
-               guidance_scale=5.0, output_type="latent").frames
+               guidance_scale=5.0, negative_prompt=FASTGEN_NEGATIVE_PROMPT, output_type="latent").frames
     teacher = adapter.denoiser(net, 5.0, enc.negative())
     sch = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     assert sch.config.prediction_type == "flow_prediction" and sch.config.flow_shift == 3.0
@@ -84,7 +90,7 @@ def test_teacher_with_own_euler_reproduces_pipeline(wan):
     try:
         lat = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
         out = pipe(prompt=PROMPTS, height=32, width=48, num_frames=9, num_inference_steps=5, latents=lat.clone(),
-                   guidance_scale=5.0, output_type="latent").frames
+                   guidance_scale=5.0, negative_prompt=FASTGEN_NEGATIVE_PROMPT, output_type="latent").frames
     finally:
         pipe.scheduler = old
     ts = sch.sigmas.tolist()  # 5 shifted sigmas then 0

@@ -179,6 +179,25 @@ def write_dmd2_checkpoints(path: str, generator: torch.nn.Module, critic: torch.
     return out
 
 
+def write_fastgen_fsdp(folder: str, iteration: int, nets: dict[str, torch.nn.Module], prefix: str = "transformer.") -> str:
+    """A FastGen FSDPCheckpointer checkpoint (fastgen/utils/checkpointer.py): per network one DCP folder
+    <iteration:07d>.<name>_model/ of the FastGen module's state dict (the diffusers transformer under `transformer.`),
+    an optimizer folder for the student, and <iteration>.pth holding the scheduler state only. nets: e.g.
+    {"net": ..., "fake_score": ..., "ema": ...}. Returns the prefix <folder>/<iteration:07d>."""
+    import torch.distributed.checkpoint as dcp
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"{iteration:07d}")
+    for name, net in nets.items():
+        sd = {prefix + k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+        dcp.save(sd, checkpoint_id=f"{stem}.{name}_model", no_dist=True)
+    first = next(iter(nets.values())).state_dict()
+    dcp.save({"state": {f"{prefix}{k}.exp_avg": torch.zeros_like(v) for k, v in list(first.items())[:2]}},
+             checkpoint_id=f"{stem}.net_optim", no_dist=True)
+    torch.save({"scheduler": {n: {"last_epoch": iteration, "base_lrs": [1e-5]} for n in nets if n in ("net", "fake_score")},
+                "grad_scaler": {}, "callbacks": {}, "iteration": iteration}, f"{stem}.pth")
+    return stem
+
+
 _CACHE: dict[str, str] = {}
 
 
