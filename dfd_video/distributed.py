@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,25 @@ def setup_distributed(device: str = "auto") -> Dist:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     return Dist(rank, world, local_rank, dev, init_device_mesh(dev.type, (world,)))
+
+
+def on_main_rank(d: Dist, work: Callable[[], Any]) -> Any:
+    """Runs `work` (filesystem work: moving, writing, cleaning) on rank 0 only. A collective: when it raises OSError
+    or ValueError every rank stops, rank 0 with the one-line error and the others quietly with the same exit code, so
+    no rank waits forever for a partner that has left."""
+    result, err = None, None
+    if d.main:
+        try:
+            result = work()
+        except (OSError, ValueError) as e:
+            err = str(e)
+    if d.world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise SystemExit(f"error: {err}" if d.main else 1)
+    return result
 
 
 def teardown_distributed() -> None:
