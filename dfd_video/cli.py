@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any, Sequence
 
 import dfd
 from dfd_video.distributed import teardown_distributed
 from dfd_video.evaluate import run_evaluate
+from dfd_video.files import check_writable
 from dfd_video.prepare import run_prepare
+from dfd_video.runs import run_files
 from dfd_video.sample import run_export, run_sample
 from dfd_video.train import run_train
 
@@ -30,8 +33,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="which network of a DMD2 checkpoint starts the student (falls back to generator)")
     p.add_argument("--data", required=True, help="folder written by `prepare`")
     p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint folder (no value: the latest one in --out)")
+    again = p.add_mutually_exclusive_group()  # a --out that already holds a run needs one of the two
+    again.add_argument("--resume", nargs="?", const="latest", default=None,
+                       help="continue from a checkpoint folder (no value: the latest one in --out)")
+    again.add_argument("--overwrite", action="store_true", help="start afresh in a --out that holds an earlier run, "
+                       "after renaming that run's folder to <out>.old-<date>-<time>")
     p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch: ranks x grad-accum x per-rank batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (each network)")
@@ -69,6 +75,10 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum"):
         if hasattr(args, name) and getattr(args, name) < 1:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; checked here, before the process group starts
+    if hasattr(args, "batch_size") and args.grad_accum >= 1 and args.batch_size % (world * args.grad_accum):
+        bad.append(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum "
+                   f"= {world} x {args.grad_accum}")
     for name in ("lr", "lr_fake"):
         if hasattr(args, name) and not getattr(args, name) > 0:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
@@ -108,6 +118,17 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and not os.path.exists(v):
             bad.append(f"{flag} {v}: no such file or folder")
+    if getattr(args, "out", None) is not None:
+        try:
+            check_writable(args.out, "--out")
+        except ValueError as e:
+            bad.append(str(e))
+    held = run_files(args.out) if hasattr(args, "overwrite") else []
+    if held and args.resume is None and not args.overwrite:
+        bad.append(f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
+                   f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
+    if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
+        bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
     if bad:
         raise SystemExit("error: " + bad[0])
 
@@ -180,6 +201,20 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
+def wait_for_rank0() -> None:
+    """Under torchrun every rank finds the same bad argument, but it should be printed once. Rank 0 exits with it at
+    once and torchrun then ends the other ranks, which wait meanwhile: one exiting first would make torchrun stop
+    rank 0, perhaps before it printed. A rank still running 10 s later (rank 0 did not fail) prints it too."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(10)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        wait_for_rank0()
+        super().error(message)
+
+
 SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
 
 
@@ -188,7 +223,7 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    parser = argparse.ArgumentParser(description=description)
+    parser = Parser(description=description)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
                                 ("train", add_train_args, "DFD post-training (default)"),
@@ -204,7 +239,11 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     if hasattr(adapter, "configure"):
         adapter.configure(args)
     if args.cmd != "evaluate":  # evaluate checks its own flags
-        check_args(args)
+        try:
+            check_args(args)
+        except SystemExit:
+            wait_for_rank0()
+            raise
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
            "evaluate": run_evaluate}[args.cmd]
     try:
