@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import dfd
-from dfd_video.distributed import teardown_distributed
+from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
 from dfd_video.files import check_writable
 from dfd_video.prepare import run_prepare
@@ -201,15 +200,9 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
-def wait_for_rank0() -> None:
-    """Under torchrun every rank finds the same bad argument, but it should be printed once. Rank 0 exits with it at
-    once and torchrun then ends the other ranks, which wait meanwhile: one exiting first would make torchrun stop
-    rank 0, perhaps before it printed. A rank still running 10 s later (rank 0 did not fail) prints it too."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        time.sleep(10)
-
-
 class Parser(argparse.ArgumentParser):
+    """argparse whose errors under torchrun are printed by rank 0 alone (distributed.wait_for_rank0)."""
+
     def error(self, message: str):
         wait_for_rank0()
         super().error(message)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import tiny_wan
 import dfd_video.cli
 import dfd_video.data
+import dfd_video.distributed
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -91,7 +92,7 @@ def test_bad_arguments_under_torchrun_are_said_once(tmp_path, monkeypatch, capsy
     assert re.search(r"rank\s*: 0 ", root_cause) and re.search(r"exitcode\s*: 1 ", root_cause), r.stderr
     # argparse's errors too: a rank > 0 waits for torchrun to end it before printing (here nothing ends it)
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(dfd_video.cli.time, "sleep", lambda s: print(f"waited {s} s", file=sys.stderr))
+    monkeypatch.setattr(dfd_video.distributed.time, "sleep", lambda s: print(f"waited {s} s", file=sys.stderr))
     with pytest.raises(SystemExit) as e:
         wan_dfd.main([*argv, "--p", "abc"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("waited 10 s\nusage:")
