@@ -8,10 +8,12 @@ import sys
 from typing import Any, Sequence
 
 import dfd
-from dfd_video.distributed import teardown_distributed
+from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
+from dfd_video.files import check_writable
 from dfd_video.plot import run_plot
 from dfd_video.prepare import run_prepare
+from dfd_video.runs import run_files
 from dfd_video.sample import run_export, run_sample
 from dfd_video.train import run_train
 from dfd_video.weights import fastgen_prefix_exists
@@ -51,8 +53,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_ckpt_trust_args(p)
     p.add_argument("--data", required=True, help="folder written by `prepare`")
     p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint folder (no value: the latest one in --out)")
+    again = p.add_mutually_exclusive_group()  # a --out that already holds a run needs one of the two
+    again.add_argument("--resume", nargs="?", const="latest", default=None,
+                       help="continue from a checkpoint folder (no value: the latest one in --out)")
+    again.add_argument("--overwrite", action="store_true", help="start afresh in a --out that holds an earlier run, "
+                       "after renaming that run's folder to <out>.old-<date>-<time>")
     p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100 \"iterations\"; "
                    "FastGen counts every update of either network, so its 100 are 20 student updates: "
                    "docs/recipe.md)")
@@ -98,6 +103,10 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum"):
         if hasattr(args, name) and getattr(args, name) < 1:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; checked here, before the process group starts
+    if hasattr(args, "batch_size") and args.grad_accum >= 1 and args.batch_size % (world * args.grad_accum):
+        bad.append(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum "
+                   f"= {world} x {args.grad_accum}")
     for name in ("lr", "lr_fake"):
         if hasattr(args, name) and not getattr(args, name) > 0:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
@@ -143,6 +152,17 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and not os.path.exists(v) and not (flag != "--prompts" and fastgen_prefix_exists(v)):
             bad.append(f"{flag} {v}: no such file or folder")
+    if getattr(args, "out", None) is not None:
+        try:
+            check_writable(args.out, "--out")
+        except ValueError as e:
+            bad.append(str(e))
+    held = run_files(args.out) if hasattr(args, "overwrite") else []
+    if held and args.resume is None and not args.overwrite:
+        bad.append(f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
+                   f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
+    if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
+        bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
     if bad:
         raise SystemExit("error: " + bad[0])
 
@@ -253,6 +273,14 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors under torchrun are printed by rank 0 alone (distributed.wait_for_rank0)."""
+
+    def error(self, message: str):
+        wait_for_rank0()
+        super().error(message)
+
+
 SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot")
 
 
@@ -275,7 +303,7 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
     """Every subcommand's flags, the adapter's own included. description: the adapter script's docstring (--help
     shows its title and launch lines; from a line starting "Conventions" on it is left out)."""
     description = description.split("\nConventions")[0].strip()
-    parser = argparse.ArgumentParser(description=description, usage=USAGE, formatter_class=HelpFormatter)
+    parser = Parser(description=description, usage=USAGE, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, title="subcommands", prog=parser.prog)
     for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
                                 ("train", add_train_args, "DFD post-training (default)"),
@@ -302,7 +330,11 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     if hasattr(adapter, "configure"):
         adapter.configure(args)
     if args.cmd not in ("evaluate", "plot"):  # these check their own flags
-        check_args(args)
+        try:
+            check_args(args)
+        except SystemExit:
+            wait_for_rank0()
+            raise
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
            "evaluate": run_evaluate, "plot": run_plot}[args.cmd]
     try:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,36 @@ def setup_distributed(device: str = "auto") -> Dist:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     return Dist(rank, world, local_rank, dev, init_device_mesh(dev.type, (world,)))
+
+
+def wait_for_rank0() -> None:
+    """For an error every rank meets alike, printed once by rank 0: ranks > 0 wait before they exit or print, since
+    torchrun stops all ranks as soon as one exits, and a rank exiting first could stop rank 0 before it printed.
+    Rank 0 exits at once and torchrun ends the others; one still running 10 s later (rank 0 did not fail, or no
+    torchrun) goes on."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(10)
+
+
+def on_main_rank(d: Dist, work: Callable[[], Any]) -> Any:
+    """Runs `work` (filesystem work: moving, writing, cleaning) on rank 0 only. A collective: when it raises OSError
+    or ValueError every rank stops, rank 0 with the one-line error and the others quietly with the same exit code, so
+    no rank waits forever for a partner that has left."""
+    result, err = None, None
+    if d.main:
+        try:
+            result = work()
+        except (OSError, ValueError) as e:
+            err = str(e)
+    if d.world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        if not d.main:
+            wait_for_rank0()
+        raise SystemExit(f"error: {err}" if d.main else 1)
+    return result
 
 
 def teardown_distributed() -> None:

@@ -3,22 +3,51 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from dfd_video.distributed import Dist, full_state_dict
-from dfd_video.files import write_text
+from dfd_video.distributed import Dist, full_state_dict, on_main_rank
+from dfd_video.files import write_error, write_text
 
 
 CKPT_DIR = "checkpoints"
 CKPT_FILES = ("student", "fake", "ema")
+
+
+RUN_FILES = (CKPT_DIR, "metrics.jsonl", "args.json")  # what makes a folder a training run's
+
+
+def run_files(out: str) -> list[str]:
+    """The parts of a training run `out` already holds: a second run there without --resume would mix with it."""
+    return [x for x in RUN_FILES if os.path.lexists(os.path.join(out, x))]
+
+
+def start_run_folder(out: str, overwrite: bool) -> None:
+    """Rank 0, before training writes anything: with `overwrite`, renames an earlier run in `out` to
+    out.old-<time> (and says so); removes the temporaries a killed run left (*.tmpPID, *.oldPID); creates `out`."""
+    if overwrite and run_files(out):
+        base = os.path.abspath(out)
+        aside = stamped = f"{base}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in range(1, 1000):
+            if not os.path.lexists(aside):
+                break
+            aside = f"{stamped}-{i}"
+        os.rename(base, aside)
+        print(f"--overwrite: moved the earlier run in {out} to {aside}", file=sys.stderr)
+    for folder in (out, os.path.join(out, CKPT_DIR)):
+        for x in os.listdir(folder) if os.path.isdir(folder) else []:
+            if re.fullmatch(r".+\.(tmp|old)\d+", x):
+                path = os.path.join(folder, x)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(out, exist_ok=True)
 
 
 def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer],
@@ -30,18 +59,22 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
     opt_full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {name: full_state_dict(net) for name, net in nets.items()}
     optim = {name: get_optimizer_state_dict(nets[name], opt, options=opt_full) for name, opt in opts.items()}
-    final = None
-    if d.main:
-        root = os.path.join(folder, CKPT_DIR)
+    final = os.path.join(folder, CKPT_DIR, f"step-{step:06d}")
+
+    def write() -> None:
+        root = os.path.dirname(final)
         os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{step:06d}")
         tmp = f"{final}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for name, sd in weights.items():
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"))
-        state = {"step": step, "optim": optim, "rng": rng_state(), **extra}
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for name, sd in weights.items():
+                save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"))
+            state = {"step": step, "optim": optim, "rng": rng_state(), **extra}
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(write_error(final, e)) from None
         if os.path.exists(final):  # re-saving a step after a resume: move the old one out of the way first
             old = f"{final}.old{os.getpid()}"
             os.replace(final, old)
@@ -53,8 +86,8 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
         done = sorted(x for x in os.listdir(root) if re.fullmatch(r"step-\d{6}", x))
         for x in done[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, x), ignore_errors=True)
-    dist.barrier()
-    return final
+    on_main_rank(d, write)  # every rank stops with rank 0 if the disk is full
+    return final if d.main else None
 
 
 def latest_checkpoint(path: str) -> str:
@@ -68,21 +101,32 @@ def latest_checkpoint(path: str) -> str:
     raise ValueError(f"{path}: no training checkpoint (expected a step folder with state.pt, or a `latest` pointer)")
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(weights by name, state) from a step folder written by save_checkpoint."""
+def load_checkpoint(path: str, state: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(weights by name, state) from a step folder written by save_checkpoint. state.pt is read with
+    weights_only=True: tensors and plain values only, so a run folder from elsewhere cannot run code on --resume.
+    state=False reads the weights alone (sample, export), as any checkpoint's safetensors can be."""
     from safetensors.torch import load_file
     folder = latest_checkpoint(path)
     try:
-        state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+        st = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True) if state else {}
         weights = {n: load_file(os.path.join(folder, f"{n}.safetensors")) for n in CKPT_FILES
                    if os.path.exists(os.path.join(folder, f"{n}.safetensors"))}
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{folder}/state.pt holds a pickled Python object ({found[1] if found else '?'}), and "
+                         "unpickling can run any code: refused (a training checkpoint holds tensors and plain values "
+                         "only; one written before this check pickled numpy's RNG state and cannot be resumed, but "
+                         "sample and export still read its weights)") from None
     except Exception as e:
         raise ValueError(f"{folder}: corrupt training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    return weights, state
+    return weights, st
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain values (numpy's key array as a list), for weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -91,7 +135,8 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 

@@ -12,10 +12,12 @@ import torch
 
 import dfd
 from dfd_video.data import LatentShards
-from dfd_video.distributed import compute_dtype, mean_over_ranks, peak_memory_gb, setup_distributed, shard
-from dfd_video.files import fail
+from dfd_video.distributed import (compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb, setup_distributed,
+                                   shard)
+from dfd_video.files import fail, write_text
 from dfd_video.probes import Drift, open_probes
-from dfd_video.runs import MetricLog, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from dfd_video.runs import (MetricLog, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                           start_run_folder)
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, read_checkpoint
 
 
@@ -32,12 +34,10 @@ def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
 def run_train(adapter, args: argparse.Namespace) -> dict:
     """DFD post-training (dfd.train) with FSDP2, checkpoints and resume. Returns the last logged metrics."""
     d = setup_distributed(args.device)
-    per_rank, rem = divmod(args.batch_size, d.world * args.grad_accum)
-    if rem or per_rank < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not a multiple of ranks x --grad-accum "
-                         f"= {d.world} x {args.grad_accum}")
+    per_rank = args.batch_size // (d.world * args.grad_accum)  # a multiple: cli.check_args
     if args.resume is None and args.dmd2_ckpt is None:
         raise SystemExit("error: --dmd2-ckpt is required (DFD post-trains a DMD2 student; or pass --resume)")
+    on_main_rank(d, lambda: start_run_folder(args.out, args.overwrite))  # cli.check_args refused mixing two runs
     dtype = compute_dtype(args, d)
     adapter.compute_dtype = dtype
     ckpt = not args.no_checkpointing
@@ -104,6 +104,10 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         if st.get("world") is not None and st["world"] * st.get("per_rank_batch", per_rank) != d.world * per_rank:
             raise SystemExit(f"error: --resume: checkpoint used global batch {st['world'] * st['per_rank_batch']}, "
                              f"this run {d.world * per_rank}")
+        if st.get("world") not in (None, d.world) and d.main:
+            print(f"--resume: the checkpoint was written by {st['world']} ranks, this run has {d.world}: same global "
+                  "batch and data, but the sums run in another order, so the weights will be close to an unbroken "
+                  "run's, not bit-identical", file=sys.stderr)
         for name, net, opt in (("student", student_net, opt_s), ("fake", fake_net, opt_f)):
             set_optimizer_state_dict(net, opt, st["optim"][name], options=StateDictOptions(full_state_dict=True))
         start, position = st["step"] + 1, st["position"]
@@ -114,8 +118,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
     stream = data.batches(position, per_rank, d.rank, d.world, args.seed)
     batches = (adapter.make_batch({k: v.to(d.device) for k, v in item.items()}, d.device) for item in stream)
     if d.main:
-        os.makedirs(args.out, exist_ok=True)
-        json.dump(vars(args), open(os.path.join(args.out, "args.json"), "w"), indent=1)
+        write_text(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
     log = MetricLog(os.path.join(args.out, "metrics.jsonl"), args.steps, start, d.main)
     last: dict = {}
     clock = [time.perf_counter()]

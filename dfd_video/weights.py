@@ -191,7 +191,7 @@ def load_student_weights(path: str, weights: str = "auto", bidirectional: bool =
     except ValueError:
         folder = None
     if folder is not None:
-        w, _ = load_checkpoint(folder)
+        w, _ = load_checkpoint(folder, state=False)
         name = "ema" if weights in ("auto", "ema") and "ema" in w else "student"
         if weights == "ema" and "ema" not in w:
             raise ValueError(f"{path}: the checkpoint has no EMA (trained with --ema 0)")

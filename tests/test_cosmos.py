@@ -473,7 +473,7 @@ def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = os.path.join(out, "checkpoints", f"step-{steps - 1:06d}")
-    assert torch.load(os.path.join(ck, "state.pt"), weights_only=False)["world"] == 2
+    assert torch.load(os.path.join(ck, "state.pt"), weights_only=True)["world"] == 2
     parser = __import__("argparse").ArgumentParser()
     dfd_video.cli.add_train_args(parser)
     C.CosmosAdapter().add_args("train", parser)

@@ -1,8 +1,11 @@
 """dfd_video's file handling (weights, data, video, runs): every --dmd2-ckpt format, weight mismatches, data shards,
 video I/O, atomic checkpoints."""
+import errno
 import json
-import shutil
 import os
+import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import tiny_wan
 import dfd_video.data
 import dfd_video.distributed
+import dfd_video.files
 import dfd_video.runs
 import dfd_video.video
 import dfd_video.weights
@@ -158,30 +162,45 @@ def test_cast_keeps_diffusers_fp32_modules():
     assert x0.dtype == torch.float32 and x0.shape == (1, 16, 3, 4, 6) and torch.isfinite(x0).all()
 
 
+def _one_step_net():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return net, opt
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
-    """A save that dies half-way (here: writing state.pt) leaves `latest` on the previous complete checkpoint."""
+    """A save that dies half-way (here: writing state.pt) leaves `latest` on the previous complete checkpoint, no
+    temporary folder behind, and one line naming the folder, the disk and why."""
     d = dfd_video.distributed.setup_distributed("cpu")
     try:
-        net = torch.nn.Linear(3, 2)
-        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-        net(torch.ones(1, 3)).sum().backward()
-        opt.step()
+        net, opt = _one_step_net()
         first = dfd_video.runs.save_checkpoint(str(tmp_path), 0, {"student": net}, {"student": opt}, {"position": 1}, d)
         before = {k: v.clone() for k, v in net.state_dict().items()}
         with torch.no_grad():
             net.weight.add_(1.0)
 
-        def dies(*a, **k):
-            raise OSError("disk full")
-        monkeypatch.setattr(torch, "save", dies)
-        with pytest.raises(OSError):
-            dfd_video.runs.save_checkpoint(str(tmp_path), 1, {"student": net}, {"student": opt}, {"position": 2}, d)
-        monkeypatch.undo()
+        def disk_full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def torch_disk_full(*a, **k):  # what torch.save raises on a full disk: no errno, no "no space"
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nframe #0: ...")
+        free = shutil.disk_usage(str(tmp_path))
+        for writer, usage in ((disk_full, free), (torch_disk_full, free._replace(free=2**20))):
+            monkeypatch.setattr(torch, "save", writer)
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+            with pytest.raises(SystemExit) as e:
+                dfd_video.runs.save_checkpoint(str(tmp_path), 1, {"student": net}, {"student": opt}, {"position": 2}, d)
+            monkeypatch.undo()
+            msg = str(e.value.code)
+            assert re.fullmatch(r"error: could not write \S+/checkpoints/step-000001: no space left on device; "
+                                r"[\d.]+ GB free on the disk mounted at /\S*", msg), msg
+            assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-000000"]  # no step-000001.tmpPID
         assert dfd_video.runs.latest_checkpoint(str(tmp_path)) == first
         weights, state = dfd_video.runs.load_checkpoint(str(tmp_path))
         assert state["step"] == 0 and state["position"] == 1
         assert all(torch.equal(weights["student"][k], before[k]) for k in before)
-        assert not os.path.exists(tmp_path / "checkpoints" / "step-000001")
     finally:
         dfd_video.distributed.teardown_distributed()
 
@@ -312,3 +331,69 @@ def test_fake_init_and_missing_critic(tmp_path, nets):
                              "generator"] and _loads(d, "fake_score", nets[1])
     absent = str(tmp_path / "absent.pt")
     assert dfd_video.weights.describe_dmd2(absent)["refusals"] == [f"{absent}: no such file or folder"]
+
+
+class RunsCode:
+    """What a hostile state.pt could hold: unpickling it calls os.system."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.flag}",)
+
+
+def test_state_pt_is_plain_data_and_pickled_objects_are_refused(tmp_path):
+    """state.pt (optimizer, every RNG, step, args) loads with weights_only=True and restores the RNGs exactly; a
+    state.pt holding a pickled object is refused with one line, and the object's code never runs."""
+    d = dfd_video.distributed.setup_distributed("cpu")
+    try:
+        net, opt = _one_step_net()
+        random.seed(1), np.random.seed(2), torch.manual_seed(3)
+        folder = dfd_video.runs.save_checkpoint(str(tmp_path), 0, {"student": net}, {"student": opt},
+                                                {"position": 1, "args": {"student_ts": [0.9, 0.5], "resume": None}}, d)
+        want = random.random(), np.random.rand(), torch.rand(1)
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+        assert state["args"]["student_ts"] == [0.9, 0.5] and "exp_avg_sq" in state["optim"]["student"]["state"]["bias"]
+        dfd_video.runs.set_rng_state(dfd_video.runs.load_checkpoint(folder)[1]["rng"])
+        assert (random.random(), np.random.rand(), torch.rand(1)) == want
+        flag = tmp_path / "code_ran"
+        torch.save({**state, "step": RunsCode(str(flag))}, os.path.join(folder, "state.pt"))
+        with pytest.raises(ValueError) as e:
+            dfd_video.runs.load_checkpoint(str(tmp_path))
+        assert re.search(r"state.pt holds a pickled Python object \(\w+\.system\)", str(e.value)), e.value
+        assert "\n" not in str(e.value)
+        assert not flag.exists()
+        weights, _ = dfd_video.runs.load_checkpoint(str(tmp_path), state=False)  # sample and export read weights only
+        assert torch.equal(weights["student"]["weight"], net.weight)
+    finally:
+        dfd_video.distributed.teardown_distributed()
+
+
+def test_check_writable_names_the_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    dfd_video.files.check_writable(str(tmp_path / "new" / "run"), "--out")  # created later: fine
+    with pytest.raises(ValueError, match=r"^--out \S+/file/run: \S+/file is a file, not a folder$"):
+        dfd_video.files.check_writable(str(tmp_path / "file" / "run"), "--out")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(ValueError, match=r"^--out \S+/ro/run: no permission to write in \S+/ro$"):
+            dfd_video.files.check_writable(str(tmp_path / "ro" / "run"), "--out")
+
+
+def test_start_run_folder_cleans_temporaries_and_moves_a_run_aside(tmp_path, capsys):
+    """What a killed run leaves (*.tmpPID, *.oldPID) goes at the next start; --overwrite renames the earlier run."""
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    for folder in ("step-000001", "step-000003.tmp123", "step-000001.old77"):
+        (ck / folder).mkdir(parents=True)
+    for f in ("checkpoints/latest", "checkpoints/latest.tmp9", "metrics.jsonl", "metrics.jsonl.tmp5", "args.json"):
+        (out / f).write_text("x")
+    dfd_video.runs.start_run_folder(str(out), overwrite=False)
+    assert sorted(os.listdir(ck)) == ["latest", "step-000001"]
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoints", "metrics.jsonl"]
+    assert dfd_video.runs.run_files(str(out)) == ["checkpoints", "metrics.jsonl", "args.json"]
+    dfd_video.runs.start_run_folder(str(out), overwrite=True)
+    aside = [x for x in os.listdir(tmp_path) if x.startswith("run.old-")]
+    assert len(aside) == 1 and os.listdir(out) == [] and (tmp_path / aside[0] / "checkpoints" / "step-000001").is_dir()
+    assert capsys.readouterr().err == f"--overwrite: moved the earlier run in {out} to {tmp_path / aside[0]}\n"

@@ -91,13 +91,17 @@ def test_train_kill_resume_sample_export(setup, capsys):
     proc.wait()
     assert open(latest).read().strip() == "step-000001"
     assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
+    leftovers = [os.path.join(run_b, "checkpoints", "step-000003.tmp99999"), os.path.join(run_b, "args.json.tmp99999")]
+    os.makedirs(leftovers[0])  # what a kill during a save leaves (whatever this kill left besides)
+    open(leftovers[1], "w").close()
     run(["train", *train_args(s, run_b), "--resume"])
+    assert not any(os.path.exists(x) for x in leftovers) and not glob.glob(f"{run_b}/**/*.tmp*", recursive=True)
     assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == list(range(6))
     a, b = (os.path.join(r, "checkpoints", "step-000005") for r in (run_a, run_b))
     for name in ("student", "fake", "ema"):
         wa, wb = load_file(f"{a}/{name}.safetensors"), load_file(f"{b}/{name}.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
-    st_a, st_b = (torch.load(f"{x}/state.pt", weights_only=False) for x in (a, b))
+    st_a, st_b = (torch.load(f"{x}/state.pt", weights_only=True) for x in (a, b))  # plain data only
     assert st_a["position"] == st_b["position"] == 6 * 2  # 6 steps x (1 fake + 1 student) micro-batches
     ex = st_a["optim"]["student"]["state"]
     k = next(iter(ex))
@@ -189,7 +193,9 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
         (base(model_dir=str(tmp_path / "nope")), "--model-dir .*nope: no such folder"),
         (base(data=str(tmp_path / "nodata")), "--data .*nodata: no such folder"),
         (base(dmd2_ckpt=str(tmp_path / "x.pt")), "--dmd2-ckpt .*x.pt: no such file"),
+        (base(out=str(tmp_path / "afile" / "run")), r"--out \S+/afile/run: \S+/afile is a file, not a folder$"),
     ]
+    (tmp_path / "afile").write_text("")
     for argv, msg in cases:
         got = main_error(["train", *argv])
         assert re.search(msg, got) and "\n" not in got, (argv, got)
@@ -223,6 +229,11 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     assert "empty: no video files" in main_error([*prep, "--videos", str(tmp_path / "empty")])
     tiny_wan.make_videos(str(tmp_path / "junk"), n=0, broken=1)
     assert "none of the 1 videos was usable (" in main_error([*prep, "--videos", str(tmp_path / "junk")])
+    # sample into an unwritable --out: said before the (here empty, so unloadable) model folder is read
+    (tmp_path / "nomodel").mkdir()
+    got = main_error(["sample", "--model-dir", str(tmp_path / "nomodel"), "--ckpt", s["dmd2"]["pt"], "--prompts",
+                      str(tmp_path / "afile"), "--out", str(tmp_path / "afile" / "videos")])
+    assert re.fullmatch(r"error: --out \S+/afile/videos: \S+/afile is a file, not a folder", got), got
     # sample: missing prompt file; export of a checkpoint that does not fit
     assert "missing.txt: no such file or folder" in main_error(
         ["sample", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["pt"], "--bidirectional-ckpt", "--prompts", str(tmp_path / "missing.txt")])
@@ -255,6 +266,42 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(setup, tmp_path):
     assert digest() == before and open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-000000"
 
 
+def test_a_run_folder_is_never_mixed_or_left_half_written(setup, tmp_path, monkeypatch, capfd):
+    """A full disk at the first checkpoint: one line, no partial folder. Training again into that --out is refused
+    (before any model loads) naming --resume and --overwrite; --overwrite renames the earlier run and says so."""
+    s = setup
+    out = str(tmp_path / "run")
+    argv = ["train", "--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--out", out,
+            "--device", "cpu", "--batch-size", "2", "--fake-updates", "0", "--steps", "1", "--monitor-every", "0"]
+
+    def torch_disk_full(*a, **k):  # torch.save on a full disk: a RuntimeError that does not say so
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", torch_disk_full)
+    usage = shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=0))
+    msg = main_error(argv)
+    monkeypatch.undo()
+    assert re.fullmatch(rf"error: could not write {re.escape(out)}/checkpoints/step-000000: no space left on device; "
+                        r"0.0 GB free on the disk mounted at /\S*", msg), msg
+    assert os.listdir(os.path.join(out, "checkpoints")) == []  # the partial step-000000.tmpPID is gone
+    before = {f: open(os.path.join(out, f)).read() for f in ("args.json", "metrics.jsonl")}
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    msg = main_error([*argv[:2], str(empty), *argv[3:]])  # refused before the (unloadable) model folder is read
+    assert re.fullmatch(rf"error: --out {re.escape(out)} already holds a run \(checkpoints, metrics.jsonl, args.json\): "
+                        r"pass --resume to continue it, or --overwrite to move it to \S+\.old-<date>-<time> and start "
+                        "afresh", msg), msg
+    assert {f: open(os.path.join(out, f)).read() for f in before} == before
+    capfd.readouterr()
+    wan_dfd.main([*argv, "--overwrite"])
+    err = capfd.readouterr().err
+    aside = glob.glob(f"{out}.old-*")
+    assert len(aside) == 1 and err.count("--overwrite: moved") == 1
+    assert f"--overwrite: moved the earlier run in {out} to {aside[0]}\n" in err
+    assert {f: open(os.path.join(aside[0], f)).read() for f in before} == before  # the earlier run, untouched
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-000000"]
+
+
 def test_help_and_cli_error_format(capsys):
     for cmd, flag in (("train", "--dmd2-ckpt"), ("prepare", "--videos"), ("sample", "--prompts"), ("export", "--ckpt")):
         with pytest.raises(SystemExit) as e:
@@ -281,7 +328,7 @@ def test_method_flags_reach_the_loop(setup, tmp_path, capsys):
     out = tmp_path / "acc"
     wan_dfd.main(["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
                   "--fake-updates", "1", "--out", str(out)])
-    st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    st = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
     assert st["position"] == 3 * (1 + 1) * 2 and st["args"]["backward_sim"]
 
 

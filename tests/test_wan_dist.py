@@ -3,6 +3,7 @@ batch (tiny_wan.emulate_ranks: dfd's own update steps once per emulated rank, wi
 gradients averaged before the optimizer step, which is what FSDP2's reduce-scatter does)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import tiny_wan
 import dfd_video.cli
 import dfd_video.data
+import dfd_video.distributed
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -28,7 +30,7 @@ def random_data(folder, n=4, seed=0):
     w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
 
 
-def test_two_ranks_match_single_process(tmp_path):
+def test_two_ranks_match_single_process(tmp_path, capfd):
     pipe = tiny_wan.cached_pipeline()
     random_data(tmp_path / "data")
     paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path / "dmd2"), tiny_wan.tiny_transformer(5),
@@ -45,7 +47,7 @@ def test_two_ranks_match_single_process(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = os.path.join(tmp_path, "run", "checkpoints", f"step-{STEPS - 1:06d}")
-    state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
     assert state["world"] == 2 and state["per_rank_batch"] == 1
     parser = __import__("argparse").ArgumentParser()
     dfd_video.cli.add_train_args(parser)
@@ -71,6 +73,33 @@ def test_two_ranks_match_single_process(tmp_path):
         assert a["dfd"] == b["dfd"]
         assert abs(a["loss_student"] - b["loss_student"]) <= 1e-5 * max(1.0, abs(b["loss_student"]))
         assert abs(a["delta2"] - b["delta2"]) <= 1e-5 * b["delta2"]
+    # resuming the 2-rank checkpoint in one process: accepted (same global batch), and it says it is not exact
+    capfd.readouterr()
+    wan_dfd.main([*argv, "--steps", str(STEPS + 1), "--resume"])
+    err = capfd.readouterr().err
+    assert err.count("--resume: the checkpoint was written by 2 ranks, this run has 1: same global batch") == 1, err
+    assert "not bit-identical" in err
+
+
+def test_bad_arguments_under_torchrun_are_said_once(tmp_path, monkeypatch, capsys):
+    """Every rank finds a bad argument before the process group starts; rank 0 alone prints it, first, and is the
+    root cause torchrun names (torchrun's own ~40-line ChildFailedError summary follows and cannot be avoided)."""
+    line = "error: --batch-size 3 is not a multiple of ranks x --grad-accum = 2 x 1"
+    argv = ["--model-dir", str(tmp_path), "--data", str(tmp_path), "--device", "cpu"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "wan_dfd.py"), *argv, "--batch-size", "3"], env=tiny_wan.quiet_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count(line) == 1, r.stderr
+    assert 'wan_dfd.py", line' not in r.stderr  # no traceback through our code
+    assert r.stderr.index(line) < r.stderr.index("ChildFailedError"), r.stderr
+    root_cause = r.stderr[r.stderr.index("Root Cause"):]
+    assert re.search(r"rank\s*: 0 ", root_cause) and re.search(r"exitcode\s*: 1 ", root_cause), r.stderr
+    # argparse's errors too: a rank > 0 waits for torchrun to end it before printing (here nothing ends it)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dfd_video.distributed.time, "sleep", lambda s: print(f"waited {s} s", file=sys.stderr))
+    with pytest.raises(SystemExit) as e:
+        wan_dfd.main([*argv, "--p", "abc"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("waited 10 s\nusage:")
 
 
 @pytest.mark.slow
