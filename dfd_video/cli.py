@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 import dfd
+from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed
 from dfd_video.evaluate import run_evaluate
 from dfd_video.prepare import run_prepare
@@ -22,14 +23,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the networks (auto: bf16 on CUDA, fp32 on CPU); weights stay fp32")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
+    """The train flags; check=True for `check`, which takes them all (so a train command line can be pasted) with
+    --data optional and --out the report file."""
     add_common_args(p)
     p.add_argument("--dmd2-ckpt", help="the DMD2 student to start from: diffusers folder, .safetensors, .pt/.pth "
                    "(generator / generator_ema / critic), or torch.distributed.checkpoint folder")
     p.add_argument("--init-from", default="generator_ema", choices=("generator_ema", "generator"),
                    help="which network of a DMD2 checkpoint starts the student (falls back to generator)")
-    p.add_argument("--data", required=True, help="folder written by `prepare`")
-    p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
+    p.add_argument("--data", required=not check, help="folder written by `prepare`" + (
+        " (optional: real conditioning for parity and the sample, delta^2, the clip size of the memory estimate)"
+        if check else ""))
+    if check:
+        p.add_argument("--out", default=None, help="also write the report as JSON: a .json file, or a folder (e.g. "
+                       "the run folder of a pasted train command) that gets check.json")
+    else:
+        p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder (no value: the latest one in --out)")
     p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100)")
@@ -97,6 +106,12 @@ def check_args(args: argparse.Namespace) -> None:
             bad.append(f"--{name} {getattr(args, name)}: must be a positive multiple of 16")
     if hasattr(args, "fps") and not args.fps > 0:
         bad.append(f"--fps {args.fps}: must be > 0")
+    if hasattr(args, "world_size") and args.world_size < 1:
+        bad.append(f"--world-size {args.world_size}: must be >= 1")
+    if hasattr(args, "parity_t") and not 0.0 < args.parity_t <= 1.0:
+        bad.append(f"--parity-t {args.parity_t}: must be in (0, 1]")
+    if hasattr(args, "check_batch") and args.check_batch < 1:
+        bad.append(f"--check-batch {args.check_batch}: must be >= 1")
     if getattr(args, "seeds", None) is not None and not args.seeds:
         bad.append("--seeds: give at least one seed")
     for name in ("model_dir",):
@@ -110,6 +125,21 @@ def check_args(args: argparse.Namespace) -> None:
             bad.append(f"{flag} {v}: no such file or folder")
     if bad:
         raise SystemExit("error: " + bad[0])
+
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    add_train_args(p, check=True)
+    p.add_argument("--world-size", type=int, default=8, help="ranks of the planned train run, for the memory "
+                   "estimate (default 8: one node); check itself runs as one process")
+    p.add_argument("--num-frames", type=int, default=17, help="frames of the low-resolution parity / sample clip "
+                   "(without --data; with --data the data's clip size is used)")
+    p.add_argument("--height", type=int, default=240, help="height of that clip (multiple of 16)")
+    p.add_argument("--width", type=int, default=416, help="width of that clip (multiple of 16)")
+    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
+                   help="the student sampler (as in `sample`): renoise = fresh noise between steps, ode = the noise "
+                        "x_t implies")
+    p.add_argument("--parity-t", type=float, default=0.8, help="noise level t in (0, 1] of the teacher parity step")
+    p.add_argument("--check-batch", type=int, default=2, help="clips from --data for delta^2")
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -180,7 +210,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
 
-SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate")
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "check")
 
 
 def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
@@ -195,7 +225,10 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
                                 ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
                                 ("export", add_export_args, "student -> diffusers transformer folder"),
                                 ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
-                                 "report")):
+                                 "report"),
+                                ("check", add_check_args, "preflight before the first training job: checkpoint "
+                                 "format and key coverage, teacher parity with the diffusers pipeline, a student "
+                                 "sample with saturation and delta^2, estimated GPU memory per rank")):
         sp = sub.add_parser(name, help=helptext, description=helptext)
         add(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
@@ -206,7 +239,7 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
     if args.cmd != "evaluate":  # evaluate checks its own flags
         check_args(args)
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
-           "evaluate": run_evaluate}[args.cmd]
+           "evaluate": run_evaluate, "check": run_check}[args.cmd]
     try:
         return run(adapter, args)
     finally:
