@@ -155,6 +155,18 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float(x.max())
 
 
+def first_step_delta2(student, batch: tuple, t0: float, generator: torch.Generator) -> float:
+    """delta^2 of Eq. 7 as dfd.student_step monitors it, E||x - G||^2 per element (over the loss mask), for the
+    student's one-step output G = student(alpha_t0 x + sigma_t0 eps, t0) from the real clips x of `batch`."""
+    x_real, cond = batch[0], batch[1]
+    mask = batch[2] if len(batch) > 2 else None
+    t = torch.full((x_real.shape[0],), t0, device=x_real.device)
+    eps = torch.randn(x_real.shape, generator=generator).to(x_real.device, x_real.dtype)
+    G = student(dfd.forward_diffusion(x_real, eps, t), t, cond)
+    m = (torch.ones_like(x_real) if mask is None else mask.expand_as(x_real)).float().flatten(1)
+    return float((((x_real - G).float().flatten(1) ** 2 * m).sum(1) / m.sum(1).clamp_min(1)).mean())
+
+
 def report_path(out: str) -> str:
     """--out: a .json file, or a folder (e.g. the run folder of a pasted train command) -> folder/check.json."""
     return out if out.endswith(".json") and not os.path.isdir(out) else os.path.join(out, "check.json")
@@ -263,14 +275,9 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
                    **saturation_stats(frames))
         if data is not None:
             batch = adapter.make_batch({k: v.to(device) for k, v in items.items()}, device)
-            x_real, cond_b = batch[0], batch[1]
-            m = batch[2] if len(batch) > 2 else None
+            x_real = batch[0]
             with torch.no_grad():
-                t0 = torch.full((x_real.shape[0],), float(ts[0]), device=device)
-                eps = torch.randn(x_real.shape, generator=g).to(device)
-                G = student(dfd.forward_diffusion(x_real, eps, t0), t0, cond_b)
-                w = (torch.ones_like(x_real) if m is None else m.expand_as(x_real)).float().flatten(1)
-                delta2 = float((((x_real - G).float().flatten(1) ** 2 * w).sum(1) / w.sum(1).clamp_min(1)).mean())
+                delta2 = first_step_delta2(student, batch, float(ts[0]), torch.Generator().manual_seed(args.seed + 1))
             limit = dfd.DFDConfig().delta2_warn
             stu.update(delta2=delta2, delta2_t=float(ts[0]), delta2_clips=int(x_real.shape[0]), delta2_warn=limit)
             if delta2 > limit:

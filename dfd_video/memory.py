@@ -5,7 +5,7 @@ An ESTIMATE, in two parts of different quality:
           sharded over the ranks on dim 0 (each tensor padded to a multiple of the world size), stored in fp32
           whatever the compute dtype (MixedPrecisionPolicy casts a gathered copy), so per network of N parameters
           about 4 N / world bytes of weights; the student and the fake score add fp32 gradients (4 N / world) and
-          AdamW's two moments (8 N / world); the teacher and the EMA hold weights only.
+          AdamW's two moments (8 N / world, and a 4-byte step count per tensor); the teacher and the EMA hold weights only.
   rough   what the forward and backward add on top: FSDP2's unsharded copies of the block being run and the one
           prefetched (in the compute dtype, plus fp32 gradients of one block), and activations, counted as a few
           tensors of width D (or the MLP width F) per token and block, with activation checkpointing keeping only
@@ -44,7 +44,8 @@ def estimate_memory(param_shapes: Sequence[Sequence[int]], world: int, *, comput
     Returns {"exact": {net: {"params", "grads", "optimizer"}}, "rough": {...}, "total": ...}, all in bytes.
     """
     n = sharded_numel(param_shapes, world)
-    train = {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}  # fp32 master weights, grads, AdamW exp_avg(_sq)
+    # fp32 master weights and grads; AdamW's exp_avg and exp_avg_sq, plus its fp32 step counter per tensor
+    train = {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + 4 * len(param_shapes)}
     exact = {"student": dict(train), "fake_score": dict(train), "teacher": {"params": 4 * n, "grads": 0, "optimizer": 0}}
     if ema:
         exact["ema"] = {"params": 4 * n, "grads": 0, "optimizer": 0}
