@@ -584,8 +584,9 @@ class CosmosAdapter:
                                              scheduler=one_step_scheduler(t), safety_checker=_LatentsOnly())
         pipe.set_progress_bar_config(disable=True)
         _, _, T, h, w = x_t.shape
-        neg = uncond["text"][None].to(x_t.device).expand(x_t.shape[0], -1, -1)
-        x0 = pipe(video=video, prompt_embeds=cond.prompt, negative_prompt_embeds=neg, height=8 * h, width=8 * w,
+        dt = self.compute_dtype or torch.float32  # as its text encoder would hand them over (the pipeline does not cast)
+        neg = uncond["text"][None].to(x_t.device, dt).expand(x_t.shape[0], -1, -1)
+        x0 = pipe(video=video, prompt_embeds=cond.prompt.to(dt), negative_prompt_embeds=neg, height=8 * h, width=8 * w,
                   num_frames=4 * (T - 1) + 1, num_inference_steps=1, guidance_scale=guidance - 1.0, latents=x_t,
                   output_type="latent", num_latent_conditional_frames=1).frames
         return x0.float(), CosmosCond(cond.prompt, image), generated_mask(x_t, image.shape[2])

@@ -34,7 +34,7 @@ from dfd_video.weights import LEADING, NOT_WEIGHTS, ROLES, load_weights, read_ch
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
 # the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
 # order. A convention error (timestep scale, guidance form, velocity sign) moves x0 by O(1) of its scale.
-PARITY_REL = {"fp32": 1e-3, "bf16": 5e-2}
+PARITY_REL = {"fp32": 1e-3, "bf16": 2e-2}
 PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips: the memory estimate without --data
 
 
@@ -236,10 +236,21 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
             cond = adapter.make_cond(first, device)
             x0_pipe, cond_used, mask = adapter.pipeline_x0(teacher_net, x_t, t, cond, uncond, args.guidance, args)
             teacher = adapter.denoiser(teacher_net, args.guidance, uncond)
-            x0_ours = teacher(x_t, torch.tensor([t], device=device), cond_used).float()
+            tt = torch.tensor([t], device=device)
+            x0_ours = teacher(x_t, tt, cond_used).float()
+            # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
+            # x0 by exactly cond - uncond
+            off_by_one = adapter.denoiser(teacher_net, args.guidance - 1, uncond)(x_t, tt, cond_used).float() \
+                if args.guidance != 1.0 else None
         diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
-        par.update(max_abs_diff=diff, scale=scale, threshold=PARITY_REL[dtype_name] * scale,
-                   passed=bool(diff <= PARITY_REL[dtype_name] * scale and scale > 0))
+        threshold = PARITY_REL[dtype_name] * scale
+        par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
+        if off_by_one is not None:
+            par["guidance_off_by_one"] = _masked_max(x0_ours - off_by_one, mask)
+            if par["guidance_off_by_one"] <= threshold:
+                rep["warnings"].append(
+                    f"teacher parity at {dtype_name}: the threshold {threshold:.3g} does not resolve a guidance off by "
+                    f"one (it moves x0 by {par['guidance_off_by_one']:.3g} here); rerun check with --dtype fp32")
         if not par["passed"]:
             rep["problems"].append(f"teacher parity failed: max |x0 ours - x0 pipeline| = {diff:.3g} > "
                                    f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {args.guidance})")
@@ -378,6 +389,8 @@ def format_report(rep: dict) -> str:
     else:
         L.append(f"    max |x0 ours - x0 pipeline| = {p['max_abs_diff']:.3g}   (max |x0| {p['scale']:.3g}, threshold "
                  f"{p['threshold']:.3g})   {'PASS' if p['passed'] else 'FAIL'}")
+        if p.get("guidance_off_by_one") is not None:
+            L.append(f"    (a guidance off by one would move x0 by {p['guidance_off_by_one']:.3g})")
     s = rep["student"]
     L += ["", f"[3] student sample: {len(s['student_ts'])} steps at t = {s['student_ts']}, sampler {s['sampler']}, "
               f"seed {s['seed']}, {s['conditioning']}"]

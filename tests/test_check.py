@@ -176,8 +176,21 @@ def test_parity_fails_for_a_wrong_convention(wan, capsys):
                                              wan["dmd2"]["safetensors"], *WAN_SMALL])
     assert str(e.value.code) == "error: check found 1 problem(s), listed above"
     out = capsys.readouterr().out
+    diff = float(out.split("max |x0 ours - x0 pipeline| = ")[1].split()[0])
+    assert 0.5 < diff / float(out.split("would move x0 by ")[1].rstrip(")\n").split(")")[0]) < 2  # it is that error
     assert "FAIL" in out and [line for line in out.splitlines() if line.startswith("problem: ")][0].startswith(
         "problem: teacher parity failed: max |x0 ours - x0 pipeline| = ")
+
+
+def test_bf16_parity_says_when_it_cannot_resolve_guidance(wan):
+    """bf16 on CPU: parity passes at its looser threshold, and where that threshold exceeds the effect of a guidance
+    off by one (the tiny random model's cond and uncond differ little), the report says to rerun at fp32."""
+    rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", wan["dmd2"]["safetensors"], "--dtype", "bf16",
+                               *WAN_SMALL])
+    p = rep["parity"]
+    assert p["dtype"] == "bf16" and p["passed"] and p["threshold"] == pytest.approx(2e-2 * p["scale"])
+    assert (p["guidance_off_by_one"] <= p["threshold"]) == any("rerun check with --dtype fp32" in w for w in rep["warnings"])
+    assert "saturation" in rep["student"]
 
 
 def test_mismatched_checkpoint_is_one_line_per_problem(wan, tmp_path, capsys):
