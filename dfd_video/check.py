@@ -323,8 +323,10 @@ def network_sizes(adapter, net: nn.Module) -> dict:
     cfg = net.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     blocks = adapter.blocks(net)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
     return {"shapes": [tuple(p.shape) for p in net.parameters()], "n_blocks": len(blocks),
-            "block_params": max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+            "block_params": max(per_block, default=0),
+            "root_params": sum(p.numel() for p in net.parameters()) - sum(per_block),
             "hidden": hidden, "mlp": getattr(cfg, "ffn_dim", None) or int(getattr(cfg, "mlp_ratio", 4.0) * hidden),
             "patch": tuple(cfg.patch_size)}
 
@@ -348,8 +350,8 @@ def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentSh
     tokens = (lat[1] // pt) * (lat[2] // ph) * (lat[3] // pw)
     compute = "fp32" if args.dtype == "fp32" else "bf16"  # train's auto is bf16 on the GPUs it plans for
     est = estimate_memory(sizes["shapes"], world, compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0,
-                          block_params=sizes["block_params"], tokens=tokens, batch_per_rank=per_rank,
-                          hidden=sizes["hidden"], mlp=sizes["mlp"], n_blocks=sizes["n_blocks"], text_tokens=512,
+                          block_params=sizes["block_params"], root_params=sizes["root_params"], tokens=tokens,
+                          batch_per_rank=per_rank, hidden=sizes["hidden"], mlp=sizes["mlp"], n_blocks=sizes["n_blocks"],
                           checkpointing=not args.no_checkpointing)
     out.update(est, per_rank_batch=per_rank, latent_shape=list(lat), tokens=tokens, clip=clip, compute_dtype=compute,
                activation_checkpointing=not args.no_checkpointing)
@@ -412,8 +414,8 @@ def format_report(rep: dict) -> str:
     for name, parts in m["exact"].items():
         L.append(f"    {name:<11} params {_gb(parts['params']):>11}  grads {_gb(parts['grads']):>11}  "
                  f"AdamW {_gb(parts['optimizer']):>11}")
-    L.append(f"    FSDP2 gather buffers (rough) {_gb(m['rough']['fsdp_buffers'])}; activations (rough rule of thumb) "
-             f"{_gb(m['rough']['activations'])}")
+    L.append(f"    FSDP2 gathered params (rough) {_gb(m['rough']['fsdp_buffers'])}; activations (rough rule of thumb) "
+             f"{_gb(m['rough']['activations'])} = {m['per_rank_batch']} x {_gb(m['activations_per_sample'])} per clip")
     L.append(f"    total about {_gb(m['total'])} (an estimate: the training state is exact, the rest is not)")
     L.append("")
     for w in rep["warnings"]:

@@ -289,3 +289,26 @@ def test_flags_out_path_and_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         wan_dfd.main(["check", "--model-dir", str(tmp_path)])
     assert "check needs --dmd2-ckpt" in str(e.value.code)
+
+
+def test_memory_estimate_of_the_real_wan_matches_the_readme_table():
+    """The real Wan2.1-T2V-1.3B config (built on the meta device), 8 ranks, 81 x 480 x 832: the README's table
+    (bench/bench_wan_memory.py, GB = 1e9): fixed 7.33 GB with the EMA, activations 5.60 GB per sample. The table
+    divides 16 bytes x P by 8; FSDP2 pads each tensor's dim 0 to a multiple of the ranks, and the (1, 6, 1536)
+    modulation tables are whole on every rank: +10 MB here."""
+    from diffusers import WanTransformer3DModel
+    real = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    with torch.device("meta"):
+        net = WanTransformer3DModel(**real)
+    sizes = dfd_video.check.network_sizes(wan_dfd.WanAdapter(), net)
+    est = dfd_video.memory.estimate_memory(sizes["shapes"], 8, ema=True, block_params=sizes["block_params"],
+                                           root_params=sizes["root_params"], tokens=21 * 30 * 52, hidden=sizes["hidden"],
+                                           mlp=sizes["mlp"], n_blocks=sizes["n_blocks"])
+    fixed = sum(sum(v.values()) for v in est["exact"].values()) + est["rough"]["fsdp_buffers"]
+    P = sum(p.numel() for p in net.parameters())
+    padding = 40 * (est["sharded_elements_per_rank"] - P / 8) + 2 * 4 * len(sizes["shapes"])  # 4 nets; Adam steps
+    assert 9e6 < padding < 11e6
+    assert round((fixed - padding) / 1e9, 2) == 7.33
+    assert round(est["activations_per_sample"] / 1e9, 2) == 5.60
