@@ -8,6 +8,7 @@ subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are th
 
 Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` runs as a world of one):
   torchrun --nproc_per_node=8 cosmos_dfd.py prepare --model-dir Cosmos-Predict2.5-2B --videos clips/ --out data/
+  python cosmos_dfd.py check --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/   (preflight, docs/check.md)
   torchrun --nproc_per_node=8 cosmos_dfd.py --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/

@@ -6,6 +6,7 @@ format) and the command users run; the plumbing a cluster run needs is the share
 
 Launch lines (every subcommand has --help):
   python wan_dfd.py prepare --model-dir Wan2.1-T2V-1.3B-Diffusers --videos clips/ --out data/
+  python wan_dfd.py check --dmd2-ckpt dmd2.pt --model-dir Wan2.1-T2V-1.3B-Diffusers --data data/   (preflight, docs/check.md)
   torchrun --nproc_per_node=8 wan_dfd.py --dmd2-ckpt dmd2.pt --model-dir Wan2.1-T2V-1.3B-Diffusers --data data/
   torchrun --nproc_per_node=8 wan_dfd.py train --resume --out runs/dfd ...      (continue from the latest checkpoint)
   python wan_dfd.py sample --ckpt runs/dfd/checkpoints/latest --model-dir ... --prompts prompts.txt --seeds 0 1
