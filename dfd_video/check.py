@@ -108,7 +108,7 @@ def checkpoint_report(path: str, adapter, net: nn.Module, init_from: str = "gene
     if init_from == "generator_ema" and "generator_ema" not in roles and "generator" in roles:
         warnings_.append("no EMA in the checkpoint: the student starts from the generator (--init-from generator_ema "
                          "falls back)")
-    sources = {"student": role, "fake_score": "critic", "ema": role}
+    sources = {"student": role, "fake_score": "critic"}
     for name, r in sources.items():
         sd = read_checkpoint(path, r) if r in roles else None
         if sd is None:
@@ -123,8 +123,6 @@ def checkpoint_report(path: str, adapter, net: nn.Module, init_from: str = "gene
         m = match_keys(want, sd, adapter.convert_state_dict)
         out["networks"][name] = {"source": f"{r}", **m}
         show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
-        if name == "ema":
-            continue  # the same weights as the student's; reported once
         for what in ("missing", "unexpected", "shape_mismatches"):
             if m[what]:
                 problems.append(f"{name} ({r}): {len(m[what])} {what.replace('_', ' ')} of {m['keys']} keys "
@@ -133,9 +131,9 @@ def checkpoint_report(path: str, adapter, net: nn.Module, init_from: str = "gene
             warnings_.append("original (non-diffusers) key names, converted: if this is a Self-Forcing / CausVid "
                              "student it may be block-causal (KV-cache rollout), which DFD would run as a "
                              "full-sequence student without any error; use it only if it is bidirectional")
-    if "ema" in out["networks"]:
-        out["networks"]["ema"] = {"source": out["networks"]["ema"]["source"], "note": "the student's weights; "
-                                  "used only with --ema > 0"}
+    # train starts the EMA from the student's weights (dfd_video.train), whatever the checkpoint's EMA holds
+    out["networks"]["ema"] = {"source": out["networks"]["student"]["source"],
+                              "note": "the student's weights; used only with --ema > 0"}
     out["warnings"], out["problems"] = warnings_, problems
     return out
 
@@ -153,6 +151,84 @@ def _device(name: str) -> torch.device:
 def _masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> float:
     x = x.abs() if mask is None else (x * mask).abs()
     return float(x.max())
+
+
+def teacher_parity(adapter, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: dict, args: argparse.Namespace,
+                   dtype_name: str, rep: dict) -> dict:
+    """Part 2: the teacher's guided x0 at t = --parity-t from x_t [1, C, T, H, W], ours (adapter.denoiser) against the
+    pipeline's (adapter.pipeline_x0); appends to rep's warnings / problems."""
+    t, g = args.parity_t, args.guidance
+    par: dict[str, Any] = {"t": t, "guidance": g, "latent_shape": list(x_t.shape), "dtype": dtype_name}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if dtype_name == "fp32":  # fp32 means fp32 here: cuDNN's default TF32 convolutions would blur the comparison to 1e-3
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            x0_pipe, cond_used, mask = adapter.pipeline_x0(net, x_t, t, cond, uncond, g, args)
+            tt = torch.tensor([t], device=x_t.device)
+            x0_ours = adapter.denoiser(net, g, uncond)(x_t, tt, cond_used).float()
+            # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
+            # x0 by exactly cond - uncond
+            off_by_one = adapter.denoiser(net, g - 1, uncond)(x_t, tt, cond_used).float() if g != 1.0 else None
+        diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
+        threshold = PARITY_REL[dtype_name] * scale
+        par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
+        if off_by_one is not None:
+            par["guidance_off_by_one"] = _masked_max(x0_ours - off_by_one, mask)
+            if par["guidance_off_by_one"] <= threshold:
+                rep["warnings"].append(
+                    f"teacher parity at {dtype_name}: the threshold {threshold:.3g} does not resolve a guidance off by "
+                    f"one (it moves x0 by {par['guidance_off_by_one']:.3g} here); " + (
+                        "rerun check with --dtype fp32" if dtype_name != "fp32" else
+                        "the prompt barely changes x0 (random weights or stand-in embeddings?)"))
+        if not par["passed"]:
+            rep["problems"].append(f"teacher parity failed: max |x0 ours - x0 pipeline| = {diff:.3g} > "
+                                   f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {g})")
+    except ValueError as e:
+        par.update(passed=None, skipped=str(e))
+        rep["warnings"].append(f"teacher parity skipped: {e}")
+    except Exception as e:  # a preflight reports what it could not run (e.g. a diffusers without this pipeline)
+        par.update(passed=False, error=_one_line(e))
+        rep["problems"].append(f"teacher parity could not run: {par['error']}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return par
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+
+
+def student_report(adapter, args: argparse.Namespace, role: str, shape: tuple, first: dict, items: dict | None,
+                   device: torch.device, dtype: torch.dtype | None, stu: dict, rep: dict) -> None:
+    """Part 3: the student from --dmd2-ckpt (network `role`), a 4-step sample from the first clip's conditioning with
+    its saturation statistics, and with data items delta^2 at the first student time; fills `stu`."""
+    ts = tuple(args.student_ts)
+    net = adapter.load_network(args.model_dir)
+    load_weights(net, read_checkpoint(args.dmd2_ckpt, role), f"--dmd2-ckpt {args.dmd2_ckpt} (student)",
+                 adapter.convert_state_dict)
+    net = net.to(device).eval()
+    if dtype is not None:
+        cast_keeping_fp32(net, dtype)
+    student = adapter.denoiser(net, None, None)
+    with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
+        gs = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn((1, *shape), generator=gs, device=device)
+        x = dfd.sample(student, noise, adapter.make_cond(first, device), ts, generator=gs,
+                       renoise=args.sampler == "renoise")
+        frames = adapter.decode(x, args)[0].cpu().numpy()
+    stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
+               latent_mean=float(x.float().mean()), latent_std=float(x.float().std()), **saturation_stats(frames))
+    if items is None:
+        return
+    batch = adapter.make_batch({k: v.to(device) for k, v in items.items()}, device)
+    with torch.no_grad():
+        delta2 = first_step_delta2(student, batch, float(ts[0]), torch.Generator().manual_seed(args.seed + 1))
+    limit = dfd.DFDConfig().delta2_warn
+    stu.update(delta2=delta2, delta2_t=float(ts[0]), delta2_clips=int(batch[0].shape[0]), delta2_warn=limit)
+    if delta2 > limit:
+        rep["warnings"].append(f"delta^2 = {delta2:.3g} per element exceeds {limit:g} (Eq. 7): the student is far "
+                               "from the data; DFD needs a DMD2 student already close to it")
 
 
 def first_step_delta2(student, batch: tuple, t0: float, generator: torch.Generator) -> float:
@@ -225,86 +301,32 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
         cast_keeping_fp32(teacher_net, dtype)
 
     # 2. the teacher's parity with the pipeline
-    t = args.parity_t
-    par: dict[str, Any] = {"t": t, "guidance": args.guidance, "latent_shape": [1, *shape], "dtype": dtype_name,
-                           "conditioning": conditioning}
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if dtype is None:  # fp32 means fp32 here: cuDNN's default TF32 convolutions would blur the comparison to 1e-3
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            x0 = items["latents"][:1].to(device) if data is not None else torch.randn((1, *shape), generator=g).to(device)
-            eps = torch.randn(x0.shape, generator=g).to(device)
-            x_t = dfd.forward_diffusion(x0, eps, torch.tensor([t], device=device))
-            cond = adapter.make_cond(first, device)
-            x0_pipe, cond_used, mask = adapter.pipeline_x0(teacher_net, x_t, t, cond, uncond, args.guidance, args)
-            teacher = adapter.denoiser(teacher_net, args.guidance, uncond)
-            tt = torch.tensor([t], device=device)
-            x0_ours = teacher(x_t, tt, cond_used).float()
-            # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
-            # x0 by exactly cond - uncond
-            off_by_one = adapter.denoiser(teacher_net, args.guidance - 1, uncond)(x_t, tt, cond_used).float() \
-                if args.guidance != 1.0 else None
-        diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
-        threshold = PARITY_REL[dtype_name] * scale
-        par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
-        if off_by_one is not None:
-            par["guidance_off_by_one"] = _masked_max(x0_ours - off_by_one, mask)
-            if par["guidance_off_by_one"] <= threshold:
-                rep["warnings"].append(
-                    f"teacher parity at {dtype_name}: the threshold {threshold:.3g} does not resolve a guidance off by "
-                    f"one (it moves x0 by {par['guidance_off_by_one']:.3g} here); " + (
-                        "rerun check with --dtype fp32" if dtype_name != "fp32" else
-                        "the prompt barely changes x0 (random weights or stand-in embeddings?)"))
-        if not par["passed"]:
-            rep["problems"].append(f"teacher parity failed: max |x0 ours - x0 pipeline| = {diff:.3g} > "
-                                   f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {args.guidance})")
-    except ValueError as e:
-        par.update(passed=None, skipped=str(e))
-        rep["warnings"].append(f"teacher parity skipped: {e}")
-    except Exception as e:  # a preflight reports what it could not run (e.g. a diffusers without this pipeline)
-        par.update(passed=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        rep["problems"].append(f"teacher parity could not run: {par['error']}")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad():
+        x0 = items["latents"][:1].to(device) if data is not None else torch.randn((1, *shape), generator=g).to(device)
+        x_t = dfd.forward_diffusion(x0, torch.randn(x0.shape, generator=g).to(device),
+                                    torch.tensor([args.parity_t], device=device))
+    par = teacher_parity(adapter, teacher_net, x_t, adapter.make_cond(first, device), uncond, args, dtype_name, rep)
+    par["conditioning"] = conditioning
     rep["parity"] = par
     del teacher_net
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # 3. the student: a 4-step sample, and delta^2 against the data
-    ts = tuple(args.student_ts)
-    stu: dict[str, Any] = {"student_ts": list(ts), "sampler": args.sampler, "latent_shape": [1, *shape],
+    stu: dict[str, Any] = {"student_ts": list(args.student_ts), "sampler": args.sampler, "latent_shape": [1, *shape],
                            "seed": args.seed, "conditioning": conditioning}
     fit = ck["networks"].get("student", {})
     if fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
         stu["skipped"] = "the student weights do not fit the network (see the checkpoint problems)"
     else:
-        student_net = adapter.load_network(args.model_dir)
-        load_weights(student_net, read_checkpoint(args.dmd2_ckpt, fit["source"]),
-                     f"--dmd2-ckpt {args.dmd2_ckpt} (student)", adapter.convert_state_dict)
-        student_net = student_net.to(device).eval()
-        if dtype is not None:
-            cast_keeping_fp32(student_net, dtype)
-        student = adapter.denoiser(student_net, None, None)
-        with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
-            gs = torch.Generator(device).manual_seed(args.seed)
-            noise = torch.randn((1, *shape), generator=gs, device=device)
-            x = dfd.sample(student, noise, adapter.make_cond(first, device), ts, generator=gs,
-                           renoise=args.sampler == "renoise")
-            frames = adapter.decode(x, args)[0].cpu().numpy()
-        stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
-                   latent_mean=float(x.float().mean()), latent_std=float(x.float().std()),
-                   **saturation_stats(frames))
-        if data is not None:
-            batch = adapter.make_batch({k: v.to(device) for k, v in items.items()}, device)
-            x_real = batch[0]
-            with torch.no_grad():
-                delta2 = first_step_delta2(student, batch, float(ts[0]), torch.Generator().manual_seed(args.seed + 1))
-            limit = dfd.DFDConfig().delta2_warn
-            stu.update(delta2=delta2, delta2_t=float(ts[0]), delta2_clips=int(x_real.shape[0]), delta2_warn=limit)
-            if delta2 > limit:
-                rep["warnings"].append(f"delta^2 = {delta2:.3g} per element exceeds {limit:g} (Eq. 7): the student "
-                                       "is far from the data; DFD needs a DMD2 student already close to it")
-        del student_net
+        try:
+            student_report(adapter, args, fit["source"], shape, first, items if data is not None else None, device,
+                           dtype, stu, rep)
+        except Exception as e:  # e.g. out of memory at the data's clip size: one line, and the report still comes
+            stu["error"] = _one_line(e)
+            rep["problems"].append(f"student sample could not run: {stu['error']}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     rep["student"] = stu
 
     # 4. memory
@@ -410,6 +432,8 @@ def format_report(rep: dict) -> str:
               f"seed {s['seed']}, {s['conditioning']}"]
     if "skipped" in s:
         L.append(f"    skipped: {s['skipped']}")
+    elif "error" in s:
+        L.append(f"    could not run: {s['error']}")
     else:
         L.append(f"    {s['frames']} frames {s['height']}x{s['width']}: saturation {s['saturation']:.3f}, clipped "
                  f"{s['clipped']:.3f}; latents mean {s['latent_mean']:.3f}, std {s['latent_std']:.3f}")

@@ -193,6 +193,23 @@ def test_bf16_parity_says_when_it_cannot_resolve_guidance(wan):
     assert "saturation" in rep["student"]
 
 
+def test_a_stage_that_cannot_run_is_one_problem_line(wan, capsys):
+    """A failure inside the sample (here the decoder; on a GPU e.g. out of memory at the data's clip size) is one
+    problem line; the report still comes, with the memory estimate."""
+
+    class BrokenDecoder(wan_dfd.WanAdapter):
+        def decode(self, latents, args):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    with pytest.raises(SystemExit) as e:
+        dfd_video.cli.main(BrokenDecoder(), ["check", "--model-dir", wan["pipe"], "--dmd2-ckpt",
+                                             wan["dmd2"]["safetensors"], *WAN_SMALL])
+    assert str(e.value.code) == "error: check found 1 problem(s), listed above"
+    out = capsys.readouterr().out
+    assert "problem: student sample could not run: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB\n" in out
+    assert "[4] ESTIMATED peak GPU memory" in out and "PASS" in out
+
+
 def test_mismatched_checkpoint_is_one_line_per_problem(wan, tmp_path, capsys):
     """Missing keys, unexpected keys and wrong shapes: each a `problem:` line, the sample skipped, and a one-line
     SystemExit (exit status 1, no traceback) after the report is printed and written."""
@@ -232,7 +249,6 @@ def test_mismatched_checkpoint_is_one_line_per_problem(wan, tmp_path, capsys):
 def test_memory_estimate_is_exact_for_the_training_state():
     """Params / grads / AdamW bytes per rank equal what FSDP2 + AdamW really hold (world of one, after a step), and
     at 3 ranks the per-tensor dim-0 split, from the tiny model's parameter shapes."""
-    from torch.distributed.fsdp import fully_shard
     net = tiny_wan.tiny_transformer()
     shapes = [tuple(p.shape) for p in net.parameters()]
     n = sum(p.numel() for p in net.parameters())
@@ -273,7 +289,7 @@ def test_report_memory_section_follows_the_flags(wan):
     assert "1 problem(s)" in str(e.value.code)
 
 
-def test_flags_out_path_and_refusals(tmp_path, capsys):
+def test_flags_out_path_and_refusals(tmp_path, capsys, monkeypatch):
     p = argparse.ArgumentParser()
     dfd_video.cli.add_check_args(p)
     assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
@@ -289,6 +305,10 @@ def test_flags_out_path_and_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         wan_dfd.main(["check", "--model-dir", str(tmp_path)])
     assert "check needs --dmd2-ckpt" in str(e.value.code)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything loads
+    with pytest.raises(SystemExit) as e:
+        wan_dfd.main(["check", "--model-dir", str(tmp_path), "--dmd2-ckpt", str(tmp_path)])
+    assert str(e.value.code).startswith("error: check runs as one process (python, not torchrun)")
 
 
 def test_memory_estimate_of_the_real_wan_matches_the_readme_table():
