@@ -8,6 +8,7 @@ subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are th
 
 Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` runs as a world of one):
   torchrun --nproc_per_node=8 cosmos_dfd.py prepare --model-dir Cosmos-Predict2.5-2B --videos clips/ --out data/
+  python cosmos_dfd.py check --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/   (preflight, docs/check.md)
   torchrun --nproc_per_node=8 cosmos_dfd.py --dmd2-ckpt dmd2.pt --model-dir Cosmos-Predict2.5-2B --data data/
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
@@ -81,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt
+from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
 from dfd_video.distributed import setup_distributed, shard
 from dfd_video.files import atomic_write
@@ -419,6 +420,8 @@ class CosmosAdapter:
         """Cosmos's flags and defaults on top of the shared ones."""
         if cmd == "prepare":
             self.add_prepare_args(p)
+        elif cmd == "check":
+            p.set_defaults(guidance=3.0, steps=300)  # as train
         elif cmd == "train":
             p.set_defaults(guidance=3.0, steps=300)  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
             p.description = "DFD post-training (default); --guidance is g in uncond + g (cond - uncond), 3.0"
@@ -557,6 +560,50 @@ class CosmosAdapter:
               f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(ts)} steps at "
               f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(ts)}, max diff {err:.2g})",
               file=sys.stderr)
+
+
+    # --- check ---------------------------------------------------------------------------------------
+
+    def check_items(self, net: nn.Module, shape, generator: torch.Generator):
+        """Random prompt embeddings [512, D] (prompt, negative prompt) and a random image latent [16, 1, h, w]."""
+        cfg = net.config
+        dim = cfg.crossattn_proj_in_channels if cfg.use_crossattn_projection else cfg.text_embed_dim
+        text = lambda: torch.randn(TEXT_LEN, dim, generator=generator)
+        image = torch.randn(shape[0], 1, *shape[2:], generator=generator)
+        return {"text": text(), "image": image}, {"text": text()}
+
+    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: CosmosCond, uncond: dict,
+                    guidance: float, args):
+        """Cosmos2_5_PredictBasePipeline.__call__ itself for one Euler step to t = 0, conditioned on the image that
+        cond.image decodes to (a one-frame `video=`; it re-encodes it with its VAE, so our side is given that
+        latent), with guidance_scale = g - 1; compared on the generated frames only (the pipeline's conditioning
+        frame drifts by design, see the module docstring)."""
+        from diffusers import Cosmos2_5_PredictBasePipeline
+
+        if 1.0 < guidance <= 2.0:
+            raise ValueError(f"--guidance {guidance}: the pipeline guides only when g - 1 > 1; compare at g = 1 or g > 2")
+        vae = self._decoder(args, x_t.device)
+        frames = vae.decode(cond.image)  # uint8 [1, Tc', H, W, 3]
+        image = torch.stack([vae.encode_video(f)["latents"] for f in frames])  # what the pipeline's VAE sees
+        video = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [1, 3, 1, H, W] in [-1, 1]
+        pipe = Cosmos2_5_PredictBasePipeline(text_encoder=None, tokenizer=None, transformer=net, vae=vae.vae,
+                                             scheduler=one_step_scheduler(t), safety_checker=_LatentsOnly())
+        pipe.set_progress_bar_config(disable=True)
+        _, _, T, h, w = x_t.shape
+        dt = self.compute_dtype or torch.float32  # as its text encoder would hand them over (the pipeline does not cast)
+        neg = uncond["text"][None].to(x_t.device, dt).expand(x_t.shape[0], -1, -1)
+        x0 = pipe(video=video, prompt_embeds=cond.prompt.to(dt), negative_prompt_embeds=neg, height=8 * h, width=8 * w,
+                  num_frames=4 * (T - 1) + 1, num_inference_steps=1, guidance_scale=guidance - 1.0, latents=x_t,
+                  output_type="latent", num_latent_conditional_frames=1).frames
+        return x0.float(), CosmosCond(cond.prompt, image), generated_mask(x_t, image.shape[2])
+
+
+class _LatentsOnly:
+    """The pipeline's safety-checker slot for `check`'s one-step comparison: the pipeline checks prompt text (we give
+    embeddings) and decoded videos (we ask for latents), so neither check applies; nothing is shown to anyone."""
+
+    def to(self, *args, **kwargs):
+        return self
 
 
 def trained_student_ts(ckpt: str) -> tuple[float, ...]:

@@ -6,6 +6,7 @@ format) and the command users run; the plumbing a cluster run needs is the share
 
 Launch lines (every subcommand has --help):
   python wan_dfd.py prepare --model-dir Wan2.1-T2V-1.3B-Diffusers --videos clips/ --out data/
+  python wan_dfd.py check --dmd2-ckpt dmd2.pt --model-dir Wan2.1-T2V-1.3B-Diffusers --data data/   (preflight, docs/check.md)
   torchrun --nproc_per_node=8 wan_dfd.py --dmd2-ckpt dmd2.pt --model-dir Wan2.1-T2V-1.3B-Diffusers --data data/
   torchrun --nproc_per_node=8 wan_dfd.py train --resume --out runs/dfd ...      (continue from the latest checkpoint)
   python wan_dfd.py sample --ckpt runs/dfd/checkpoints/latest --model-dir ... --prompts prompts.txt --seeds 0 1
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt
+from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
 from dfd_video.vae import WanVAE
 from dfd_video.video import read_prompts
@@ -206,6 +207,26 @@ class WanAdapter:
 
     def save_pretrained(self, net: nn.Module, out: str) -> None:
         net.save_pretrained(out, safe_serialization=True)
+
+    # --- check ---------------------------------------------------------------------------------------
+
+    def check_items(self, net: nn.Module, shape, generator: torch.Generator):
+        """Random text embeddings [512, text_dim] for the prompt and the negative prompt (no --data)."""
+        text = lambda: torch.randn(WAN_TEXT_LEN, net.config.text_dim, generator=generator)
+        return {"text": text()}, {"text": text()}
+
+    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: torch.Tensor, uncond: dict,
+                    guidance: float, args):
+        """WanPipeline.__call__ itself (prompt embeddings given, so no text encoder; latents out, so no VAE) for one
+        Euler step to t = 0: its two transformer calls and noise_uncond + g (noise_pred - noise_uncond)."""
+        from diffusers import WanPipeline
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=one_step_scheduler(t), transformer=net)
+        pipe.set_progress_bar_config(disable=True)
+        _, _, T, h, w = x_t.shape
+        neg = uncond["text"][None].to(x_t.device).expand(x_t.shape[0], -1, -1)
+        x0 = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, height=8 * h, width=8 * w, num_frames=4 * (T - 1) + 1,
+                  num_inference_steps=1, guidance_scale=guidance, latents=x_t, output_type="latent").frames
+        return x0.float(), cond, None
 
 
 def main(argv=None):

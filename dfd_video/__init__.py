@@ -9,7 +9,8 @@
   video        PyAV decode / encode, prompts files, folders of captioned videos
   files        atomic writes; one-line errors for unwritable paths and full disks
   runs         the run folder: training checkpoints, --resume, the metric log
-  prepare, train, sample, evaluate, plot
+  memory       the estimated peak GPU memory per rank of a train run
+  prepare, train, sample, evaluate, plot, check
                the subcommand drivers, each taking an adapter
   probes       samples fixed conditions and seeds while a run trains (--probe-every)
   cli          every subcommand's flags, the checks run before any model loads, main(adapter)

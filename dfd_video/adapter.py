@@ -80,6 +80,18 @@ class Adapter(Protocol):
     def save_pretrained(self, net: nn.Module, out: str) -> None:
         """The export format."""
 
+    # For `check`:
+    def check_items(self, net: nn.Module, shape: tuple[int, ...],
+                    generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Stand-in conditioning when no --data is given: (one sample's items as make_cond takes them, the
+        negative-prompt tensors), random, of the shapes `net` takes, for latents of `shape` [C, T, H, W]."""
+
+    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: Any, uncond: dict, guidance: float,
+                    args: argparse.Namespace) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """The diffusers pipeline's own guided x0 for one step from x_t [1, C, T, H, W] at t (its transformer calls
+        and CFG, with one_step_scheduler(t)); returns (x0, the conditioning to give our denoiser for the same
+        computation, the 0/1 mask of the elements to compare or None for all)."""
+
     # Optional: add_args(cmd, parser) adds flags / changes defaults per subcommand; configure(args) sees the parsed
     # arguments before the driver runs; probe_items(args, device) -> list[dict] gives the training probes the
     # conditions of --probe-prompts (without it, probes use the data's conditions).
@@ -127,3 +139,15 @@ def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None) ->
         fix(net)
     load_weights(net, read_raw(folder), f"--model-dir {folder}")
     return net.eval()
+
+
+def one_step_scheduler(t: float):
+    """A FlowMatchEulerDiscreteScheduler (shift 1) that a diffusers pipeline, whatever num_inference_steps it asks
+    for, runs as one Euler step from sigma = t to 0: x_t - t v, the pipeline's own x0 estimate at t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    set_timesteps = sched.set_timesteps
+    sched.set_timesteps = lambda num_inference_steps=None, device=None, **kw: set_timesteps(sigmas=[float(t)],
+                                                                                            device=device)
+    return sched

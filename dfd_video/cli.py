@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 import dfd
+from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
 from dfd_video.files import check_writable
@@ -36,7 +37,9 @@ def add_ckpt_trust_args(p: argparse.ArgumentParser) -> None:
                         "rectified-flow model; without this flag that path is refused")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
+    """The train flags; check=True for `check`, which takes them all (so a train command line can be pasted) with
+    --data optional and --out the report file."""
     add_common_args(p)
     p.add_argument("--dmd2-ckpt", help="the DMD2 checkpoint to start from: a FastGen FSDP checkpoint (any of its "
                    "<iter>.net_model/ .fake_score_model/ .ema_model/ folders, its <iter>.pth, the <dir>/<iter> prefix "
@@ -51,8 +54,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "fake_score_model) or teacher (a copy of the base model, as a fresh DMD2 run starts it); "
                         "default: the critic when the checkpoint has one, else the teacher")
     add_ckpt_trust_args(p)
-    p.add_argument("--data", required=True, help="folder written by `prepare`")
-    p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
+    p.add_argument("--data", required=not check, help="folder written by `prepare`" + (
+        " (optional: real conditioning for parity and the sample, delta^2, the clip size of the memory estimate)"
+        if check else ""))
+    if check:
+        p.add_argument("--out", default=None, help="also write the report as JSON: a .json file, or a folder (e.g. "
+                       "the run folder of a pasted train command) that gets check.json")
+    else:
+        p.add_argument("--out", default="runs/dfd", help="run folder: checkpoints/, metrics.jsonl, args.json")
     again = p.add_mutually_exclusive_group()  # a --out that already holds a run needs one of the two
     again.add_argument("--resume", nargs="?", const="latest", default=None,
                        help="continue from a checkpoint folder (no value: the latest one in --out)")
@@ -141,6 +150,12 @@ def check_args(args: argparse.Namespace) -> None:
             bad.append(f"--{name} {getattr(args, name)}: must be a positive multiple of 16")
     if hasattr(args, "fps") and not args.fps > 0:
         bad.append(f"--fps {args.fps}: must be > 0")
+    if hasattr(args, "world_size") and args.world_size < 1:
+        bad.append(f"--world-size {args.world_size}: must be >= 1")
+    if hasattr(args, "parity_t") and not 0.0 < args.parity_t <= 1.0:
+        bad.append(f"--parity-t {args.parity_t}: must be in (0, 1]")
+    if hasattr(args, "check_batch") and args.check_batch < 1:
+        bad.append(f"--check-batch {args.check_batch}: must be >= 1")
     if getattr(args, "seeds", None) is not None and not args.seeds:
         bad.append("--seeds: give at least one seed")
     for name in ("model_dir",):
@@ -157,7 +172,7 @@ def check_args(args: argparse.Namespace) -> None:
             check_writable(args.out, "--out")
         except ValueError as e:
             bad.append(str(e))
-    held = run_files(args.out) if hasattr(args, "overwrite") else []
+    held = run_files(args.out) if getattr(args, "cmd", None) == "train" else []  # check's --out is its report
     if held and args.resume is None and not args.overwrite:
         bad.append(f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
                    f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
@@ -165,6 +180,21 @@ def check_args(args: argparse.Namespace) -> None:
         bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
     if bad:
         raise SystemExit("error: " + bad[0])
+
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    add_train_args(p, check=True)
+    p.add_argument("--world-size", type=int, default=8, help="ranks of the planned train run, for the memory "
+                   "estimate (default 8: one node); check itself runs as one process")
+    p.add_argument("--num-frames", type=int, default=17, help="frames of the low-resolution parity / sample clip "
+                   "(without --data; with --data the data's clip size is used)")
+    p.add_argument("--height", type=int, default=240, help="height of that clip (multiple of 16)")
+    p.add_argument("--width", type=int, default=416, help="width of that clip (multiple of 16)")
+    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
+                   help="the student sampler (as in `sample`): renoise = fresh noise between steps, ode = the noise "
+                        "x_t implies")
+    p.add_argument("--parity-t", type=float, default=0.8, help="noise level t in (0, 1] of the teacher parity step")
+    p.add_argument("--check-batch", type=int, default=2, help="clips from --data for delta^2")
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -281,7 +311,7 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot")
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot", "check")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -296,7 +326,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]    (no subcommand: train)
        torchrun --nproc_per_node=N %(prog)s --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]
-       %(prog)s {prepare,train,sample,export,evaluate,plot} --help"""
+       %(prog)s check --model-dir DIR --dmd2-ckpt CKPT [--data DIR]    (preflight: run it first)
+       %(prog)s {prepare,train,sample,export,evaluate,plot,check} --help"""
 
 
 def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
@@ -311,7 +342,10 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
                                 ("export", add_export_args, "student -> diffusers transformer folder"),
                                 ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
                                  "report"),
-                                ("plot", add_plot_args, "a run's metrics over steps -> one PNG")):
+                                ("plot", add_plot_args, "a run's metrics over steps -> one PNG"),
+                                ("check", add_check_args, "preflight before the first training job: checkpoint "
+                                 "format and key coverage, teacher parity with the diffusers pipeline, a student "
+                                 "sample with saturation and delta^2, estimated GPU memory per rank")):
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
         if name == "train":
@@ -336,7 +370,7 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
             wait_for_rank0()
             raise
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
-           "evaluate": run_evaluate, "plot": run_plot}[args.cmd]
+           "evaluate": run_evaluate, "plot": run_plot, "check": run_check}[args.cmd]
     try:
         return run(adapter, args)
     finally:

@@ -1,0 +1,462 @@
+"""The `check` subcommand: the preflight to run before the first training job on a GPU cluster.
+
+One process (plain `python`, not torchrun), in four parts; docs/check.md explains how to read the report.
+  1. checkpoint  which networks --dmd2-ckpt holds, where the student / fake score / EMA of `train` would come from,
+                 how many of the network's keys each provides, and warnings
+  2. parity      the teacher's guided x0 at one t against the diffusers pipeline's own computation (its transformer
+                 calls and CFG, one Euler step to t = 0) on a short low-resolution clip, with a threshold per dtype
+  3. student     a 4-step sample (dfd.sample at the student's times, --sampler), decoded, with saturation statistics;
+                 with --data, delta^2 = E||x - G||^2 per element (Eq. 7) of the student's one-step output from real
+                 clips noised to the first student time
+  4. memory      the estimated peak GPU memory per rank for --world-size and the train flags (dfd_video.memory)
+Problems (a checkpoint that does not fit, failed parity, unreadable data) are one line each; any problem makes the
+command exit non-zero after the report is printed (and written with --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import dfd
+from dfd_video.data import LatentShards
+from dfd_video.distributed import cast_keeping_fp32
+from dfd_video.evaluate import saturation_stats
+from dfd_video.files import fail, write_text
+from dfd_video.memory import GiB, estimate_memory
+from dfd_video.weights import LEADING, NOT_WEIGHTS, ROLES, load_weights, read_checkpoint, read_raw, strip_prefixes
+
+# parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
+# the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
+# order. A convention error (timestep scale, guidance form, velocity sign) moves x0 by O(1) of its scale.
+PARITY_REL = {"fp32": 1e-4, "bf16": 2e-2}  # fp32 with TF32 off (see run_check)
+PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips: the memory estimate without --data
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The checkpoint. Until dfd_video.weights.describe_dmd2 lands this is our own small description, built on
+# read_checkpoint and the key matching of load_weights; it reads the file and touches no network.
+
+
+def match_keys(want: dict[str, tuple], sd: dict[str, torch.Tensor], convert: Callable | None) -> dict:
+    """How `sd` fits a network whose state dict has shapes `want`: load_weights' matching (peel leading wrapper
+    names, then the adapter's original-name conversion when it helps), reported instead of raised."""
+    best, converted = sd, False
+    for _ in range(4):
+        overlap = len(want.keys() & best.keys())
+        if overlap == len(want):
+            break
+        heads = {k.partition(".")[0] + "." for k in best}
+        if len(heads) == 1 and next(iter(heads)) in LEADING:
+            best = {k.partition(".")[2]: v for k, v in best.items()}
+            continue
+        if convert is not None:
+            conv = convert(dict(best))
+            if len(want.keys() & conv.keys()) > overlap:
+                best, converted = conv, True
+                continue
+        break
+    common = want.keys() & best.keys()
+    shapes = sorted(f"{k}: file {tuple(best[k].shape)} vs model {tuple(want[k])}" for k in common
+                    if tuple(best[k].shape) != tuple(want[k]))
+    return {"keys": len(want), "provided": len(common) - len(shapes), "missing": sorted(want.keys() - best.keys()),
+            "unexpected": sorted(best.keys() - want.keys()), "shape_mismatches": shapes, "converted": converted}
+
+
+def _roles(keys) -> list[str]:
+    """The network names (weights.ROLES) a checkpoint's keys carry, as read_checkpoint groups them."""
+    found = set()
+    for k in keys:
+        parts = k.split(".")
+        if parts[0] in NOT_WEIGHTS:
+            continue
+        found |= {r for r, names in ROLES.items() if any(part in names for part in parts[:3][:len(parts) - 1])}
+    return [r for r in ("generator", "generator_ema", "critic") if r in found] or ["generator"]
+
+
+def checkpoint_format(path: str, roles: list[str]) -> str:
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, ".metadata")):
+            kind = "torch.distributed.checkpoint folder"
+        else:
+            kind = "diffusers / safetensors folder"
+    elif path.endswith(".safetensors"):
+        kind = "safetensors file"
+    else:
+        kind = f"torch file ({os.path.splitext(path)[1]})"
+    return f"{kind}, networks: {', '.join(roles) if roles else 'none found'}"
+
+
+def checkpoint_report(path: str, adapter, net: nn.Module, init_from: str = "generator_ema") -> dict:
+    """What `train --dmd2-ckpt path --init-from init_from` would load, without loading it: the format, and per
+    network (student, fake_score, ema) its source and key coverage of `net`; warnings and problems as lines."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    problems, warnings_ = [], []
+    try:
+        raw = strip_prefixes(read_raw(path))
+        roles, raw_keys = _roles(raw), len(raw)
+        del raw
+    except ValueError as e:
+        return {"path": path, "format": "unreadable", "networks": {}, "warnings": [], "problems": [str(e)]}
+    out = {"path": path, "format": checkpoint_format(path, roles), "tensors": raw_keys, "networks": {}}
+    role = init_from if init_from in roles else "generator"
+    if init_from == "generator_ema" and "generator_ema" not in roles and "generator" in roles:
+        warnings_.append("no EMA in the checkpoint: the student starts from the generator (--init-from generator_ema "
+                         "falls back)")
+    sources = {"student": role, "fake_score": "critic"}
+    for name, r in sources.items():
+        sd = read_checkpoint(path, r) if r in roles else None
+        if sd is None:
+            if name == "fake_score":
+                out["networks"][name] = {"source": "teacher (--model-dir)", "keys": len(want), "provided": len(want)}
+                warnings_.append("no critic in the checkpoint: the fake score starts from the teacher, not from the "
+                                 "DMD2 critic")
+            else:
+                out["networks"][name] = {"source": None, "keys": len(want), "provided": 0}
+                problems.append(f"{path}: holds no generator weights (networks found: {', '.join(roles) or 'none'})")
+            continue
+        m = match_keys(want, sd, adapter.convert_state_dict)
+        out["networks"][name] = {"source": f"{r}", **m}
+        show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
+        for what in ("missing", "unexpected", "shape_mismatches"):
+            if m[what]:
+                problems.append(f"{name} ({r}): {len(m[what])} {what.replace('_', ' ')} of {m['keys']} keys "
+                                f"[{show(m[what])}]")
+        if m["converted"] and name == "student" and adapter.name == "wan":  # FastGen's Cosmos keeps original names
+            warnings_.append("original (non-diffusers) key names, converted: if this is a Self-Forcing / CausVid "
+                             "student it may be block-causal (KV-cache rollout), which DFD would run as a "
+                             "full-sequence student without any error; use it only if it is bidirectional")
+    # train starts the EMA from the student's weights (dfd_video.train), whatever the checkpoint's EMA holds
+    out["networks"]["ema"] = {"source": out["networks"]["student"]["source"],
+                              "note": "the student's weights; used only with --ema > 0"}
+    out["warnings"], out["problems"] = warnings_, problems
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is visible")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> float:
+    x = x.abs() if mask is None else (x * mask).abs()
+    return float(x.max())
+
+
+def teacher_parity(adapter, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: dict, args: argparse.Namespace,
+                   dtype_name: str, rep: dict) -> dict:
+    """Part 2: the teacher's guided x0 at t = --parity-t from x_t [1, C, T, H, W], ours (adapter.denoiser) against the
+    pipeline's (adapter.pipeline_x0); appends to rep's warnings / problems."""
+    t, g = args.parity_t, args.guidance
+    par: dict[str, Any] = {"t": t, "guidance": g, "latent_shape": list(x_t.shape), "dtype": dtype_name}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if dtype_name == "fp32":  # fp32 means fp32 here: cuDNN's default TF32 convolutions would blur the comparison to 1e-3
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            x0_pipe, cond_used, mask = adapter.pipeline_x0(net, x_t, t, cond, uncond, g, args)
+            tt = torch.tensor([t], device=x_t.device)
+            x0_ours = adapter.denoiser(net, g, uncond)(x_t, tt, cond_used).float()
+            # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
+            # x0 by exactly cond - uncond
+            off_by_one = adapter.denoiser(net, g - 1, uncond)(x_t, tt, cond_used).float() if g != 1.0 else None
+        diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
+        threshold = PARITY_REL[dtype_name] * scale
+        par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
+        if off_by_one is not None:
+            par["guidance_off_by_one"] = _masked_max(x0_ours - off_by_one, mask)
+            if par["guidance_off_by_one"] <= threshold:
+                rep["warnings"].append(
+                    f"teacher parity at {dtype_name}: the threshold {threshold:.3g} does not resolve a guidance off by "
+                    f"one (it moves x0 by {par['guidance_off_by_one']:.3g} here); " + (
+                        "rerun check with --dtype fp32" if dtype_name != "fp32" else
+                        "the prompt barely changes x0 (random weights or stand-in embeddings?)"))
+        if not par["passed"]:
+            rep["problems"].append(f"teacher parity failed: max |x0 ours - x0 pipeline| = {diff:.3g} > "
+                                   f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {g})")
+    except ValueError as e:
+        par.update(passed=None, skipped=str(e))
+        rep["warnings"].append(f"teacher parity skipped: {e}")
+    except Exception as e:  # a preflight reports what it could not run (e.g. a diffusers without this pipeline)
+        par.update(passed=False, error=_one_line(e))
+        rep["problems"].append(f"teacher parity could not run: {par['error']}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return par
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+
+
+def student_report(adapter, args: argparse.Namespace, role: str, shape: tuple, first: dict, items: dict | None,
+                   device: torch.device, dtype: torch.dtype | None, stu: dict, rep: dict) -> None:
+    """Part 3: the student from --dmd2-ckpt (network `role`), a 4-step sample from the first clip's conditioning with
+    its saturation statistics, and with data items delta^2 at the first student time; fills `stu`."""
+    ts = tuple(args.student_ts)
+    net = adapter.load_network(args.model_dir)
+    load_weights(net, read_checkpoint(args.dmd2_ckpt, role), f"--dmd2-ckpt {args.dmd2_ckpt} (student)",
+                 adapter.convert_state_dict)
+    net = net.to(device).eval()
+    if dtype is not None:
+        cast_keeping_fp32(net, dtype)
+    student = adapter.denoiser(net, None, None)
+    with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
+        gs = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn((1, *shape), generator=gs, device=device)
+        x = dfd.sample(student, noise, adapter.make_cond(first, device), ts, generator=gs,
+                       renoise=args.sampler == "renoise")
+        frames = adapter.decode(x, args)[0].cpu().numpy()
+    stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
+               latent_mean=float(x.float().mean()), latent_std=float(x.float().std()), **saturation_stats(frames))
+    if items is None:
+        return
+    batch = adapter.make_batch({k: v.to(device) for k, v in items.items()}, device)
+    with torch.no_grad():
+        delta2 = first_step_delta2(student, batch, float(ts[0]), torch.Generator().manual_seed(args.seed + 1))
+    limit = dfd.DFDConfig().delta2_warn
+    stu.update(delta2=delta2, delta2_t=float(ts[0]), delta2_clips=int(batch[0].shape[0]), delta2_warn=limit)
+    if delta2 > limit:
+        rep["warnings"].append(f"delta^2 = {delta2:.3g} per element exceeds {limit:g} (Eq. 7): the student is far "
+                               "from the data; DFD needs a DMD2 student already close to it")
+
+
+def first_step_delta2(student, batch: tuple, t0: float, generator: torch.Generator) -> float:
+    """delta^2 of Eq. 7 as dfd.student_step monitors it, E||x - G||^2 per element (over the loss mask), for the
+    student's one-step output G = student(alpha_t0 x + sigma_t0 eps, t0) from the real clips x of `batch`."""
+    x_real, cond = batch[0], batch[1]
+    mask = batch[2] if len(batch) > 2 else None
+    t = torch.full((x_real.shape[0],), t0, device=x_real.device)
+    eps = torch.randn(x_real.shape, generator=generator).to(x_real.device, x_real.dtype)
+    G = student(dfd.forward_diffusion(x_real, eps, t), t, cond)
+    m = (torch.ones_like(x_real) if mask is None else mask.expand_as(x_real)).float().flatten(1)
+    return float((((x_real - G).float().flatten(1) ** 2 * m).sum(1) / m.sum(1).clamp_min(1)).mean())
+
+
+def report_path(out: str) -> str:
+    """--out: a .json file, or a folder (e.g. the run folder of a pasted train command) -> folder/check.json."""
+    return out if out.endswith(".json") and not os.path.isdir(out) else os.path.join(out, "check.json")
+
+
+def run_check(adapter, args: argparse.Namespace) -> dict:
+    """The preflight report (a dict, printed as text and written as JSON with --out); exits non-zero on problems."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("error: check runs as one process (python, not torchrun); --world-size N sets the world "
+                         "of the memory estimate")
+    if args.dmd2_ckpt is None:
+        raise SystemExit("error: check needs --dmd2-ckpt (the DMD2 checkpoint train would start from)")
+    device = _device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else None
+    dtype_name = "bf16" if dtype is not None else "fp32"
+    adapter.compute_dtype = dtype
+    rep: dict[str, Any] = {"adapter": adapter.name, "model_dir": args.model_dir, "dmd2_ckpt": args.dmd2_ckpt,
+                           "data": args.data, "device": str(device), "dtype": dtype_name, "problems": [],
+                           "warnings": []}
+    try:
+        teacher_net = adapter.load_network(args.model_dir)
+    except ValueError as e:
+        raise fail(e)
+    sizes = network_sizes(adapter, teacher_net)
+
+    # 1. the checkpoint
+    ck = checkpoint_report(args.dmd2_ckpt, adapter, teacher_net, args.init_from)
+    rep["checkpoint"] = ck
+    rep["problems"] += ck["problems"]
+    rep["warnings"] += ck["warnings"]
+
+    # data (optional) and the clip shape the checks run at
+    data = None
+    if args.data is not None:
+        try:
+            data = LatentShards(args.data, adapter.data_keys)
+            adapter.check_data(data.shapes, teacher_net)
+        except ValueError as e:
+            rep["problems"].append(f"--data: {e}" if not str(e).startswith("--data") else str(e))
+            data = None
+    shape = tuple(data.shapes["latents"]) if data is not None else tuple(adapter.noise_shape(args))
+    g = torch.Generator().manual_seed(args.seed)
+    if data is not None:
+        n = min(len(data), args.check_batch)
+        items = {k: torch.stack([data[i][k] for i in range(n)]).float() for k in adapter.data_keys}
+        negative = {k: v.float() for k, v in data.negative.items()}
+        conditioning = f"--data, {n} clip(s)"
+    else:
+        one, negative = adapter.check_items(teacher_net, shape, g)
+        items = {k: v[None] for k, v in one.items()}
+        conditioning = "random stand-in embeddings (no --data)"
+    first = {k: v[:1].to(device) for k, v in items.items()}
+    uncond = {k: v.to(device) for k, v in negative.items()}
+    teacher_net = teacher_net.to(device)
+    if dtype is not None:
+        cast_keeping_fp32(teacher_net, dtype)
+
+    # 2. the teacher's parity with the pipeline
+    with torch.no_grad():
+        x0 = items["latents"][:1].to(device) if data is not None else torch.randn((1, *shape), generator=g).to(device)
+        x_t = dfd.forward_diffusion(x0, torch.randn(x0.shape, generator=g).to(device),
+                                    torch.tensor([args.parity_t], device=device))
+    par = teacher_parity(adapter, teacher_net, x_t, adapter.make_cond(first, device), uncond, args, dtype_name, rep)
+    par["conditioning"] = conditioning
+    rep["parity"] = par
+    del teacher_net
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 3. the student: a 4-step sample, and delta^2 against the data
+    stu: dict[str, Any] = {"student_ts": list(args.student_ts), "sampler": args.sampler, "latent_shape": [1, *shape],
+                           "seed": args.seed, "conditioning": conditioning}
+    fit = ck["networks"].get("student", {})
+    if fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
+        stu["skipped"] = "the student weights do not fit the network (see the checkpoint problems)"
+    else:
+        try:
+            student_report(adapter, args, fit["source"], shape, first, items if data is not None else None, device,
+                           dtype, stu, rep)
+        except Exception as e:  # e.g. out of memory at the data's clip size: one line, and the report still comes
+            stu["error"] = _one_line(e)
+            rep["problems"].append(f"student sample could not run: {stu['error']}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rep["student"] = stu
+
+    # 4. memory
+    rep["memory"] = memory_report(adapter, args, sizes, data)
+    if rep["memory"].get("problem"):
+        rep["problems"].append(rep["memory"]["problem"])
+    rep["ok"] = not rep["problems"]
+
+    text = format_report(rep)
+    print(text)
+    if args.out is not None:
+        path = report_path(args.out)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            write_text(path, json.dumps(rep, indent=1) + "\n")
+        except OSError as e:
+            raise SystemExit(f"error: --out {path}: {e.strerror}")
+        print(f"report written to {path}", file=sys.stderr)
+    if rep["problems"]:
+        raise SystemExit(f"error: check found {len(rep['problems'])} problem(s), listed above")
+    return rep
+
+
+def network_sizes(adapter, net: nn.Module) -> dict:
+    """What the memory estimate needs from the network: parameter shapes, the largest block, widths, patch size."""
+    cfg = net.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    blocks = adapter.blocks(net)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    return {"shapes": [tuple(p.shape) for p in net.parameters()], "n_blocks": len(blocks),
+            "block_params": max(per_block, default=0),
+            "root_params": sum(p.numel() for p in net.parameters()) - sum(per_block),
+            "hidden": hidden, "mlp": getattr(cfg, "ffn_dim", None) or int(getattr(cfg, "mlp_ratio", 4.0) * hidden),
+            "patch": tuple(cfg.patch_size)}
+
+
+def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentShards | None) -> dict:
+    """dfd_video.memory.estimate_memory for the run `train` would start with these flags on --world-size ranks."""
+    world = args.world_size
+    per_rank, rem = divmod(args.batch_size, world * args.grad_accum)
+    out: dict[str, Any] = {"world_size": world, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
+    if rem or per_rank < 1:
+        out["problem"] = (f"--batch-size {args.batch_size} is not a multiple of --world-size x --grad-accum = "
+                          f"{world} x {args.grad_accum}")
+        per_rank = max(per_rank, 1)
+    if data is not None:
+        lat, clip = tuple(data.shapes["latents"]), "the --data clips"
+    else:
+        f, h, w = PAPER_TRAIN_SIZE
+        lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=f, height=h, width=w)))
+        clip = f"{f} frames at {h}x{w} (the paper's; pass --data for yours)"
+    pt, ph, pw = sizes["patch"]
+    tokens = (lat[1] // pt) * (lat[2] // ph) * (lat[3] // pw)
+    compute = "fp32" if args.dtype == "fp32" else "bf16"  # train's auto is bf16 on the GPUs it plans for
+    est = estimate_memory(sizes["shapes"], world, compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0,
+                          block_params=sizes["block_params"], root_params=sizes["root_params"], tokens=tokens,
+                          batch_per_rank=per_rank, hidden=sizes["hidden"], mlp=sizes["mlp"], n_blocks=sizes["n_blocks"],
+                          checkpointing=not args.no_checkpointing)
+    out.update(est, per_rank_batch=per_rank, latent_shape=list(lat), tokens=tokens, clip=clip, compute_dtype=compute,
+               activation_checkpointing=not args.no_checkpointing)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The text report.
+
+
+def _gb(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 100 else f"{b / 2**20:.2f} MiB"
+
+
+def format_report(rep: dict) -> str:
+    L = [f"dfd check: {rep['adapter']}, --model-dir {rep['model_dir']}, {rep['device']} {rep['dtype']}", ""]
+    ck = rep["checkpoint"]
+    L.append(f"[1] checkpoint {ck['path']}")
+    L.append(f"    format: {ck['format']}")
+    for name, label in (("student", "student   "), ("fake_score", "fake score"), ("ema", "EMA       ")):
+        n = ck["networks"].get(name)
+        if n is None:
+            continue
+        src = n["source"] or "nothing"
+        cov = f"{n['provided']}/{n['keys']} keys" if "keys" in n else ""
+        extra = [f"{len(n[k])} {k.replace('_', ' ')}" for k in ("missing", "unexpected", "shape_mismatches") if n.get(k)]
+        if n.get("converted"):
+            extra.append("original key names, converted")
+        if n.get("note"):
+            extra.append(n["note"])
+        L.append(f"    {label} <- {src:<22} {cov}" + (f"  ({'; '.join(extra)})" if extra else ""))
+    p = rep["parity"]
+    L += ["", f"[2] teacher parity with the diffusers pipeline: one step at t = {p['t']}, g = {p['guidance']}, "
+              f"{p['dtype']}, latents {'x'.join(map(str, p['latent_shape']))}, {p['conditioning']}"]
+    if p.get("passed") is None:
+        L.append(f"    skipped: {p.get('skipped')}")
+    elif "error" in p:
+        L.append(f"    could not run: {p['error']}   FAIL")
+    else:
+        L.append(f"    max |x0 ours - x0 pipeline| = {p['max_abs_diff']:.3g}   (max |x0| {p['scale']:.3g}, threshold "
+                 f"{p['threshold']:.3g})   {'PASS' if p['passed'] else 'FAIL'}")
+        if p.get("guidance_off_by_one") is not None:
+            L.append(f"    (a guidance off by one would move x0 by {p['guidance_off_by_one']:.3g})")
+    s = rep["student"]
+    L += ["", f"[3] student sample: {len(s['student_ts'])} steps at t = {s['student_ts']}, sampler {s['sampler']}, "
+              f"seed {s['seed']}, {s['conditioning']}"]
+    if "skipped" in s:
+        L.append(f"    skipped: {s['skipped']}")
+    elif "error" in s:
+        L.append(f"    could not run: {s['error']}")
+    else:
+        L.append(f"    {s['frames']} frames {s['height']}x{s['width']}: saturation {s['saturation']:.3f}, clipped "
+                 f"{s['clipped']:.3f}; latents mean {s['latent_mean']:.3f}, std {s['latent_std']:.3f}")
+        if "delta2" in s:
+            L.append(f"    delta^2 = {s['delta2']:.4g} per element (student's one step from {s['delta2_clips']} real "
+                     f"clip(s) noised to t = {s['delta2_t']}; Eq. 7 warns above {s['delta2_warn']:g})")
+        else:
+            L.append("    delta^2: needs --data")
+    m = rep["memory"]
+    L += ["", f"[4] ESTIMATED peak GPU memory per rank: {m['world_size']} ranks, {m['per_rank_batch']} clip(s) per rank "
+              f"per micro-batch, {m['compute_dtype']} compute with fp32 weights / grads / AdamW, activation "
+              f"checkpointing {'on' if m['activation_checkpointing'] else 'off'}, {m['tokens']} tokens per clip "
+              f"({m['clip']})"]
+    for name, parts in m["exact"].items():
+        L.append(f"    {name:<11} params {_gb(parts['params']):>11}  grads {_gb(parts['grads']):>11}  "
+                 f"AdamW {_gb(parts['optimizer']):>11}")
+    L.append(f"    FSDP2 gathered params (rough) {_gb(m['rough']['fsdp_buffers'])}; activations (rough rule of thumb) "
+             f"{_gb(m['rough']['activations'])} = {m['per_rank_batch']} x {_gb(m['activations_per_sample'])} per clip")
+    L.append(f"    total about {_gb(m['total'])} (an estimate: the training state is exact, the rest is not)")
+    L.append("")
+    for w in rep["warnings"]:
+        L.append(f"warning: {w}")
+    for q in rep["problems"]:
+        L.append(f"problem: {q}")
+    L.append("result: OK" if rep["ok"] else f"result: {len(rep['problems'])} problem(s)")
+    return "\n".join(L)
