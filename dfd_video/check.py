@@ -29,7 +29,7 @@ from dfd_video.distributed import cast_keeping_fp32
 from dfd_video.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
 from dfd_video.memory import GiB, estimate_memory
-from dfd_video.weights import LEADING, NOT_WEIGHTS, ROLES, load_weights, read_checkpoint, read_raw, strip_prefixes
+from dfd_video.weights import LEADING, describe_dmd2, describe_lines, load_weights, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
 # the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
@@ -39,8 +39,8 @@ PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. The checkpoint. Until dfd_video.weights.describe_dmd2 lands this is our own small description, built on
-# read_checkpoint and the key matching of load_weights; it reads the file and touches no network.
+# 1. The checkpoint: weights.describe_dmd2 (what train would load, from names alone) and how well each network's
+# weights fit the base model's architecture (load_weights' key matching, reported instead of raised).
 
 
 def match_keys(want: dict[str, tuple], sd: dict[str, torch.Tensor], convert: Callable | None) -> dict:
@@ -68,73 +68,35 @@ def match_keys(want: dict[str, tuple], sd: dict[str, torch.Tensor], convert: Cal
             "unexpected": sorted(best.keys() - want.keys()), "shape_mismatches": shapes, "converted": converted}
 
 
-def _roles(keys) -> list[str]:
-    """The network names (weights.ROLES) a checkpoint's keys carry, as read_checkpoint groups them."""
-    found = set()
-    for k in keys:
-        parts = k.split(".")
-        if parts[0] in NOT_WEIGHTS:
-            continue
-        found |= {r for r, names in ROLES.items() if any(part in names for part in parts[:3][:len(parts) - 1])}
-    return [r for r in ("generator", "generator_ema", "critic") if r in found] or ["generator"]
-
-
-def checkpoint_format(path: str, roles: list[str]) -> str:
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, ".metadata")):
-            kind = "torch.distributed.checkpoint folder"
-        else:
-            kind = "diffusers / safetensors folder"
-    elif path.endswith(".safetensors"):
-        kind = "safetensors file"
-    else:
-        kind = f"torch file ({os.path.splitext(path)[1]})"
-    return f"{kind}, networks: {', '.join(roles) if roles else 'none found'}"
-
-
-def checkpoint_report(path: str, adapter, net: nn.Module, init_from: str = "generator_ema") -> dict:
-    """What `train --dmd2-ckpt path --init-from init_from` would load, without loading it: the format, and per
-    network (student, fake_score, ema) its source and key coverage of `net`; warnings and problems as lines."""
+def checkpoint_report(args: argparse.Namespace, adapter, net: nn.Module) -> dict:
+    """What `train` with these flags would load from --dmd2-ckpt (describe_dmd2: format, the source of the student,
+    fake score and the checkpoint's EMA, warnings, refusals) and each network's key coverage of `net`. Problems:
+    the refusals and every network whose weights do not fit, one line each."""
+    desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
+                         args.rectified_flow_ckpt)
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    problems, warnings_ = [], []
-    try:
-        raw = strip_prefixes(read_raw(path))
-        roles, raw_keys = _roles(raw), len(raw)
-        del raw
-    except ValueError as e:
-        return {"path": path, "format": "unreadable", "networks": {}, "warnings": [], "problems": [str(e)]}
-    out = {"path": path, "format": checkpoint_format(path, roles), "tensors": raw_keys, "networks": {}}
-    role = init_from if init_from in roles else "generator"
-    if init_from == "generator_ema" and "generator_ema" not in roles and "generator" in roles:
-        warnings_.append("no EMA in the checkpoint: the student starts from the generator (--init-from generator_ema "
-                         "falls back)")
-    sources = {"student": role, "fake_score": "critic"}
-    for name, r in sources.items():
-        sd = read_checkpoint(path, r) if r in roles else None
-        if sd is None:
-            if name == "fake_score":
-                out["networks"][name] = {"source": "teacher (--model-dir)", "keys": len(want), "provided": len(want)}
-                warnings_.append("no critic in the checkpoint: the fake score starts from the teacher, not from the "
-                                 "DMD2 critic")
-            else:
-                out["networks"][name] = {"source": None, "keys": len(want), "provided": 0}
-                problems.append(f"{path}: holds no generator weights (networks found: {', '.join(roles) or 'none'})")
+    out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": describe_lines(desc),
+           "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"])}
+    show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
+    for name in ("student", "fake_score", "ema"):
+        src = desc["networks"][name]
+        if src is None:
+            out["networks"][name] = ({"source": "teacher (--model-dir)"} if name == "fake_score" else
+                                     {"source": None} if name == "student" else None)
             continue
-        m = match_keys(want, sd, adapter.convert_state_dict)
-        out["networks"][name] = {"source": f"{r}", **m}
-        show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
+        try:
+            m = match_keys(want, read_checkpoint(src["source"], src["role"]) or {}, adapter.convert_state_dict)
+        except ValueError as e:
+            out["problems"].append(f"{name}: {e}")
+            out["networks"][name] = {"source": src["source"], "role": src["role"]}
+            continue
+        out["networks"][name] = {"source": src["source"], "role": src["role"], **m}
         for what in ("missing", "unexpected", "shape_mismatches"):
             if m[what]:
-                problems.append(f"{name} ({r}): {len(m[what])} {what.replace('_', ' ')} of {m['keys']} keys "
-                                f"[{show(m[what])}]")
-        if m["converted"] and name == "student" and adapter.name == "wan":  # FastGen's Cosmos keeps original names
-            warnings_.append("original (non-diffusers) key names, converted: if this is a Self-Forcing / CausVid "
-                             "student it may be block-causal (KV-cache rollout), which DFD would run as a "
-                             "full-sequence student without any error; use it only if it is bidirectional")
-    # train starts the EMA from the student's weights (dfd_video.train), whatever the checkpoint's EMA holds
-    out["networks"]["ema"] = {"source": out["networks"]["student"]["source"],
-                              "note": "the student's weights; used only with --ema > 0"}
-    out["warnings"], out["problems"] = warnings_, problems
+                out["problems"].append(f"{name} ({src['source']}): {len(m[what])} {what.replace('_', ' ')} of "
+                                       f"{m['keys']} keys [{show(m[what])}]")
+    if out["networks"]["ema"] is not None:  # train's --ema starts from the student's weights, not from this one
+        out["networks"]["ema"]["note"] = "the checkpoint's own EMA; --init-from generator_ema starts the student from it"
     return out
 
 
@@ -199,13 +161,14 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
 
 
-def student_report(adapter, args: argparse.Namespace, role: str, shape: tuple, first: dict, items: dict | None,
+def student_report(adapter, args: argparse.Namespace, source: tuple[str, str], shape: tuple, first: dict,
+                   items: dict | None,
                    device: torch.device, dtype: torch.dtype | None, stu: dict, rep: dict) -> None:
-    """Part 3: the student from --dmd2-ckpt (network `role`), a 4-step sample from the first clip's conditioning with
+    """Part 3: the student (source = (path, role) as describe_dmd2 names it), a 4-step sample from the first clip's conditioning with
     its saturation statistics, and with data items delta^2 at the first student time; fills `stu`."""
     ts = tuple(args.student_ts)
     net = adapter.load_network(args.model_dir)
-    load_weights(net, read_checkpoint(args.dmd2_ckpt, role), f"--dmd2-ckpt {args.dmd2_ckpt} (student)",
+    load_weights(net, read_checkpoint(*source), f"--dmd2-ckpt {source[0]} (student)",
                  adapter.convert_state_dict)
     net = net.to(device).eval()
     if dtype is not None:
@@ -269,7 +232,7 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     sizes = network_sizes(adapter, teacher_net)
 
     # 1. the checkpoint
-    ck = checkpoint_report(args.dmd2_ckpt, adapter, teacher_net, args.init_from)
+    ck = checkpoint_report(args, adapter, teacher_net)
     rep["checkpoint"] = ck
     rep["problems"] += ck["problems"]
     rep["warnings"] += ck["warnings"]
@@ -315,12 +278,12 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     # 3. the student: a 4-step sample, and delta^2 against the data
     stu: dict[str, Any] = {"student_ts": list(args.student_ts), "sampler": args.sampler, "latent_shape": [1, *shape],
                            "seed": args.seed, "conditioning": conditioning}
-    fit = ck["networks"].get("student", {})
-    if fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
+    fit = ck["networks"].get("student") or {}
+    if ck["problems"] or fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
         stu["skipped"] = "the student weights do not fit the network (see the checkpoint problems)"
     else:
         try:
-            student_report(adapter, args, fit["source"], shape, first, items if data is not None else None, device,
+            student_report(adapter, args, (fit["source"], fit["role"]), shape, first, items if data is not None else None, device,
                            dtype, stu, rep)
         except Exception as e:  # e.g. out of memory at the data's clip size: one line, and the report still comes
             stu["error"] = _one_line(e)
@@ -402,12 +365,13 @@ def format_report(rep: dict) -> str:
     L = [f"dfd check: {rep['adapter']}, --model-dir {rep['model_dir']}, {rep['device']} {rep['dtype']}", ""]
     ck = rep["checkpoint"]
     L.append(f"[1] checkpoint {ck['path']}")
-    L.append(f"    format: {ck['format']}")
+    L.append(f"    format: {ck['summary'] or ck['format']}")
     for name, label in (("student", "student   "), ("fake_score", "fake score"), ("ema", "EMA       ")):
         n = ck["networks"].get(name)
         if n is None:
             continue
-        src = n["source"] or "nothing"
+        src = (n["source"] or "nothing") + (f" [{n['role']}]" if n.get("role") and ck["format"] not in
+                                            ("fastgen-fsdp", "diffusers", "safetensors") else "")
         cov = f"{n['provided']}/{n['keys']} keys" if "keys" in n else ""
         extra = [f"{len(n[k])} {k.replace('_', ' ')}" for k in ("missing", "unexpected", "shape_mismatches") if n.get(k)]
         if n.get("converted"):

@@ -190,9 +190,9 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
                    "(without --data; with --data the data's clip size is used)")
     p.add_argument("--height", type=int, default=240, help="height of that clip (multiple of 16)")
     p.add_argument("--width", type=int, default=416, help="width of that clip (multiple of 16)")
-    p.add_argument("--sampler", default="renoise", choices=("renoise", "ode"),
-                   help="the student sampler (as in `sample`): renoise = fresh noise between steps, ode = the noise "
-                        "x_t implies")
+    p.add_argument("--sampler", default="ode", choices=("ode", "renoise"),
+                   help="the student sampler (as in `sample`): ode = the noise x_t implies (the authors' inference), "
+                        "renoise = fresh noise between steps")
     p.add_argument("--parity-t", type=float, default=0.8, help="noise level t in (0, 1] of the teacher parity step")
     p.add_argument("--check-batch", type=int, default=2, help="clips from --data for delta^2")
 

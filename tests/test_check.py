@@ -83,33 +83,42 @@ def check(main, argv) -> dict:
 def test_wan_report_for_every_checkpoint_format(wan, tmp_path):
     """Format, sources and coverage for the four --dmd2-ckpt layouts; parity passes; sample stats; JSON round trip."""
     n = wan["keys"]
-    expect = {  # format -> (format text, student source, fake-score source)
-        "folder": ("diffusers / safetensors folder, networks: generator", "generator", "teacher (--model-dir)"),
-        "safetensors": ("safetensors file, networks: generator", "generator", "teacher (--model-dir)"),
-        "pt": ("torch file (.pt), networks: generator, generator_ema, critic", "generator_ema", "critic"),
-        "dcp": ("torch.distributed.checkpoint folder, networks: generator, critic", "generator", "critic"),
+    ck_path = wan["dmd2"]
+    expect = {  # format -> (describe_dmd2's format, student (source, role), fake score (source, role) or the teacher)
+        "folder": ("diffusers", (ck_path["folder"], "generator"), "teacher (--model-dir)"),
+        "safetensors": ("safetensors", (ck_path["safetensors"], "generator"), "teacher (--model-dir)"),
+        "pt": ("self-forcing", (ck_path["pt"], "generator"), (ck_path["pt"], "critic")),
+        "dcp": ("dcp", (ck_path["dcp"], "generator"), (ck_path["dcp"], "critic")),
     }
-    for fmt, (text, student, fake) in expect.items():
+    for fmt, (kind, student, fake) in expect.items():
         out = str(tmp_path / f"{fmt}.json")
-        rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", wan["dmd2"][fmt], "--out", out, *WAN_SMALL])
+        trust = ["--bidirectional-ckpt"] if fmt == "pt" else []  # refused without: see the next block
+        rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", ck_path[fmt], "--out", out, *trust,
+                                   *WAN_SMALL])
         ck = rep["checkpoint"]
-        assert ck["format"] == text, fmt
-        assert ck["networks"]["student"]["source"] == student and ck["networks"]["fake_score"]["source"] == fake, fmt
-        assert ck["networks"]["student"]["provided"] == ck["networks"]["student"]["keys"] == n, fmt
-        assert ck["networks"]["student"]["converted"] == (fmt == "pt"), fmt  # Self-Forcing names in the .pt
+        assert ck["format"] == kind, fmt
+        n_s, n_f = ck["networks"]["student"], ck["networks"]["fake_score"]
+        assert (n_s["source"], n_s["role"]) == student, fmt
+        assert (n_f["source"] if fake == "teacher (--model-dir)" else (n_f["source"], n_f["role"])) == fake, fmt
+        assert n_s["provided"] == n_s["keys"] == n, fmt
+        assert n_s["converted"] == (fmt == "pt"), fmt  # Self-Forcing names in the .pt
         assert rep["ok"] and rep["problems"] == [], (fmt, rep["problems"])
         assert json.load(open(out)) == json.loads(json.dumps(rep))  # the file holds the report
+    # the block-causal Self-Forcing .pt is a problem without --bidirectional-ckpt, and the student is not sampled
+    with pytest.raises(SystemExit, match="check found 1 problem"):
+        check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", ck_path["pt"], *WAN_SMALL])
     # sources the warnings name
-    assert any("no critic" in w for w in check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt",
-                                                                wan["dmd2"]["safetensors"], *WAN_SMALL])["warnings"])
-    rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", wan["dmd2"]["pt"], *WAN_SMALL])
+    assert any("holds no critic" in w for w in check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt",
+                                                                     wan["dmd2"]["safetensors"], *WAN_SMALL])["warnings"])
+    rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", wan["dmd2"]["pt"], "--bidirectional-ckpt",
+                               *WAN_SMALL])
     assert any("block-causal" in w for w in rep["warnings"])
     p, s = rep["parity"], rep["student"]
     assert p["passed"] and p["max_abs_diff"] < 1e-4 and p["scale"] > 1.0 and p["guidance"] == 5.0
     assert p["latent_shape"] == [1, 16, 3, 4, 6]
     assert (s["frames"], s["height"], s["width"]) == (9, 32, 48)
     assert 0 < s["saturation"] < 1 and 0 <= s["clipped"] <= 1 and "delta2" not in s
-    assert s["student_ts"] == list(dfd.STUDENT_TS) and s["sampler"] == "renoise"
+    assert s["student_ts"] == list(dfd.STUDENT_TS) and s["sampler"] == "ode"
 
 
 def test_wan_delta2_with_data(wan):
@@ -144,8 +153,9 @@ def test_cosmos_report_with_data(cosmos):
     rep = check(C.main, ["--model-dir", cosmos["model"], "--dmd2-ckpt", cosmos["pt"], "--data", cosmos["data"],
                          *COSMOS_SMALL])
     ck = rep["checkpoint"]
-    assert ck["format"] == "torch file (.pt), networks: generator, critic"
-    assert ck["networks"]["student"]["source"] == "generator" and ck["networks"]["fake_score"]["source"] == "critic"
+    assert ck["format"] == "pt"
+    n_s, n_f = ck["networks"]["student"], ck["networks"]["fake_score"]
+    assert (n_s["source"], n_s["role"], n_f["source"], n_f["role"]) == (cosmos["pt"], "generator", cosmos["pt"], "critic")
     assert ck["networks"]["student"]["provided"] == ck["networks"]["fake_score"]["provided"] == cosmos["keys"]
     assert not any("block-causal" in w for w in rep["warnings"])  # original names are FastGen's Cosmos layout
     assert rep["parity"]["passed"] and rep["parity"]["guidance"] == 3.0  # Cosmos' default g, pipeline scale 2
@@ -158,7 +168,7 @@ def test_cosmos_report_with_data(cosmos):
 
 def test_cosmos_report_without_data(cosmos):
     rep = check(C.main, ["--model-dir", cosmos["model"], "--dmd2-ckpt", cosmos["safetensors"], *COSMOS_SMALL])
-    assert rep["checkpoint"]["format"] == "safetensors file, networks: generator"
+    assert rep["checkpoint"]["format"] == "safetensors"
     assert rep["checkpoint"]["networks"]["fake_score"]["source"] == "teacher (--model-dir)"
     assert rep["parity"]["passed"] and "stand-in" in rep["parity"]["conditioning"]
     assert "delta2" not in rep["student"] and rep["ok"]
@@ -227,9 +237,9 @@ def test_mismatched_checkpoint_is_one_line_per_problem(wan, tmp_path, capsys):
     stdout = capsys.readouterr().out
     problems = [line for line in stdout.splitlines() if line.startswith("problem: ")]
     n = wan["keys"]
-    assert problems == [f"problem: student (generator): 1 missing of {n} keys [proj_out.bias]",
-                        f"problem: student (generator): 1 unexpected of {n} keys [blocks.0.extra.weight]",
-                        f"problem: student (generator): 1 shape mismatches of {n} keys [patch_embedding.weight: file "
+    assert problems == [f"problem: student ({bad}): 1 missing of {n} keys [proj_out.bias]",
+                        f"problem: student ({bad}): 1 unexpected of {n} keys [blocks.0.extra.weight]",
+                        f"problem: student ({bad}): 1 shape mismatches of {n} keys [patch_embedding.weight: file "
                         "(8, 16, 1, 2, 2) vs model (24, 16, 1, 2, 2)]"], stdout
     assert "skipped: the student weights do not fit" in stdout and "PASS" in stdout  # the teacher still checked
     assert stdout.rstrip().endswith("result: 3 problem(s)")
