@@ -271,7 +271,7 @@ def test_a_run_folder_is_never_mixed_or_left_half_written(setup, tmp_path, monke
     (before any model loads) naming --resume and --overwrite; --overwrite renames the earlier run and says so."""
     s = setup
     out = str(tmp_path / "run")
-    argv = ["train", "--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["pt"], "--out", out,
+    argv = ["train", "--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["dcp"], "--out", out,
             "--device", "cpu", "--batch-size", "2", "--fake-updates", "0", "--steps", "1", "--monitor-every", "0"]
 
     def torch_disk_full(*a, **k):  # torch.save on a full disk: a RuntimeError that does not say so
