@@ -1,0 +1,440 @@
+"""VBench's quality dimensions in `evaluate` (dfd_video/vbench/), checked against values worked out by hand or
+restated here from VBench's and DINO's published code, never with the functions under test: the scores on
+synthetic clips with known answers (a static clip, a clip with one flickering frame, a clip translating at constant
+speed, features turning at a constant angle), the preprocessing geometry of torchvision's Resize / CenterCrop,
+DINO's position-embedding interpolation, CLIP's encode_image, the LAION head's file format, and the whole command
+with tiny random DINO ViT-B/16-, CLIP ViT-B/32- and ViT-L/14-layout models (tests/tiny_vision.py)."""
+import json
+import math
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import tiny_vision as tv
+import wan_dfd
+from dfd_video import vbench
+from dfd_video.vbench import (aesthetic_quality, background_consistency, common, i2v_subject, subject_consistency,
+                              temporal_flickering)
+
+torch.set_num_threads(1)
+
+
+def decode_all(path: str) -> np.ndarray:
+    with av.open(path) as box:
+        return np.stack([f.to_ndarray(format="rgb24") for f in box.decode(video=0)])
+
+
+def turning(T: int, theta: float, dim: int = 4) -> torch.Tensor:
+    """Features [T, dim] turning at a constant angle theta per frame in one plane (scaled differently per frame,
+    which cosines ignore): the feature-space picture of a clip moving at constant speed."""
+    t = torch.arange(T, dtype=torch.float64)
+    f = torch.zeros(T, dim, dtype=torch.float64)
+    f[:, 0], f[:, 1] = torch.cos(t * theta), torch.sin(t * theta)
+    return f * (1 + t)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The formulas (VBench: subject_consistency.py / background_consistency.py, i2v_subject.py,
+# temporal_flickering.py, aesthetic_quality.py), on hand examples.
+
+
+def test_consistency_static_hand_and_clipping():
+    v = torch.tensor([0.3, -1.0, 2.0])
+    assert subject_consistency.consistency_score(v.repeat(6, 1)) == pytest.approx(1.0, abs=1e-12)
+    # f0 = (1, 0), f1 = (0, 1), f2 = (1, 1): t=1: (0 + 0) / 2; t=2: (1/sqrt2 + 1/sqrt2) / 2 -> mean 1 / (2 sqrt2)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert subject_consistency.consistency_score(f) == pytest.approx(1 / (2 * math.sqrt(2)), abs=1e-12)
+    # opposite features count as 0, not -1: (v, -v) -> 0; (v, -v, v): t=1: 0, t=2: (0 + 1) / 2 -> 0.25
+    assert subject_consistency.consistency_score(torch.stack([v, -v])) == pytest.approx(0.0, abs=1e-12)
+    assert subject_consistency.consistency_score(torch.stack([v, -v, v])) == pytest.approx(0.25, abs=1e-12)
+
+
+@pytest.mark.parametrize("theta", [0.1, 0.5])
+def test_consistency_constant_speed(theta):
+    T = 12
+    # to the previous frame always cos(theta); to the first cos(t theta), clipped at 0 past 90 degrees
+    want = np.mean([(math.cos(theta) + max(0.0, math.cos(t * theta))) / 2 for t in range(1, T)])
+    assert subject_consistency.consistency_score(turning(T, theta)) == pytest.approx(want, abs=1e-12)
+
+
+def test_i2v_score_hand_examples():
+    g = torch.tensor([1.0, 0.0])
+    assert i2v_subject.i2v_score(g, g.repeat(5, 1) * 3) == pytest.approx(1.0, abs=1e-12)  # static, = the image
+    # frames turning at theta from the image: max cos to the image = 1 (frame 0), consecutive cos all cos(theta)
+    theta = 0.3
+    f = turning(8, theta, dim=2)
+    assert i2v_subject.i2v_score(g, f) == pytest.approx(0.4 + 0.6 * math.cos(theta), abs=1e-12)
+    # one jump: consecutive cosines (1, 0, 1) -> mean 2/3, min 0; the image is orthogonal to every frame -> 0
+    f = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert i2v_subject.i2v_score(torch.tensor([1.0, 0.0, 0.0]), f) == pytest.approx(0.3 * 2 / 3, abs=1e-12)
+
+
+def test_flicker_static_one_flash_and_constant_speed():
+    T = 9
+    static = np.full((T, 16, 24, 3), 100, np.uint8)
+    assert temporal_flickering.flicker_score(static) == 1.0
+    flash = static.copy()
+    flash[4] = 150  # two of the 8 pairs differ by 50 everywhere
+    assert temporal_flickering.flicker_score(flash) == pytest.approx((255 - 2 * 50 / (T - 1)) / 255, abs=1e-6)
+    # a horizontal ramp 2x (x < 128) rolling v pixels per frame: every pair differs by 2v on 128 - v columns and by
+    # 256 - 2v on the v columns that wrap round, so the mean absolute difference is 4v (256 - 2v) / 128 per pair
+    ramp = np.broadcast_to((2 * np.arange(128)).astype(np.uint8)[None, :, None], (8, 128, 3))
+    for v in (1, 2, 3):
+        clip = np.stack([np.roll(ramp, v * t, axis=1) for t in range(T)])
+        mae = 4 * v * (256 - 2 * v) / 256
+        assert temporal_flickering.flicker_score(clip) == pytest.approx((255 - mae) / 255, abs=1e-6)
+
+
+def test_aesthetic_score_is_the_head_on_normalised_embeddings_over_ten():
+    head = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0, -1.0]]))
+        head.bias.fill_(5.0)
+    e = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.5]])  # normalised: e0 -> 2 + 5 = 7, e1 -> -1 + 5 = 4
+    assert aesthetic_quality.aesthetic_score(e, head) == pytest.approx((7 + 4) / 2 / 10, abs=1e-6)
+
+
+def test_averages_paper_set_and_dynamic_degree():
+    s = {"subject_consistency": 0.9, "temporal_flickering": 0.8, "imaging_quality": 0.1, "saturation": 0.5}
+    assert vbench.averages(s) == pytest.approx({"vbench_average": 0.85})  # imaging quality and others left out
+    s["dynamic_degree"] = 0.2
+    want = {"vbench_average": 0.85, "vbench_average_dynamic": (0.9 + 0.8 + 0.2) / 3}
+    assert vbench.averages(s) == pytest.approx(want)
+    assert vbench.averages({"saturation": 0.5}) == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preprocessing: torchvision's geometry, restated (torchvision is not installable beside the CPU torch).
+
+
+@pytest.mark.parametrize("hw,size,want", [((480, 832), 224, (224, 388)), ((832, 480), 224, (388, 224)),
+                                          ((32, 48), 224, (224, 336)), ((50, 50), 256, (256, 256)),
+                                          ((33, 100), 224, (224, 678))])  # 224 * 100 / 33 = 678.8 -> 678
+def test_resize_short_side_sizes(hw, size, want):
+    x = torch.zeros(1, 3, *hw)
+    assert tuple(common.resize_short_side(x, size, "bilinear", False).shape[-2:]) == want
+
+
+def test_center_crop_offsets_round_half_to_even():
+    x = torch.arange(7 * 10, dtype=torch.float32).view(1, 1, 7, 10)
+    # (7 - 4) / 2 = 1.5 -> round() gives 2; (10 - 4) / 2 = 3
+    np.testing.assert_array_equal(common.center_crop(x, 4)[0, 0].numpy(), x[0, 0, 2:6, 3:7].numpy())
+    x = torch.zeros(1, 3, 224, 388)
+    assert tuple(common.center_crop(x, 224).shape[-2:]) == (224, 224)
+    with pytest.raises(ValueError):
+        common.center_crop(torch.zeros(1, 3, 10, 300), 224)
+
+
+@pytest.mark.parametrize("module,size,mean,std", [
+    (subject_consistency, (224, 336), tv.IMAGENET_MEAN, tv.IMAGENET_STD),
+    (background_consistency, (224, 224), tv.CLIP_MEAN, tv.CLIP_STD),
+    (aesthetic_quality, (224, 224), tv.CLIP_MEAN, tv.CLIP_STD),
+    (i2v_subject, (224, 224), tv.IMAGENET_MEAN, tv.IMAGENET_STD)])
+def test_preprocess_constant_frame_values_and_sizes(module, size, mean, std):
+    rgb = np.array([30, 140, 250], np.uint8)  # resizing a constant image keeps it constant
+    frames = np.broadcast_to(rgb, (3, 32, 48, 3)).copy()
+    x = module.preprocess(frames)
+    assert x.dtype == torch.float32 and tuple(x.shape) == (3, 3, *size)
+    want = (rgb / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(x.mean((0, 2, 3)).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(x.std((0, 2, 3)).numpy(), 0, atol=1e-4)
+
+
+def unnormalize(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Preprocessed [N, 3, H, W] back to 0..255 values, [N, H, W, 3] float64."""
+    return ((x.double() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+            ).permute(0, 2, 3, 1).numpy()
+
+
+def test_preprocess_bilinear_halving_is_2x2_means():
+    """Subject consistency: bilinear without antialiasing at exactly half size samples between pixel pairs, i.e.
+    the means of 2x2 blocks; 448 x 672 -> 224 x 336 (no crop)."""
+    x = np.random.default_rng(0).integers(0, 256, (2, 448, 672, 3)).astype(np.uint8)
+    want = x.astype(np.float64).reshape(2, 224, 2, 336, 2, 3).mean((2, 4))
+    got = unnormalize(subject_consistency.preprocess(x), tv.IMAGENET_MEAN, tv.IMAGENET_STD)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_preprocess_bicubic_halving_is_the_cubic_kernel():
+    """Background consistency / aesthetic quality: bicubic (a = -0.75) without antialiasing at half size weights
+    pixels 2i-1 .. 2i+2 by (-3, 19, 19, -3) / 32 along each axis (interior pixels; 448 x 448 needs no crop)."""
+    x = np.random.default_rng(1).integers(0, 256, (1, 448, 448, 3)).astype(np.float64)
+    k = np.array([-3, 19, 19, -3]) / 32
+    rows = sum(k[j] * x[:, 2 * np.arange(1, 223) - 1 + j] for j in range(4))            # [1, 222, 448, 3]
+    want = sum(k[j] * rows[:, :, 2 * np.arange(1, 223) - 1 + j] for j in range(4))     # [1, 222, 222, 3]
+    for module in (background_consistency, aesthetic_quality):
+        got = unnormalize(module.preprocess(x.astype(np.uint8)), tv.CLIP_MEAN, tv.CLIP_STD)
+        np.testing.assert_allclose(got[:, 1:223, 1:223], want, atol=1e-3)
+
+
+def test_preprocess_i2v_is_antialiased_like_pil():
+    """I2V subject: antialiased bicubic to 256 then a 224 centre crop, within a grey level of PIL's bicubic
+    resize (which VBench-I2V applies to the image), while the non-antialiased kernel is much further off."""
+    from PIL import Image
+    x = tv.random_frames(3, T=1, height=512, width=640)[0]
+    x = np.clip(x.astype(int) + np.random.default_rng(2).integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(x[..., c].astype(np.float32), mode="F").resize((320, 256),
+                                                                                              Image.BICUBIC))
+                    for c in range(3)], -1)
+    want = pil[16:240, 48:272]
+    got = unnormalize(i2v_subject.preprocess(x[None]), tv.IMAGENET_MEAN, tv.IMAGENET_STD)[0]
+    assert np.abs(got - want).mean() < 0.5
+    sharp = common.resize_short_side(common.to_float_nchw(x[None]), 256, "bicubic", False)
+    assert np.abs(common.center_crop(sharp, 224)[0].permute(1, 2, 0).numpy() - want).mean() > 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models in their real on-disk layouts.
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vbench_models")
+    return {"dino": tv.build_dino_vit(str(root / "dino")),
+            "clip_b32": tv.build_clip(str(root / "clip_b32"), image_size=224, patch_size=32),
+            "clip_l14": tv.build_clip(str(root / "clip_l14"), seed=1, image_size=224, patch_size=14),
+            "head": tv.build_aesthetic_head(str(root / "head.pth"))}
+
+
+def dino_reference_pos_embed(pos: torch.Tensor, npatch: int, w: int, h: int, patch: int) -> torch.Tensor:
+    """facebookresearch/dino vision_transformer.py, interpolate_pos_encoding(x, w, h) with its own names (there
+    `w, h` are the input's dims 2 and 3, i.e. height and width)."""
+    N = pos.shape[1] - 1
+    if npatch == N and w == h:
+        return pos
+    class_pos_embed, patch_pos_embed = pos[:, 0], pos[:, 1:]
+    dim = pos.shape[-1]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def test_dino_position_embeddings_follow_dino(models):
+    model = subject_consistency.load_dino(models["dino"], "cpu")
+    emb = model.embeddings
+    with torch.no_grad():
+        emb.position_embeddings.normal_()  # a random grid, so any resampling difference shows
+        for h, w in ((224, 388), (388, 224), (240, 336)):
+            n = (h // 16) * (w // 16)
+            got = emb.interpolate_pos_encoding(torch.zeros(1, n + 1, tv.DINO_DIM), h, w)
+            want = dino_reference_pos_embed(emb.position_embeddings, n, h, w, 16)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            hf = type(emb).interpolate_pos_encoding(emb, torch.zeros(1, n + 1, tv.DINO_DIM), h, w)
+            assert (hf - want).abs().max() > 1e-4  # transformers' own resize samples elsewhere: the override matters
+        # the trained size: the embeddings as they are, and the same CLS feature as a plain forward
+        x = torch.randn(2, 3, 224, 224)
+        torch.testing.assert_close(subject_consistency.dino_cls(model, x),
+                                   model(pixel_values=x).last_hidden_state[:, 0], rtol=0, atol=1e-6)
+
+
+def test_dino_cls_is_the_normed_cls_token_and_takes_any_frame_shape(models):
+    from transformers import ViTModel
+    model = subject_consistency.load_dino(models["dino"], "cpu")
+    assert model.pooler is None  # the folder has no pooler; none is made up
+    ref = ViTModel.from_pretrained(models["dino"], add_pooling_layer=False).eval()  # unpatched
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(subject_consistency.dino_cls(model, x), ref(pixel_values=x).last_hidden_state[:, 0],
+                                   rtol=0, atol=1e-6)
+        assert ref.layernorm is not None  # last_hidden_state is after the final layer norm, as DINO's output
+        assert tuple(subject_consistency.dino_cls(model, torch.randn(1, 3, 224, 388)).shape) == (1, tv.DINO_DIM)
+
+
+def test_clip_image_embeds_is_encode_image(models):
+    from transformers import CLIPModel
+    model = common.load_clip(models["clip_b32"], "cpu", "--vbench-clip")
+    ref = CLIPModel.from_pretrained(models["clip_b32"]).eval()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        out = ref.get_image_features(pixel_values=x)
+        want = out if torch.is_tensor(out) else out.pooler_output
+        torch.testing.assert_close(common.clip_image_embeds(model, x), want, rtol=0, atol=1e-6)
+    assert tuple(want.shape) == (3, tv.CLIP_DIM)
+
+
+def test_aesthetic_head_file_format_and_errors(models, tmp_path):
+    head = aesthetic_quality.load_head(models["head"], tv.CLIP_DIM)
+    sd = torch.load(models["head"], weights_only=True)
+    torch.testing.assert_close(head.weight, sd["weight"])
+    with pytest.raises(ValueError, match=r"--aesthetic-head .*\(1, 5\)"):  # a head for another CLIP width
+        aesthetic_quality.load_head(models["head"], 5)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match="--aesthetic-head .*junk.pth"):
+        aesthetic_quality.load_head(str(junk), tv.CLIP_DIM)
+    with pytest.raises(ValueError, match="no such file"):
+        aesthetic_quality.load_head(str(tmp_path / "missing.pth"), tv.CLIP_DIM)
+
+
+def test_dimensions_on_static_and_changing_clips(models):
+    dims = {d.name: d for d in vbench.build("cpu", models["dino"], models["clip_b32"], models["clip_l14"],
+                                            models["head"], flickering=True, i2v=True)}
+    assert list(dims) == ["subject_consistency", "background_consistency", "aesthetic_quality",
+                          "temporal_flickering", "i2v_subject"]
+    a, b = tv.random_frames(1, T=1, height=32, width=48)[0], tv.random_frames(2, T=1, height=32, width=48)[0]
+    static = np.stack([a] * 4)
+    for name in ("subject_consistency", "background_consistency", "temporal_flickering", "i2v_subject"):
+        assert dims[name](static, a) == pytest.approx(1.0, abs=1e-6), name
+    # A, A, B, B: with c = max(0, cos(f_A, f_B)), t=1: 1; t=2: c; t=3: (1 + c) / 2
+    for module, feat in ((subject_consistency, subject_consistency.dino_cls),
+                         (background_consistency, common.clip_image_embeds)):
+        name = module.NAME
+        with torch.no_grad():
+            fa, fb = feat(dims[name].model, module.preprocess(np.stack([a, b])))
+        c = max(0.0, float(torch.nn.functional.cosine_similarity(fa, fb, dim=0)))
+        got = dims[name](np.stack([a, a, b, b]))
+        assert got == pytest.approx((1 + c + (1 + c) / 2) / 3, abs=1e-5), name
+    # aesthetic: a head with zero weight and bias 5.5 rates every frame 5.5 (of 10)
+    zero = aesthetic_quality.AestheticQuality(dims["aesthetic_quality"].model, models["clip_l14"], models["head"])
+    with torch.no_grad():
+        zero.head.weight.zero_()
+        zero.head.bias.fill_(5.5)
+    assert zero(np.stack([a, b, a])) == pytest.approx(0.55, abs=1e-6)
+    with pytest.raises(ValueError, match="--i2v-images"):
+        dims["i2v_subject"](static, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole command: one folder of tiny clips (static, one flash, constant-speed translation), all the flags.
+
+T_CLIP = 8
+
+
+def clip_frames(i: int, s: int) -> np.ndarray:
+    """prompt 0: static; prompt 1: one flashing frame (seed 0) or a constant-speed roll (seed 1)."""
+    base = tv.random_frames(10 * i + s, T=1, height=32, width=48)[0]
+    if i == 0:
+        return np.stack([base] * T_CLIP)
+    if s == 0:
+        x = np.stack([base] * T_CLIP)
+        x[3] = np.clip(base.astype(int) + 60, 0, 255)
+        return x
+    return np.stack([np.roll(base, 2 * t, axis=1) for t in range(T_CLIP)])
+
+
+def save_png(path: str, rgb: np.ndarray) -> str:
+    from PIL import Image
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def read_png(path: str) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vbench_samples")
+    for i in range(2):
+        for s in range(2):
+            tv.write_video(str(root / "dfd" / f"prompt{i:03d}_seed{s}.mp4"), clip_frames(i, s))
+    images = [save_png(str(root / f"image{i}.png"), clip_frames(i, 0)[0]) for i in range(2)]
+    return {"dir": str(root / "dfd"), "images": images}
+
+
+def vbench_argv(models, folder, out, *extra):
+    return ["evaluate", "--samples", folder["dir"], "--names", "DFD", "--vbench-dino", models["dino"],
+            "--vbench-clip", models["clip_b32"], "--aesthetic-head", models["head"], "--aesthetic-clip",
+            models["clip_l14"], "--temporal-flickering", "--i2v-images", *folder["images"], "--frames", "8",
+            "--figure-prompts",
+            "--device", "cpu", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def run(models, folder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("vbench_eval"))
+    wan_dfd.main(vbench_argv(models, folder, out))
+    return {"out": out, "report": json.load(open(os.path.join(out, "report.json")))}
+
+
+def test_evaluate_vbench_columns(run, models, folder):
+    m = run["report"]["methods"][0]
+    names = ["subject_consistency", "background_consistency", "aesthetic_quality", "temporal_flickering",
+             "i2v_subject"]
+    dims = {d.name: d for d in vbench.build("cpu", models["dino"], models["clip_b32"], models["clip_l14"],
+                                            models["head"], flickering=True, i2v=True)}
+    want = {k: [] for k in names}
+    for i in range(2):
+        for s in range(2):
+            frames = decode_all(os.path.join(folder["dir"], f"prompt{i:03d}_seed{s}.mp4"))
+            image = read_png(folder["images"][i])  # the video's size already: cover-resizing leaves it as it is
+            row = m["per_video"][f"prompt{i:03d}_seed{s}"]
+            for k in names:
+                assert row[k] == pytest.approx(dims[k](frames, image), abs=1e-5), (k, i, s)
+                want[k].append(row[k])
+            if i == 0:  # the static clip
+                assert row["temporal_flickering"] > 0.999 and row["subject_consistency"] > 0.9999
+    for k in names:
+        assert m["summary"][k] == pytest.approx(np.mean(want[k]), abs=1e-9)
+    # the flash and the roll flicker, by about what the raw frames say (H.264 changes the numbers a little)
+    for s in range(2):
+        raw = temporal_flickering.flicker_score(clip_frames(1, s))
+        assert m["per_video"][f"prompt001_seed{s}"]["temporal_flickering"] == pytest.approx(raw, abs=0.01)
+        assert raw < 0.99  # and the static clip is above 0.999
+    # all five are in the paper's quality average
+    assert m["summary"]["vbench_average"] == pytest.approx(np.mean([m["summary"][k] for k in names]), abs=1e-9)
+    assert "vbench_average_dynamic" not in m["summary"]
+    s = run["report"]["settings"]
+    assert s["vbench"]["subject_consistency"] == {"follows": "vbench/subject_consistency.py", "model": models["dino"]}
+    assert s["vbench"]["aesthetic_quality"]["head"] == models["head"]
+    assert s["vbench_average"] == names
+
+
+def test_evaluate_vbench_report_markdown(run):
+    md = open(os.path.join(run["out"], "report.md")).read()
+    header = md.split("\n")[2]
+    for label in ("subject cons.", "background cons.", "aesthetic", "temporal flicker.", "I2V subject", "VBench avg."):
+        assert f"| {label} |" in header
+    assert "`vbench2_beta_i2v/i2v_subject.py`" in md and "Dynamic degree was not computed" in md
+
+
+def test_evaluate_vbench_cache_reuses_scores(run, models, folder, monkeypatch):
+    calls = []
+    real = common.read_all_frames
+    monkeypatch.setattr(common, "read_all_frames", lambda p: calls.append(p) or real(p))
+    wan_dfd.main(vbench_argv(models, folder, run["out"]))
+    assert calls == []  # every score came from <out>/cache
+    again = json.load(open(os.path.join(run["out"], "report.json")))
+    assert again["methods"][0]["summary"] == run["report"]["methods"][0]["summary"]
+    # a new image for prompt 1 re-scores I2V subject of prompt 1's videos only
+    other = os.path.join(os.path.dirname(folder["images"][0]), "other.png")
+    save_png(other, clip_frames(0, 1)[0])
+    argv = vbench_argv(models, folder, run["out"])
+    k = argv.index("--i2v-images")
+    argv[k + 2] = other
+    wan_dfd.main(argv)
+    assert sorted(os.path.basename(p) for p in calls) == ["prompt001_seed0.mp4", "prompt001_seed1.mp4"]
+
+
+def test_evaluate_vbench_flag_errors(models, folder, tmp_path):
+    def err(*argv):
+        with pytest.raises(SystemExit) as e:
+            wan_dfd.main(["evaluate", "--samples", folder["dir"], "--device", "cpu", "--out", str(tmp_path / "o"),
+                          *argv])
+        return str(e.value)
+    assert "--vbench-dino" in err("--vbench-dino", str(tmp_path / "nope"))
+    assert "--aesthetic-head" in err("--aesthetic-head", models["head"])  # no CLIP to score
+    assert "--vbench-dino" in err("--i2v-images", folder["images"][0])
+    assert "--vbench-clip" in err("--vbench-clip", models["dino"])  # a ViT folder is not a CLIP folder
+    assert "--aesthetic-head" in err("--clip", models["clip_l14"], "--aesthetic-head", models["dino"])  # a folder
+
+
+def test_evaluate_i2v_images_count(models, folder, tmp_path):
+    """One image serves every prompt; otherwise there must be one per prompt index."""
+    import shutil
+    three = tmp_path / "three"
+    shutil.copytree(folder["dir"], three)
+    for s in range(2):
+        tv.write_video(str(three / f"prompt002_seed{s}.mp4"), clip_frames(0, s))
+    with pytest.raises(SystemExit) as e:
+        wan_dfd.main(["evaluate", "--samples", str(three), "--vbench-dino", models["dino"], "--i2v-images",
+                      *folder["images"], "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert "--i2v-images: 2 image(s)" in str(e.value) and "prompt index 2" in str(e.value)
