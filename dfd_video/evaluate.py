@@ -354,7 +354,8 @@ def report_markdown(report: dict) -> str:
     vb = s.get("vbench") or {}
     if vb:
         used = s.get("vbench_average") or []
-        named = "; ".join(f"{VBENCH_LABELS[k]} = `{v['follows']}` ({v['model'] or 'no model'})" for k, v in vb.items())
+        models = {k: " + ".join(p for p in (v["model"], v.get("head")) if p) or "no model" for k, v in vb.items()}
+        named = "; ".join(f"{VBENCH_LABELS[k]} = `{v['follows']}` ({models[k]})" for k, v in vb.items())
         lines += ["", "VBench columns (higher is better; scored per video, averaged over videos), each as in the "
                   f"VBench file named: {named}. "
                   + (f"VBench avg. = the mean of {', '.join(used)}: the dimensions of the paper's quality average "

@@ -438,3 +438,17 @@ def test_evaluate_i2v_images_count(models, folder, tmp_path):
         wan_dfd.main(["evaluate", "--samples", str(three), "--vbench-dino", models["dino"], "--i2v-images",
                       *folder["images"], "--device", "cpu", "--out", str(tmp_path / "o")])
     assert "--i2v-images: 2 image(s)" in str(e.value) and "prompt index 2" in str(e.value)
+
+
+def test_model_folder_with_missing_weights_is_refused(models, tmp_path):
+    """transformers would fill missing weights with random ones; the loader stops instead, naming the flag."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "dino_broken"
+    shutil.copytree(models["dino"], broken)
+    sd = load_file(str(broken / "model.safetensors"))
+    dropped = sorted(k for k in sd if "layernorm" in k and "encoder" not in k)[0]
+    save_file({k: v for k, v in sd.items() if k != dropped}, str(broken / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"--vbench-dino .*weight\(s\) missing"):
+        subject_consistency.load_dino(str(broken), "cpu")
