@@ -130,14 +130,18 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
     p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
                    "(default: the first prompt; the flag alone: no figure)")
-    p.add_argument("--vbench-dino", metavar="DIR", help="local DINO ViT-B/16 folder (transformers ViTModel, "
-                   "facebook/dino-vitb16) for VBench subject consistency (and I2V subject with --i2v-images)")
-    p.add_argument("--vbench-clip", metavar="DIR", help="local CLIP ViT-B/32 folder (openai/clip-vit-base-patch32) "
-                   "for VBench background consistency")
-    p.add_argument("--aesthetic-head", metavar="FILE", help="LAION aesthetic predictor linear head "
-                   "(sa_0_4_vit_l_14_linear.pth) for VBench aesthetic quality, on --aesthetic-clip's embeddings")
-    p.add_argument("--aesthetic-clip", metavar="DIR", help="local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) "
-                   "under --aesthetic-head (default: --clip)")
+    vbench_models = {  # the VBench dimensions' models (docs/evaluation.md): a dimension without its model is skipped
+        "--vbench-dino": ("DIR", "local DINO ViT-B/16 folder (transformers ViTModel, facebook/dino-vitb16) for VBench "
+                          "subject consistency (and I2V subject with --i2v-images)"),
+        "--vbench-clip": ("DIR", "local CLIP ViT-B/32 folder (openai/clip-vit-base-patch32) for VBench background "
+                          "consistency"),
+        "--aesthetic-head": ("FILE", "LAION aesthetic predictor linear head (sa_0_4_vit_l_14_linear.pth) for VBench "
+                             "aesthetic quality, on --aesthetic-clip's embeddings"),
+        "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
+                             "--aesthetic-head (default: --clip)"),
+        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree")}
+    for flag, (metavar, text) in vbench_models.items():
+        p.add_argument(flag, metavar=metavar, help=text)
     p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "
                    "every frame of every video is decoded)")
     p.add_argument("--i2v-images", nargs="+", metavar="FILE", help="the conditioning image per prompt (in prompt "

@@ -233,9 +233,9 @@ def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder],
         stored.update({e.key: e(frames).numpy() for e in missing})
         stored.update({k: np.asarray(v) for k, v in stats.items()})
     if missing_vb:
-        frames = read_all_frames(path)
+        frames, fps = read_all_frames(path)
         cond = None if image is None else read_video_frames(image, 1, 1.0, *frames.shape[1:3])[0].numpy()
-        stored.update({vb_keys[d.name]: np.asarray(d(frames, cond)) for d in missing_vb})
+        stored.update({vb_keys[d.name]: np.asarray(d(frames, cond, fps)) for d in missing_vb})
     if cache is not None and new:  # a middle frame alone is not stored
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -312,7 +312,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
 
 VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency": "background cons.",
                  "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
-                 "i2v_subject": "I2V subject",
+                 "i2v_subject": "I2V subject", "dynamic_degree": "dynamic degree",
                  "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
 
 
@@ -473,7 +473,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
         vbench = build_vbench(device, args.vbench_dino, args.vbench_clip, args.aesthetic_clip or args.clip,
-                              args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images))
+                              args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft)
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
                                    figure_prompts, args.relative_poses,
                                    None if args.no_cache else os.path.join(args.out, "cache"), vbench,

@@ -1,9 +1,11 @@
 """VBench's quality dimensions in `evaluate` (dfd_video/vbench/), checked against values worked out by hand or
 restated here from VBench's and DINO's published code, never with the functions under test: the scores on
-synthetic clips with known answers (a static clip, a clip with one flickering frame, a clip translating at constant
+synthetic clips with known answers (a static clip, a clip with one flickering frame, clips translating at constant
 speed, features turning at a constant angle), the preprocessing geometry of torchvision's Resize / CenterCrop,
-DINO's position-embedding interpolation, CLIP's encode_image, the LAION head's file format, and the whole command
-with tiny random DINO ViT-B/16-, CLIP ViT-B/32- and ViT-L/14-layout models (tests/tiny_vision.py)."""
+DINO's position-embedding interpolation, CLIP's encode_image, the LAION head's file format, RAFT's checkpoint layout
+and pieces (and, opt-in with DFD_RAFT_REPO, its flow against princeton-vl/RAFT's own code), and the whole command
+with tiny random DINO ViT-B/16-, CLIP ViT-B/32- and ViT-L/14-layout models and a random full-size RAFT
+(tests/tiny_vision.py)."""
 import json
 import math
 import os
@@ -16,8 +18,8 @@ import torch
 import tiny_vision as tv
 import wan_dfd
 from dfd_video import vbench
-from dfd_video.vbench import (aesthetic_quality, background_consistency, common, i2v_subject, subject_consistency,
-                              temporal_flickering)
+from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject, raft,
+                              subject_consistency, temporal_flickering)
 
 torch.set_num_threads(1)
 
@@ -452,3 +454,146 @@ def test_model_folder_with_missing_weights_is_refused(models, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"--vbench-dino .*weight\(s\) missing"):
         subject_consistency.load_dino(str(broken), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamic degree (VBench dynamic_degree.py) and the RAFT written for it (dfd_video/vbench/raft.py).
+
+@pytest.mark.parametrize("fps,step", [(8, 1), (4, 1), (16, 2), (24, 3), (30, 4), (20, 2), (12, 2)])
+def test_frame_step_about_8_per_second(fps, step):
+    assert dynamic_degree.frame_step(fps) == step  # 20 / 8 = 2.5 and 12 / 8 = 1.5 round to the even number
+
+
+def test_pad_to_8_splits_evenly_and_replicates():
+    x = torch.arange(30 * 45, dtype=torch.float32).view(1, 1, 30, 45)
+    y = dynamic_degree.pad_to_8(x)
+    assert tuple(y.shape[-2:]) == (32, 48)
+    torch.testing.assert_close(y[..., 1:31, 1:46], x)      # 2 rows: 1 + 1; 3 columns: 1 before, 2 after
+    torch.testing.assert_close(y[..., 0, 1:46], x[..., 0, :])
+    torch.testing.assert_close(y[..., 1:31, 47], x[..., :, -1])
+    assert dynamic_degree.pad_to_8(torch.zeros(1, 3, 64, 96)).shape[-2:] == (64, 96)
+
+
+def test_pair_score_top_five_percent():
+    flow = torch.zeros(2, 20, 20)
+    flow[0] = 3.0
+    flow[1] = 4.0
+    assert dynamic_degree.pair_score(flow) == pytest.approx(5.0)  # every magnitude 5
+    flow = torch.zeros(2, 20, 20)
+    flow[0].view(-1)[:20] = 10.0  # 20 of 400 pixels = 5%
+    flow[1].view(-1)[20:40] = 7.0
+    assert dynamic_degree.pair_score(flow) == pytest.approx(10.0)
+    flow[0].view(-1)[:10] = 0.0   # now the top 20 are ten 10s and ten 7s
+    assert dynamic_degree.pair_score(flow) == pytest.approx(8.5)
+
+
+def test_is_dynamic_rule():
+    # 480 x 832: threshold 6 * 480 / 256 = 11.25; 41 frames need round(10.25) = 10 pairs above it
+    assert dynamic_degree.is_dynamic([12.0] * 10 + [0.0] * 30, 480, 832, 41)
+    assert not dynamic_degree.is_dynamic([12.0] * 9 + [0.0] * 31, 480, 832, 41)
+    assert not dynamic_degree.is_dynamic([11.25] * 40, 480, 832, 41)  # strictly above
+    # 2 frames need round(0.5) = 0 pairs: VBench calls any 2-frame clip dynamic; no pair at all is not
+    assert dynamic_degree.is_dynamic([0.0], 480, 832, 2) and not dynamic_degree.is_dynamic([], 480, 832, 1)
+
+
+def shift_flow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A stand-in flow model, exact on horizontal rolls: the integer shift s in [-12, 12] with b = roll(a, s)
+    on the inner columns, as a constant flow (s, 0)."""
+    errs = {s: float((torch.roll(a, s, dims=3) - b)[..., 16:-16].abs().mean()) for s in range(-12, 13)}
+    s = min(errs, key=errs.get)
+    flow = torch.zeros(1, 2, *a.shape[-2:])
+    flow[:, 0] = s
+    return flow
+
+
+@pytest.mark.parametrize("speed,fps,dynamic", [(0, 16, 0.0), (1, 16, 1.0), (1, 8, 0.0), (2, 8, 1.0), (3, 24, 1.0)])
+def test_dynamic_degree_of_constant_speed_clips(speed, fps, dynamic):
+    """A 64 x 96 clip rolling `speed` px per frame: the sampled pairs (every round(fps / 8)-th frame) move
+    speed * step px, against the threshold 6 * 64 / 256 = 1.5 px: 1 px/frame at 8 fps is static, at 16 fps
+    (pairs 2 frames apart) dynamic."""
+    base = tv.random_frames(5, T=1, height=64, width=96)[0]
+    clip = np.stack([np.roll(base, speed * t, axis=1) for t in range(17)])
+    assert dynamic_degree.dynamic_degree_score(clip, fps, shift_flow) == dynamic
+
+
+def test_raft_checkpoint_layout(tmp_path):
+    """The keys and shapes of princeton-vl/RAFT's full model (read off its raft-things.pth layout: 179 entries
+    with the `module.` prefix, the strided blocks' shortcut norm under both norm3 and downsample.1)."""
+    sd = torch.load(tv.build_raft(str(tmp_path / "raft.pth")), weights_only=True)
+    assert len(sd) == 179
+    assert sum(v.numel() for k, v in sd.items() if "downsample.1" not in k and "num_batches" not in k) == 5260416
+    for key, shape in (("fnet.conv1.weight", (64, 3, 7, 7)), ("cnet.norm1.running_var", (64,)),
+                       ("cnet.layer2.0.norm3.weight", (96,)), ("cnet.layer2.0.downsample.1.weight", (96,)),
+                       ("fnet.conv2.weight", (256, 128, 1, 1)), ("cnet.conv2.weight", (256, 128, 1, 1)),
+                       ("update_block.encoder.convc1.weight", (256, 324, 1, 1)),
+                       ("update_block.gru.convq2.weight", (128, 384, 5, 1)),
+                       ("update_block.mask.2.weight", (576, 256, 1, 1)),
+                       ("update_block.flow_head.conv2.weight", (2, 256, 3, 3))):
+        assert tuple(sd["module." + key].shape) == shape, key
+    assert not any(k.startswith("module.fnet") and "running" in k for k in sd)  # instance norm: no statistics
+
+
+def test_raft_pieces_and_load_errors(tmp_path):
+    # the correlation lookup at zero flow: the window centre (index 40 of 81) is each pixel's correlation with the
+    # same place in the other image, at level 0
+    f1, f2 = torch.randn(1, 8, 16, 16), torch.randn(1, 8, 16, 16)
+    levels = raft.correlation_pyramid(f1, f2)
+    assert [tuple(c.shape[-2:]) for c in levels] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    out = raft.lookup(levels, torch.stack([xs, ys])[None])
+    assert tuple(out.shape) == (1, 4 * 81, 16, 16)
+    torch.testing.assert_close(out[0, 40], (f1[0] * f2[0]).sum(0) / 8 ** 0.5, rtol=0, atol=1e-5)
+    # window index (i, j) looks at x + d_i, y + d_j (RAFT's order): index 41 = (i 4, j 5) is one row down
+    torch.testing.assert_close(out[0, 41, :15], (f1[0, :, :15] * f2[0, :, 1:]).sum(0) / 8 ** 0.5, rtol=0, atol=1e-5)
+    # convex upsampling of a constant flow is 8 times it away from the zero-padded border
+    up = raft.convex_upsample(torch.full((1, 2, 4, 5), 1.5), torch.randn(1, 576, 4, 5))
+    assert tuple(up.shape) == (1, 2, 32, 40)
+    torch.testing.assert_close(up[..., 8:24, 8:32], torch.full((1, 2, 16, 24), 12.0))
+    with pytest.raises(ValueError, match="--raft .*no such file"):
+        raft.load_raft(str(tmp_path / "missing.pth"), "cpu")
+    torch.save({"module.fnet.conv1.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="--raft .*not RAFT"):
+        raft.load_raft(str(tmp_path / "other.pth"), "cpu")
+
+
+@pytest.mark.skipif(not os.environ.get("DFD_RAFT_REPO"), reason="set DFD_RAFT_REPO to a princeton-vl/RAFT checkout")
+def test_raft_matches_upstream(tmp_path):
+    """Opt-in parity: the same random weights through princeton-vl/RAFT's own core/raft.py and through ours."""
+    import argparse
+    import sys
+    sys.path.insert(0, os.path.join(os.environ["DFD_RAFT_REPO"], "core"))
+    from raft import RAFT as Upstream  # noqa: E402 (princeton-vl/RAFT's module, found through the path above)
+    path = tv.build_raft(str(tmp_path / "raft.pth"))
+    up = Upstream(argparse.Namespace(small=False, mixed_precision=False, alternate_corr=False)).eval()
+    up.load_state_dict({k.removeprefix("module."): v for k, v in torch.load(path, weights_only=True).items()})
+    ours = raft.load_raft(path, "cpu")
+    a = torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        _, want = up(a, torch.roll(a, 3, dims=3), iters=20, test_mode=True)
+    torch.testing.assert_close(ours(a, torch.roll(a, 3, dims=3), 20), want, rtol=0, atol=1e-4)
+
+
+def test_evaluate_dynamic_degree_through_raft(tmp_path, monkeypatch):
+    """--raft end to end (random weights, so only the plumbing is checked: the per-video value is what the
+    dimension gives on the decoded frames, the averages gain the +dyn. column, small frames are refused)."""
+    monkeypatch.setattr(dynamic_degree, "ITERS", 1)  # 20 refinements of a full-size RAFT are slow on a CPU
+    path = tv.build_raft(str(tmp_path / "raft.pth"))
+    for s in range(2):
+        base = tv.random_frames(s, T=1, height=128, width=128)[0]
+        tv.write_video(str(tmp_path / "v" / f"prompt000_seed{s}.mp4"),
+                       np.stack([np.roll(base, 8 * s * t, axis=1) for t in range(3)]))
+    out = str(tmp_path / "o")
+    wan_dfd.main(["evaluate", "--samples", str(tmp_path / "v"), "--raft", path, "--temporal-flickering",
+                  "--frames", "3", "--figure-prompts", "--device", "cpu", "--out", out])
+    m = json.load(open(os.path.join(out, "report.json")))["methods"][0]
+    dim = dynamic_degree.DynamicDegree(raft.load_raft(path, "cpu"), path)
+    for s in range(2):
+        video = os.path.join(tmp_path, "v", f"prompt000_seed{s}.mp4")
+        assert m["per_video"][f"prompt000_seed{s}"]["dynamic_degree"] == dim(decode_all(video), None, 8.0)
+    summary = m["summary"]
+    assert summary["vbench_average"] == summary["temporal_flickering"]
+    assert summary["vbench_average_dynamic"] == pytest.approx((summary["temporal_flickering"]
+                                                               + summary["dynamic_degree"]) / 2)
+    assert "VBench avg. (+dyn.) adds dynamic degree" in open(os.path.join(out, "report.md")).read()
+    with pytest.raises(ValueError, match="128 x 128"):
+        dim(np.zeros((3, 64, 96, 3), np.uint8), None, 8.0)

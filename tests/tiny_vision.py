@@ -5,6 +5,7 @@ build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of
                           1 layer, hidden 16, projection_dim 8, 32x32 input in 8x8 patches.
 build_dino_vit(dir)       a ViTModel folder (the layout of facebook/dino-vitb16), 1 layer, hidden 16, 224x224 in 16x16.
 build_aesthetic_head(f)   a linear head file in the format of LAION's aesthetic predictor (sa_0_4_vit_l_14_linear.pth).
+build_raft(file)          a RAFT checkpoint with random weights in the layout of raft-things.pth (full size).
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
 write_video(path, frames) a uint8 [T, H, W, 3] clip through dfd_video.video.write_mp4 (H.264, yuv420p).
@@ -79,6 +80,23 @@ def build_aesthetic_head(path: str, dim: int = CLIP_DIM, seed: int = 0, weight=N
         head.weight.copy_(torch.randn(1, dim, generator=g) if weight is None else torch.as_tensor(weight).view(1, dim))
         head.bias.fill_(float(torch.randn(1, generator=g)) if bias is None else bias)
     torch.save(head.state_dict(), path)
+    return path
+
+
+def build_raft(path: str, seed: int = 0) -> str:
+    """Saves a RAFT checkpoint with random weights in the layout of raft-things.pth (a DataParallel state dict:
+    `module.` keys). Full size (5.3M parameters, 21 MB): VBench's RAFT has no tiny configuration. BatchNorm
+    statistics are randomised too, so that a wrongly loaded or ignored buffer shows."""
+    from dfd_video.vbench.raft import RAFT
+    torch.manual_seed(seed)
+    model = RAFT()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     return path
 
 

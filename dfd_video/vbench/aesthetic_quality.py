@@ -12,14 +12,12 @@ Score per video: the mean over frames of head(e_t / |e_t|) / 10, with e_t the fr
 predicts a 1-10 rating, so the score is about 0.1-1). The dimension is the mean over videos."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dfd_video.vbench.common import (CLIP_MEAN, CLIP_STD, Dimension, batched, center_crop, clip_image_embeds,
-                                     model_key, normalize, resize_short_side, to_float_nchw)
+                                     model_key, normalize, read_state_dict, resize_short_side, to_float_nchw)
 
 NAME = "aesthetic_quality"
 
@@ -33,15 +31,9 @@ def preprocess(frames: np.ndarray) -> torch.Tensor:
 def load_head(path: str, dim: int, flag: str = "--aesthetic-head") -> torch.nn.Linear:
     """The LAION linear head nn.Linear(dim, 1) from its state-dict file; ValueError naming the flag when the file
     is missing, unreadable, or not a [1, dim] weight and [1] bias."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{flag} {path}: not a torch state dict ({type(e).__name__})") from None
-    if (not isinstance(sd, dict) or set(sd) != {"weight", "bias"} or tuple(sd["weight"].shape) != (1, dim)
-            or tuple(sd["bias"].shape) != (1,)):
-        shapes = {k: tuple(v.shape) for k, v in sd.items()} if isinstance(sd, dict) else type(sd).__name__
+    sd = read_state_dict(path, flag)
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in sd.items()}
+    if shapes != {"weight": (1, dim), "bias": (1,)}:
         raise ValueError(f"{flag} {path}: expected LAION's linear head {{weight: (1, {dim}), bias: (1,)}} for the "
                          f"CLIP embedding size {dim}, got {shapes}")
     head = torch.nn.Linear(dim, 1)
@@ -64,6 +56,6 @@ class AestheticQuality(Dimension):
         self.head = load_head(head_path, clip_model.config.projection_dim)  # on the CPU, with the embeddings
         self.key = model_key(NAME, clip_folder, head_path)
 
-    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None) -> float:
+    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         embeds = batched(lambda x: clip_image_embeds(self.model, x), preprocess(frames))
         return aesthetic_score(embeds, self.head)

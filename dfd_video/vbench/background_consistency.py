@@ -29,5 +29,5 @@ def preprocess(frames: np.ndarray) -> torch.Tensor:
 class BackgroundConsistency(Dimension):
     name = NAME
 
-    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None) -> float:
+    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         return consistency_score(batched(lambda x: clip_image_embeds(self.model, x), preprocess(frames)))

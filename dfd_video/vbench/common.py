@@ -17,18 +17,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def read_all_frames(path: str) -> np.ndarray:
-    """Every frame of a video, uint8 RGB [T, H, W, 3] (VBench's load_video reads all frames for the dimensions here);
-    ValueError naming the file when it is unreadable or has fewer than 2 frames."""
+def read_all_frames(path: str) -> tuple[np.ndarray, float]:
+    """Every frame of a video, uint8 RGB [T, H, W, 3], and its frame rate (VBench's load_video reads all frames for
+    the dimensions here); ValueError naming the file when it is unreadable or has fewer than 2 frames."""
     import av
     try:
         with av.open(path) as box:
-            frames = [f.to_ndarray(format="rgb24") for f in box.decode(box.streams.video[0])]
+            stream = box.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = [f.to_ndarray(format="rgb24") for f in box.decode(stream)]
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
     if len(frames) < 2:
         raise ValueError(f"{path}: {len(frames)} frame(s); the VBench dimensions compare frames, so need at least 2")
-    return np.stack(frames)
+    return np.stack(frames), fps
 
 
 def to_float_nchw(frames: np.ndarray) -> torch.Tensor:
@@ -66,9 +68,23 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def read_state_dict(path: str, flag: str) -> dict:
+    """A torch state dict file (tensors only); ValueError naming the flag when it is missing or not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {path}: not a torch state dict ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{flag} {path}: not a state dict ({type(sd).__name__})")
+    return sd
+
+
 class Dimension:
     """A VBench dimension with one model: `name`, `folder` (the model), `key` (its per-video cache entry), and in
-    each subclass `__call__(frames uint8 [T, H, W, 3], image uint8 [H, W, 3] | None) -> float` (the video's score)."""
+    each subclass `__call__(frames uint8 [T, H, W, 3], image uint8 [H, W, 3] | None, fps) -> float` (the video's
+    score)."""
     name = ""
     needs_image = False
 

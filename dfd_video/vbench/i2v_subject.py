@@ -45,7 +45,7 @@ class I2VSubject(Dimension):
     name = NAME
     needs_image = True
 
-    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None) -> float:
+    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         if image is None:
             raise ValueError("i2v_subject needs the conditioning image (--i2v-images)")
         embed = lambda x: dino_cls(self.model, x)  # noqa: E731

@@ -77,5 +77,5 @@ def dino_cls(model, x: torch.Tensor) -> torch.Tensor:
 class SubjectConsistency(Dimension):
     name = NAME
 
-    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None) -> float:
+    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         return consistency_score(batched(lambda x: dino_cls(self.model, x), preprocess(frames)))

@@ -27,5 +27,5 @@ class TemporalFlickering:
     folder = None
     needs_image = False
 
-    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None) -> float:
+    def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         return flicker_score(frames)
