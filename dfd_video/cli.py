@@ -139,7 +139,9 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                              "aesthetic quality, on --aesthetic-clip's embeddings"),
         "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
                              "--aesthetic-head (default: --clip)"),
-        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree")}
+        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
+        "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
+                    "imaging quality")}
     for flag, (metavar, text) in vbench_models.items():
         p.add_argument(flag, metavar=metavar, help=text)
     p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "

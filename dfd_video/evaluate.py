@@ -17,10 +17,8 @@ import numpy as np
 import torch
 
 from dfd_video.files import atomic_write, fail, write_text
-from dfd_video.vbench import FOLLOWS as VBENCH_FOLLOWS
-from dfd_video.vbench import PAPER_AVERAGE as VBENCH_PAPER_AVERAGE
-from dfd_video.vbench import averages as vbench_averages
-from dfd_video.vbench import build as build_vbench
+from dfd_video.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
+                              averages as vbench_averages, build as build_vbench)
 from dfd_video.video import read_prompts, read_video_frames
 from dfd_video.weights import quiet_transformers
 
@@ -313,6 +311,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
 VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency": "background cons.",
                  "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
                  "i2v_subject": "I2V subject", "dynamic_degree": "dynamic degree",
+                 "imaging_quality": "imaging quality",
                  "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
 
 
@@ -473,7 +472,8 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
         vbench = build_vbench(device, args.vbench_dino, args.vbench_clip, args.aesthetic_clip or args.clip,
-                              args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft)
+                              args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft,
+                              args.musiq)
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
                                    figure_prompts, args.relative_poses,
                                    None if args.no_cache else os.path.join(args.out, "cache"), vbench,

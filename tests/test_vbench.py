@@ -18,8 +18,8 @@ import torch
 import tiny_vision as tv
 import wan_dfd
 from dfd_video import vbench
-from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject, raft,
-                              subject_consistency, temporal_flickering)
+from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject,
+                              imaging_quality, musiq, raft, subject_consistency, temporal_flickering)
 
 torch.set_num_threads(1)
 
@@ -573,9 +573,10 @@ def test_raft_matches_upstream(tmp_path):
     torch.testing.assert_close(ours(a, torch.roll(a, 3, dims=3), 20), want, rtol=0, atol=1e-4)
 
 
-def test_evaluate_dynamic_degree_through_raft(tmp_path, monkeypatch):
-    """--raft end to end (random weights, so only the plumbing is checked: the per-video value is what the
-    dimension gives on the decoded frames, the averages gain the +dyn. column, small frames are refused)."""
+def test_evaluate_dynamic_degree_and_imaging_quality(tmp_path, monkeypatch):
+    """--raft and --musiq end to end (random weights, so only the plumbing is checked: the per-video values are
+    what the dimensions give on the decoded frames, the averages gain the +dyn. column and leave imaging quality
+    out, small frames are refused by RAFT)."""
     monkeypatch.setattr(dynamic_degree, "ITERS", 1)  # 20 refinements of a full-size RAFT are slow on a CPU
     path = tv.build_raft(str(tmp_path / "raft.pth"))
     for s in range(2):
@@ -583,17 +584,120 @@ def test_evaluate_dynamic_degree_through_raft(tmp_path, monkeypatch):
         tv.write_video(str(tmp_path / "v" / f"prompt000_seed{s}.mp4"),
                        np.stack([np.roll(base, 8 * s * t, axis=1) for t in range(3)]))
     out = str(tmp_path / "o")
-    wan_dfd.main(["evaluate", "--samples", str(tmp_path / "v"), "--raft", path, "--temporal-flickering",
-                  "--frames", "3", "--figure-prompts", "--device", "cpu", "--out", out])
+    musiq_path = tv.build_musiq(str(tmp_path / "musiq.pth"))
+    wan_dfd.main(["evaluate", "--samples", str(tmp_path / "v"), "--raft", path, "--musiq", musiq_path,
+                  "--temporal-flickering", "--frames", "3", "--figure-prompts", "--device", "cpu", "--out", out])
     m = json.load(open(os.path.join(out, "report.json")))["methods"][0]
     dim = dynamic_degree.DynamicDegree(raft.load_raft(path, "cpu"), path)
+    iq = imaging_quality.ImagingQuality(musiq.load_musiq(musiq_path, "cpu"), musiq_path)
     for s in range(2):
-        video = os.path.join(tmp_path, "v", f"prompt000_seed{s}.mp4")
-        assert m["per_video"][f"prompt000_seed{s}"]["dynamic_degree"] == dim(decode_all(video), None, 8.0)
-    summary = m["summary"]
+        frames = decode_all(os.path.join(tmp_path, "v", f"prompt000_seed{s}.mp4"))
+        row = m["per_video"][f"prompt000_seed{s}"]
+        assert row["dynamic_degree"] == dim(frames, None, 8.0)
+        assert row["imaging_quality"] == pytest.approx(iq(frames), abs=1e-6)
+    summary = m["summary"]  # imaging quality is in neither average
     assert summary["vbench_average"] == summary["temporal_flickering"]
     assert summary["vbench_average_dynamic"] == pytest.approx((summary["temporal_flickering"]
                                                                + summary["dynamic_degree"]) / 2)
     assert "VBench avg. (+dyn.) adds dynamic degree" in open(os.path.join(out, "report.md")).read()
     with pytest.raises(ValueError, match="128 x 128"):
         dim(np.zeros((3, 64, 96, 3), np.uint8), None, 8.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Imaging quality (VBench imaging_quality.py) and the MUSIQ written for it (dfd_video/vbench/musiq.py).
+
+
+def test_imaging_quality_preprocess_sizes_and_values():
+    x = imaging_quality.preprocess(np.full((2, 480, 832, 3), 51, np.uint8))
+    assert tuple(x.shape) == (2, 3, 295, 512)  # s = 512 / 832: int(295.38), int(512.0)
+    torch.testing.assert_close(x, torch.full_like(x, 0.2))
+    small = imaging_quality.preprocess(np.full((1, 300, 500, 3), 255, np.uint8))
+    assert tuple(small.shape) == (1, 3, 300, 500) and float(small.max()) == 1.0  # not resized below 512
+
+
+def test_musiq_hashed_positions_and_padding():
+    assert musiq.hashed_positions(1, 10).tolist() == list(range(10))
+    assert musiq.hashed_positions(1, 5).tolist() == [0, 2, 4, 6, 8]
+    assert musiq.hashed_positions(1, 20).tolist() == [j // 2 for j in range(20)]
+    assert musiq.hashed_positions(2, 3).tolist() == [0, 3, 6, 50, 53, 56]
+    x = torch.ones(1, 1, 33, 64)
+    y = musiq.same_pad(x, 32, 32)  # ceil(33 / 32) = 2 patches: 31 rows of padding, 15 before and 16 after
+    assert tuple(y.shape) == (1, 1, 64, 64) and float(y[0, 0, 15:48].min()) == 1.0 and float(y.sum()) == 33 * 64
+
+
+def test_musiq_multiscale_sequence():
+    """A 295 x 512 frame: 224 scale 129 x 224 (5 x 7 = 35 real patches of 49), 384 scale 221 x 384 (7 x 12 = 84
+    of 144), the original 10 x 16 = 160, all real."""
+    tokens, pos, scale, mask = musiq.multiscale_patches(torch.zeros(1, 3, 295, 512))
+    assert tuple(tokens.shape) == (1, 49 + 144 + 160, 3 * 32 * 32)
+    assert [int(mask[:49].sum()), int(mask[49:193].sum()), int(mask[193:].sum())] == [35, 84, 160]
+    assert scale[:35].tolist() == [0] * 35 and scale[49:133].tolist() == [1] * 84 and scale[193:].tolist() == [2] * 160
+    assert pos[193:209].tolist() == [j * 10 // 16 for j in range(16)]  # first row of the original scale
+
+
+def test_musiq_scores_with_a_fixed_head(tmp_path):
+    """A head with zero weight: every frame scores its bias (one output), or the mean of 1..C under a uniform
+    softmax (C outputs, the AVA layout); the dimension divides by 100."""
+    one = musiq.load_musiq(tv.build_musiq(str(tmp_path / "a.pth"), bias=42.0), "cpu")
+    frames = tv.random_frames(0, T=2, height=64, width=96)
+    assert imaging_quality.ImagingQuality(one, str(tmp_path / "a.pth"))(frames) == pytest.approx(0.42, abs=1e-6)
+    ten = musiq.load_musiq(tv.build_musiq(str(tmp_path / "b.pth"), classes=10, bias=0.0), "cpu")
+    torch.testing.assert_close(ten(torch.rand(1, 3, 40, 40)), torch.tensor([5.5]))
+
+
+def test_musiq_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="--musiq .*no such file"):
+        musiq.load_musiq(str(tmp_path / "missing.pth"), "cpu")
+    torch.save({"embedding.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="--musiq .*not pyiqa MUSIQ weights"):
+        musiq.load_musiq(str(tmp_path / "other.pth"), "cpu")
+
+
+def load_pyiqa_musiq(repo: str):
+    """pyiqa's musiq_arch.py from a checkout, without importing pyiqa (its package imports torchvision): the three
+    modules it needs are loaded from their files and its other imports are stubbed."""
+    import importlib.util
+    import sys
+    import types
+
+    def module(name, path=None, **attrs):
+        if path:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(repo, path))
+            m = importlib.util.module_from_spec(spec)
+            sys.modules[name] = m
+            spec.loader.exec_module(m)
+        else:
+            m = types.ModuleType(name)
+            m.__dict__.update(attrs)
+            sys.modules[name] = m
+        return m
+
+    for pkg in ("pyiqa", "pyiqa.archs", "pyiqa.data", "pyiqa.utils"):
+        module(pkg)
+    pad = module("pyiqa.matlab_utils.padding", "pyiqa/matlab_utils/padding.py")
+    module("pyiqa.matlab_utils", ExactPadding2d=pad.ExactPadding2d, exact_padding_2d=pad.exact_padding_2d)
+    module("pyiqa.data.multiscale_trans_util", "pyiqa/data/multiscale_trans_util.py")
+    module("pyiqa.archs.arch_util", get_url_from_name=lambda n: n, load_pretrained_network=None,
+           dist_to_mos=lambda d: (d * torch.arange(1, d.shape[-1] + 1).to(d)).sum(-1, keepdim=True))
+    module("pyiqa.utils.registry", ARCH_REGISTRY=types.SimpleNamespace(register=lambda: (lambda c: c)))
+    return module("pyiqa.archs.musiq_arch", "pyiqa/archs/musiq_arch.py")
+
+
+@pytest.mark.skipif(not os.environ.get("DFD_PYIQA_REPO"),
+                    reason="set DFD_PYIQA_REPO to a chaofengc/IQA-PyTorch checkout")
+def test_musiq_matches_pyiqa(tmp_path):
+    """Opt-in parity: the same random full-size weights through pyiqa's MUSIQ and ours, on frames of three shapes."""
+    upstream = load_pyiqa_musiq(os.environ["DFD_PYIQA_REPO"])
+    torch.manual_seed(0)
+    ref = upstream.MUSIQ(pretrained=False).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "gn" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save({"module." + k: v for k, v in ref.state_dict().items()}, tmp_path / "musiq.pth")
+    ours = musiq.load_musiq(str(tmp_path / "musiq.pth"), "cpu")
+    for h, w in ((96, 160), (295, 512), (200, 130)):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x).flatten(), rtol=0, atol=1e-4)

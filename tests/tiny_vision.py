@@ -6,6 +6,7 @@ build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of
 build_dino_vit(dir)       a ViTModel folder (the layout of facebook/dino-vitb16), 1 layer, hidden 16, 224x224 in 16x16.
 build_aesthetic_head(f)   a linear head file in the format of LAION's aesthetic predictor (sa_0_4_vit_l_14_linear.pth).
 build_raft(file)          a RAFT checkpoint with random weights in the layout of raft-things.pth (full size).
+build_musiq(file)         a MUSIQ checkpoint with random weights in the layout of pyiqa's (a narrow transformer).
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
 write_video(path, frames) a uint8 [T, H, W, 3] clip through dfd_video.video.write_mp4 (H.264, yuv420p).
@@ -97,6 +98,26 @@ def build_raft(path: str, seed: int = 0) -> str:
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 1.5)
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def build_musiq(path: str, seed: int = 0, dim: int = 32, layers: int = 2, classes: int = 1,
+                bias: float | None = None) -> str:
+    """Saves a tiny random MUSIQ checkpoint in the layout of pyiqa's musiq_spaq_ckpt (its parameter names; the
+    patch stem at full size, the transformer at width `dim` with `layers` blocks and MLP 2 * dim). `bias` fixes the
+    head's bias and zeroes its weight, so every image gets the same score."""
+    from dfd_video.vbench.musiq import MUSIQ
+    torch.manual_seed(seed)
+    model = MUSIQ(dim=dim, mlp=2 * dim, heads=max(1, dim // 64), layers=layers, classes=classes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "emb" in name or name.endswith("cls"):
+                p.normal_(0, 0.02)
+        if bias is not None:
+            head = model.head if classes == 1 else model.head[0]
+            head.weight.zero_()
+            head.bias.fill_(bias)
+    torch.save(model.state_dict(), path)
     return path
 
 

@@ -8,10 +8,11 @@ the model it uses and its preprocessing:
   aesthetic_quality.py       LAION aesthetic linear head on CLIP ViT-L/14 image embeddings, / 10
   i2v_subject.py             DINO ViT-B/16, frames against the conditioning image and their neighbours
   dynamic_degree.py          RAFT optical flow (raft.py, written here), VBench's moving-or-not rule
+  imaging_quality.py         MUSIQ (musiq.py, written here) with pyiqa's SPAQ weights, / 100
 
-Not implemented (see docs/evaluation.md): motion smoothness (AMT-S), imaging quality (MUSIQ), I2V background
-(DreamSim). Why not the `vbench` package itself: vbench 0.1.5 requires transformers==4.33.2 and
-numpy<2 (and torchvision, decord, openai-clip, pyiqa), which this project's pins exclude.
+Not implemented (see docs/evaluation.md): motion smoothness (AMT-S), I2V background (DreamSim). Why not the
+`vbench` package itself: vbench 0.1.5 requires transformers==4.33.2 and numpy<2 (and torchvision, decord,
+openai-clip, pyiqa), which this project's pins exclude.
 
 Every dimension object has `name`, `key` (its per-video cache entry), `folder` (the model, or None), `needs_image`
 and `__call__(frames uint8 [T, H, W, 3], image uint8 [H, W, 3] | None, fps) -> float` (the per-video score; see
@@ -27,7 +28,8 @@ FOLLOWS = {"subject_consistency": "vbench/subject_consistency.py",
            "temporal_flickering": "vbench/temporal_flickering.py",
            "aesthetic_quality": "vbench/aesthetic_quality.py",
            "i2v_subject": "vbench2_beta_i2v/i2v_subject.py",
-           "dynamic_degree": "vbench/dynamic_degree.py"}
+           "dynamic_degree": "vbench/dynamic_degree.py",
+           "imaging_quality": "vbench/imaging_quality.py"}
 
 
 def averages(summary: dict[str, float]) -> dict[str, float]:
@@ -45,12 +47,13 @@ def averages(summary: dict[str, float]) -> dict[str, float]:
 
 def build(device, dino: str | None = None, clip_b32: str | None = None, aesthetic_clip: str | None = None,
           aesthetic_head: str | None = None, flickering: bool = False, i2v: bool = False,
-          raft: str | None = None) -> list:
+          raft: str | None = None, musiq: str | None = None) -> list:
     """The dimension objects the given models allow, in ORDER; a dimension whose model is not given is left out.
-    i2v adds the image-to-video dimensions (I2V subject, with `dino`); raft (a raft-things.pth) adds dynamic degree.
-    ValueError naming the flag on a bad model."""
+    i2v adds the image-to-video dimensions (I2V subject, with `dino`); raft (a raft-things.pth) adds dynamic
+    degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality. ValueError naming the flag on a bad model."""
     from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject,
-                                  raft as raft_model, subject_consistency, temporal_flickering)
+                                  imaging_quality, musiq as musiq_model, raft as raft_model, subject_consistency,
+                                  temporal_flickering)
     dims = []
     dino_model = None if dino is None else subject_consistency.load_dino(dino, device, "--vbench-dino")
     if dino_model is not None:
@@ -68,4 +71,6 @@ def build(device, dino: str | None = None, clip_b32: str | None = None, aestheti
         dims.append(i2v_subject.I2VSubject(dino_model, dino))
     if raft is not None:
         dims.append(dynamic_degree.DynamicDegree(raft_model.load_raft(raft, device, "--raft"), raft))
+    if musiq is not None:
+        dims.append(imaging_quality.ImagingQuality(musiq_model.load_musiq(musiq, device, "--musiq"), musiq))
     return sorted(dims, key=lambda d: ORDER.index(d.name))

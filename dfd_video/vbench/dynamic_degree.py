@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import Dimension, model_key, to_float_nchw
+from dfd_video.vbench.common import Dimension, to_float_nchw
 
 NAME = "dynamic_degree"
 ITERS = 20
@@ -58,10 +58,6 @@ def dynamic_degree_score(frames: np.ndarray, fps: float, flow_fn) -> float:
 
 class DynamicDegree(Dimension):
     name = NAME
-
-    def __init__(self, model, path: str):
-        super().__init__(model, path)
-        self.key = model_key(NAME, path)
 
     def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
         if fps is None:
