@@ -139,6 +139,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                              "aesthetic quality, on --aesthetic-clip's embeddings"),
         "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
                              "--aesthetic-head (default: --clip)"),
+        "--amt": ("FILE", "AMT-S weights (amt-s.pth, as VBench downloads it) for VBench motion smoothness"),
         "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
         "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
                     "imaging quality")}

@@ -311,7 +311,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
 VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency": "background cons.",
                  "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
                  "i2v_subject": "I2V subject", "dynamic_degree": "dynamic degree",
-                 "imaging_quality": "imaging quality",
+                 "imaging_quality": "imaging quality", "motion_smoothness": "motion smooth.",
                  "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
 
 
@@ -473,7 +473,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
                     for k, v in enc_dirs.items()}
         vbench = build_vbench(device, args.vbench_dino, args.vbench_clip, args.aesthetic_clip or args.clip,
                               args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft,
-                              args.musiq)
+                              args.musiq, args.amt)
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
                                    figure_prompts, args.relative_poses,
                                    None if args.no_cache else os.path.join(args.out, "cache"), vbench,

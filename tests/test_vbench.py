@@ -18,8 +18,9 @@ import torch
 import tiny_vision as tv
 import wan_dfd
 from dfd_video import vbench
-from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject,
-                              imaging_quality, musiq, raft, subject_consistency, temporal_flickering)
+from dfd_video.vbench import (aesthetic_quality, amt, background_consistency, common, dynamic_degree, i2v_subject,
+                              imaging_quality, motion_smoothness, musiq, raft, subject_consistency,
+                              temporal_flickering)
 
 torch.set_num_threads(1)
 
@@ -573,8 +574,8 @@ def test_raft_matches_upstream(tmp_path):
     torch.testing.assert_close(ours(a, torch.roll(a, 3, dims=3), 20), want, rtol=0, atol=1e-4)
 
 
-def test_evaluate_dynamic_degree_and_imaging_quality(tmp_path, monkeypatch):
-    """--raft and --musiq end to end (random weights, so only the plumbing is checked: the per-video values are
+def test_evaluate_dynamic_degree_imaging_quality_motion_smoothness(tmp_path, monkeypatch):
+    """--raft, --musiq and --amt end to end (random weights, so only the plumbing is checked: the per-video values are
     what the dimensions give on the decoded frames, the averages gain the +dyn. column and leave imaging quality
     out, small frames are refused by RAFT)."""
     monkeypatch.setattr(dynamic_degree, "ITERS", 1)  # 20 refinements of a full-size RAFT are slow on a CPU
@@ -584,21 +585,24 @@ def test_evaluate_dynamic_degree_and_imaging_quality(tmp_path, monkeypatch):
         tv.write_video(str(tmp_path / "v" / f"prompt000_seed{s}.mp4"),
                        np.stack([np.roll(base, 8 * s * t, axis=1) for t in range(3)]))
     out = str(tmp_path / "o")
-    musiq_path = tv.build_musiq(str(tmp_path / "musiq.pth"))
-    wan_dfd.main(["evaluate", "--samples", str(tmp_path / "v"), "--raft", path, "--musiq", musiq_path,
-                  "--temporal-flickering", "--frames", "3", "--figure-prompts", "--device", "cpu", "--out", out])
+    musiq_path, amt_path = tv.build_musiq(str(tmp_path / "musiq.pth")), tv.build_amt(str(tmp_path / "amt.pth"))
+    wan_dfd.main(["evaluate", "--samples", str(tmp_path / "v"), "--raft", path, "--musiq", musiq_path, "--amt",
+                  amt_path, "--temporal-flickering", "--frames", "3", "--figure-prompts", "--device", "cpu",
+                  "--out", out])
     m = json.load(open(os.path.join(out, "report.json")))["methods"][0]
     dim = dynamic_degree.DynamicDegree(raft.load_raft(path, "cpu"), path)
     iq = imaging_quality.ImagingQuality(musiq.load_musiq(musiq_path, "cpu"), musiq_path)
+    ms = motion_smoothness.MotionSmoothness(amt.load_amt(amt_path, "cpu"), amt_path)
     for s in range(2):
         frames = decode_all(os.path.join(tmp_path, "v", f"prompt000_seed{s}.mp4"))
         row = m["per_video"][f"prompt000_seed{s}"]
         assert row["dynamic_degree"] == dim(frames, None, 8.0)
         assert row["imaging_quality"] == pytest.approx(iq(frames), abs=1e-6)
+        assert row["motion_smoothness"] == pytest.approx(ms(frames), abs=1e-6)
     summary = m["summary"]  # imaging quality is in neither average
-    assert summary["vbench_average"] == summary["temporal_flickering"]
-    assert summary["vbench_average_dynamic"] == pytest.approx((summary["temporal_flickering"]
-                                                               + summary["dynamic_degree"]) / 2)
+    paper = (summary["temporal_flickering"] + summary["motion_smoothness"]) / 2
+    assert summary["vbench_average"] == pytest.approx(paper)
+    assert summary["vbench_average_dynamic"] == pytest.approx((2 * paper + summary["dynamic_degree"]) / 3)
     assert "VBench avg. (+dyn.) adds dynamic degree" in open(os.path.join(out, "report.md")).read()
     with pytest.raises(ValueError, match="128 x 128"):
         dim(np.zeros((3, 64, 96, 3), np.uint8), None, 8.0)
@@ -701,3 +705,109 @@ def test_musiq_matches_pyiqa(tmp_path):
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h))
         with torch.no_grad():
             torch.testing.assert_close(ours(x), ref(x).flatten(), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Motion smoothness (VBench motion_smoothness.py) and the AMT-S written for it (dfd_video/vbench/amt.py).
+
+
+def copy_previous(img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+    """A stand-in interpolator that repeats the first frame."""
+    return img0.clone()
+
+
+def half_roll(img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+    """A stand-in interpolator exact on horizontal rolls by an even number of pixels: img0 rolled half-way."""
+    errs = {s: float((torch.roll(img0, s, dims=3) - img1).abs().mean()) for s in range(-16, 17, 2)}
+    return torch.roll(img0, min(errs, key=errs.get) // 2, dims=3)
+
+
+def test_pad_16():
+    y, pads = motion_smoothness.pad_16(torch.zeros(1, 3, 30, 45))
+    assert tuple(y.shape[-2:]) == (32, 48) and pads == (1, 2, 1, 1)
+    assert motion_smoothness.pad_16(torch.zeros(1, 3, 32, 64))[1] == (0, 0, 0, 0)
+
+
+def test_motion_smoothness_known_answers():
+    """9 frames: inputs 0, 2, 4, 6, 8, targets 1, 3, 5, 7 (4 predictions)."""
+    T = 9
+    static = np.full((T, 30, 45, 3), 100, np.uint8)  # 30 x 45 is padded to 32 x 48 and cropped back
+    assert motion_smoothness.smoothness_score(static, copy_previous) == 1.0
+    flash = static.copy()
+    flash[3] = 160  # the target frame 3 is 60 off its prediction (frame 2); the other three match
+    assert motion_smoothness.smoothness_score(flash, copy_previous) == pytest.approx((255 - 60 / 4) / 255)
+    # a 2x ramp rolling v px per frame: repeating the previous frame misses by the closed form of the flicker test
+    ramp = np.broadcast_to((2 * np.arange(128)).astype(np.uint8)[None, :, None], (16, 128, 3))
+    for v in (1, 2, 3):
+        clip = np.stack([np.roll(ramp, v * t, axis=1) for t in range(T)])
+        mae = 4 * v * (256 - 2 * v) / 256
+        assert motion_smoothness.smoothness_score(clip, copy_previous) == pytest.approx((255 - mae) / 255)
+        assert motion_smoothness.smoothness_score(clip, half_roll) == 1.0  # constant speed: exactly in between
+    with pytest.raises(ValueError, match="needs 3"):
+        motion_smoothness.smoothness_score(static[:2], copy_previous)
+
+
+def test_amt_checkpoint_layout_and_errors(tmp_path):
+    """The keys and shapes of VBench's AMT-S (read off the model its networks/AMT-S.py builds: 213 entries,
+    2,990,543 parameters)."""
+    sd = torch.load(tv.build_amt(str(tmp_path / "amt.pth")), weights_only=True)["state_dict"]
+    assert len(sd) == 213 and sum(v.numel() for v in sd.values()) == 2990543
+    for key, shape in (("feat_encoder.conv1.weight", (32, 3, 7, 7)),
+                       ("feat_encoder.layer2.0.downsample.0.weight", (64, 32, 1, 1)),
+                       ("feat_encoder.conv2.weight", (84, 96, 1, 1)), ("encoder.pyramid4.0.1.weight", (56,)),
+                       ("decoder4.convblock.0.0.weight", (112, 113, 3, 3)),
+                       ("decoder4.convblock.2.weight", (112, 48, 4, 4)),
+                       ("decoder1.convblock.2.weight", (60, 24, 4, 4)),
+                       ("update2.convc1.weight", (64, 392, 1, 1)), ("update3.gru.0.weight", (76, 104, 3, 3)),
+                       ("comb_block.1.weight", (18,))):
+        assert tuple(sd[key].shape) == shape, key
+    model = amt.load_amt(str(tmp_path / "amt.pth"), "cpu")
+    a = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    mid = model(a, a)
+    assert tuple(mid.shape) == (1, 3, 128, 128) and float(mid.min()) >= 0 and float(mid.max()) <= 1
+    torch.save({"state_dict": {"comb_block.0.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="--amt .*not AMT-S weights"):
+        amt.load_amt(str(tmp_path / "other.pth"), "cpu")
+
+
+def load_vbench_amt(repo: str):
+    """VBench's AMT-S (vbench/third_party/amt/networks/AMT-S.py and its blocks) from a checkout, without importing
+    the vbench package: the files are loaded by path under their package names."""
+    import importlib.util
+    import sys
+    import types
+
+    def module(name, path=None):
+        if path is None:
+            m = types.ModuleType(name)
+            m.__path__ = []
+            sys.modules[name] = m
+            return m
+        spec = importlib.util.spec_from_file_location(name, os.path.join(repo, path))
+        m = importlib.util.module_from_spec(spec)
+        sys.modules[name] = m
+        spec.loader.exec_module(m)
+        return m
+
+    base = "vbench.third_party.amt"
+    for pkg in ("vbench", "vbench.third_party", base, base + ".utils", base + ".networks", base + ".networks.blocks"):
+        module(pkg)
+    module(base + ".utils.flow_utils", "vbench/third_party/amt/utils/flow_utils.py")
+    for block in ("raft", "feat_enc", "ifrnet", "multi_flow"):
+        module(f"{base}.networks.blocks.{block}", f"vbench/third_party/amt/networks/blocks/{block}.py")
+    return module(base + ".networks.AMT_S", "vbench/third_party/amt/networks/AMT-S.py")
+
+
+@pytest.mark.skipif(not os.environ.get("DFD_VBENCH_REPO"),
+                    reason="set DFD_VBENCH_REPO to a Vchitect/VBench checkout")
+def test_amt_matches_vbench(tmp_path):
+    """Opt-in parity: the same random weights through VBench's AMT-S and ours."""
+    upstream = load_vbench_amt(os.environ["DFD_VBENCH_REPO"])
+    ours = amt.load_amt(tv.build_amt(str(tmp_path / "amt.pth")), "cpu")
+    ref = upstream.Model(corr_radius=3, corr_lvls=4, num_flows=3).eval()
+    ref.load_state_dict(torch.load(tmp_path / "amt.pth", weights_only=True)["state_dict"])
+    a = torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(3))
+    b = torch.roll(a, 4, dims=3)
+    with torch.no_grad():
+        want = ref(a, b, torch.tensor(0.5).view(1, 1, 1, 1), scale_factor=1.0, eval=True)["imgt_pred"]
+    torch.testing.assert_close(ours(a, b), want, rtol=0, atol=1e-4)

@@ -6,6 +6,7 @@ build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of
 build_dino_vit(dir)       a ViTModel folder (the layout of facebook/dino-vitb16), 1 layer, hidden 16, 224x224 in 16x16.
 build_aesthetic_head(f)   a linear head file in the format of LAION's aesthetic predictor (sa_0_4_vit_l_14_linear.pth).
 build_raft(file)          a RAFT checkpoint with random weights in the layout of raft-things.pth (full size).
+build_amt(file)           an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth.
 build_musiq(file)         a MUSIQ checkpoint with random weights in the layout of pyiqa's (a narrow transformer).
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
@@ -98,6 +99,20 @@ def build_raft(path: str, seed: int = 0) -> str:
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 1.5)
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def build_amt(path: str, seed: int = 0) -> str:
+    """Saves an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth ({"state_dict": ...}).
+    Full size (3.0M parameters, 12 MB): AMT-S is already small. The PReLU slopes are randomised too."""
+    from dfd_video.vbench.amt import AMTS
+    torch.manual_seed(seed)
+    model = AMTS()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.0, 0.5)
+    torch.save({"state_dict": model.state_dict()}, path)
     return path
 
 

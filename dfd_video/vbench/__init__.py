@@ -9,8 +9,9 @@ the model it uses and its preprocessing:
   i2v_subject.py             DINO ViT-B/16, frames against the conditioning image and their neighbours
   dynamic_degree.py          RAFT optical flow (raft.py, written here), VBench's moving-or-not rule
   imaging_quality.py         MUSIQ (musiq.py, written here) with pyiqa's SPAQ weights, / 100
+  motion_smoothness.py       AMT-S frame interpolation (amt.py, written here) against the odd frames
 
-Not implemented (see docs/evaluation.md): motion smoothness (AMT-S), I2V background (DreamSim). Why not the
+Not implemented (see docs/evaluation.md): I2V background (DreamSim). Why not the
 `vbench` package itself: vbench 0.1.5 requires transformers==4.33.2 and numpy<2 (and torchvision, decord,
 openai-clip, pyiqa), which this project's pins exclude.
 
@@ -29,7 +30,8 @@ FOLLOWS = {"subject_consistency": "vbench/subject_consistency.py",
            "aesthetic_quality": "vbench/aesthetic_quality.py",
            "i2v_subject": "vbench2_beta_i2v/i2v_subject.py",
            "dynamic_degree": "vbench/dynamic_degree.py",
-           "imaging_quality": "vbench/imaging_quality.py"}
+           "imaging_quality": "vbench/imaging_quality.py",
+           "motion_smoothness": "vbench/motion_smoothness.py"}
 
 
 def averages(summary: dict[str, float]) -> dict[str, float]:
@@ -47,13 +49,14 @@ def averages(summary: dict[str, float]) -> dict[str, float]:
 
 def build(device, dino: str | None = None, clip_b32: str | None = None, aesthetic_clip: str | None = None,
           aesthetic_head: str | None = None, flickering: bool = False, i2v: bool = False,
-          raft: str | None = None, musiq: str | None = None) -> list:
+          raft: str | None = None, musiq: str | None = None, amt: str | None = None) -> list:
     """The dimension objects the given models allow, in ORDER; a dimension whose model is not given is left out.
     i2v adds the image-to-video dimensions (I2V subject, with `dino`); raft (a raft-things.pth) adds dynamic
-    degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality. ValueError naming the flag on a bad model."""
-    from dfd_video.vbench import (aesthetic_quality, background_consistency, common, dynamic_degree, i2v_subject,
-                                  imaging_quality, musiq as musiq_model, raft as raft_model, subject_consistency,
-                                  temporal_flickering)
+    degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality,
+    amt (amt-s.pth) motion smoothness. ValueError naming the flag on a bad model."""
+    from dfd_video.vbench import (aesthetic_quality, amt as amt_model, background_consistency, common,
+                                  dynamic_degree, i2v_subject, imaging_quality, motion_smoothness,
+                                  musiq as musiq_model, raft as raft_model, subject_consistency, temporal_flickering)
     dims = []
     dino_model = None if dino is None else subject_consistency.load_dino(dino, device, "--vbench-dino")
     if dino_model is not None:
@@ -69,6 +72,8 @@ def build(device, dino: str | None = None, clip_b32: str | None = None, aestheti
         dims.append(temporal_flickering.TemporalFlickering())
     if i2v and dino_model is not None:
         dims.append(i2v_subject.I2VSubject(dino_model, dino))
+    if amt is not None:
+        dims.append(motion_smoothness.MotionSmoothness(amt_model.load_amt(amt, device, "--amt"), amt))
     if raft is not None:
         dims.append(dynamic_degree.DynamicDegree(raft_model.load_raft(raft, device, "--raft"), raft))
     if musiq is not None:

@@ -43,20 +43,21 @@ class ResidualBlock(nn.Module):
 
 
 class BasicEncoder(nn.Module):
-    """7x7 stride-2 stem (64), residual stages of 64, 96 (stride 2) and 128 (stride 2) channels, 1x1 to out_dim:
-    [B, 3, H, W] -> [B, out_dim, H/8, W/8]."""
+    """RAFT's encoder: a 7x7 stride-2 stem (widths[0] channels, norm, ReLU), stages of two blocks at widths[0],
+    widths[1] (stride 2) and widths[2] (stride 2), a 1x1 convolution to out_dim: [B, 3, H, W] -> [B, out_dim, H/8,
+    W/8]. RAFT's full model uses residual blocks at (64, 96, 128); AMT's small encoder bottlenecks at (32, 64, 96)."""
 
-    def __init__(self, out_dim: int, norm: str):
+    def __init__(self, out_dim: int, norm: str, widths=(64, 96, 128), block=None):
         super().__init__()
-        self.norm1 = nn.InstanceNorm2d(64) if norm == "instance" else nn.BatchNorm2d(64)
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
-        stages, width = [], 64
-        for planes, stride in ((64, 1), (96, 2), (128, 2)):
-            stages.append(nn.Sequential(ResidualBlock(width, planes, norm, stride),
-                                        ResidualBlock(planes, planes, norm)))
+        block = block or ResidualBlock
+        self.norm1 = nn.InstanceNorm2d(widths[0]) if norm == "instance" else nn.BatchNorm2d(widths[0])
+        self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3)
+        stages, width = [], widths[0]
+        for planes, stride in zip(widths, (1, 2, 2)):
+            stages.append(nn.Sequential(block(width, planes, norm, stride), block(planes, planes, norm)))
             width = planes
         self.layer1, self.layer2, self.layer3 = stages
-        self.conv2 = nn.Conv2d(128, out_dim, 1)
+        self.conv2 = nn.Conv2d(widths[2], out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm1(self.conv1(x)))
