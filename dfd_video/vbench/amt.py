@@ -32,8 +32,8 @@ def resize(x: torch.Tensor, factor: float) -> torch.Tensor:
 def warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """img [B, C, H, W] sampled at pixel + flow [B, 2 (x, y), H, W]: bilinear, edges repeated."""
     B, _, H, W = flow.shape
-    xs = torch.linspace(-1.0, 1.0, W, dtype=img.dtype).view(1, 1, 1, W).expand(B, -1, H, -1)
-    ys = torch.linspace(-1.0, 1.0, H, dtype=img.dtype).view(1, 1, H, 1).expand(B, -1, -1, W)
+    xs = torch.linspace(-1.0, 1.0, W, dtype=img.dtype, device=img.device).view(1, 1, 1, W).expand(B, -1, H, -1)
+    ys = torch.linspace(-1.0, 1.0, H, dtype=img.dtype, device=img.device).view(1, 1, H, 1).expand(B, -1, -1, W)
     grid = torch.cat([xs + flow[:, :1] / ((W - 1.0) / 2.0), ys + flow[:, 1:2] / ((H - 1.0) / 2.0)], 1)
     return F.grid_sample(img, grid.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=True)
 

@@ -139,7 +139,7 @@ def patches_of(x: torch.Tensor, scale_id: int, max_len: int | None):
     masked zero patches or cut to max_len (None: all patches)."""
     h, w = x.shape[-2:]
     p = F.unfold(same_pad(x, PATCH, PATCH), PATCH, stride=PATCH).transpose(1, 2)   # [N, L, 3 * 32 * 32]
-    pos = hashed_positions(math.ceil(h / PATCH), math.ceil(w / PATCH))
+    pos = hashed_positions(math.ceil(h / PATCH), math.ceil(w / PATCH)).to(x.device)
     scale, mask = torch.full_like(pos, scale_id), torch.ones_like(pos)
     if max_len is not None:
         extra = max(max_len - p.shape[1], 0)
@@ -181,7 +181,7 @@ class MUSIQ(nn.Module):
         y = self.block1(y).permute(0, 2, 3, 1).reshape(N, L, -1)                 # (h, w, c) order, as TensorFlow
         out = self.transformer_encoder(self.embedding(y), pos, scale, mask.expand(N, -1).to(y.dtype))
         q = self.head(out[:, 0])
-        return (q * torch.arange(1, q.shape[-1] + 1, dtype=q.dtype)).sum(-1)   # one output: itself
+        return (q * torch.arange(1, q.shape[-1] + 1, dtype=q.dtype, device=q.device)).sum(-1)  # one output: q
 
 
 def load_musiq(path: str, device, flag: str = "--musiq") -> MUSIQ:
