@@ -606,6 +606,8 @@ def test_evaluate_dynamic_degree_imaging_quality_motion_smoothness(tmp_path, mon
     assert "VBench avg. (+dyn.) adds dynamic degree" in open(os.path.join(out, "report.md")).read()
     with pytest.raises(ValueError, match="128 x 128"):
         dim(np.zeros((3, 64, 96, 3), np.uint8), None, 8.0)
+    with pytest.raises(ValueError, match="128 x 128"):
+        ms(np.zeros((3, 64, 96, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------

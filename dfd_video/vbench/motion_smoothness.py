@@ -50,5 +50,8 @@ class MotionSmoothness(Dimension):
     name = NAME
 
     def __call__(self, frames: np.ndarray, image: np.ndarray | None = None, fps: float | None = None) -> float:
+        if min(frames.shape[1:3]) < 113:  # padded to 16s, under 128: AMT's coarsest correlation level would vanish
+            raise ValueError(f"motion smoothness: {frames.shape[2]}x{frames.shape[1]} frames; AMT's correlation "
+                             "pyramid needs at least 128 x 128 after padding to multiples of 16")
         device = next(self.model.parameters()).device
         return smoothness_score(frames, lambda a, b: self.model(a.to(device), b.to(device)).cpu())
