@@ -19,8 +19,8 @@ import torch
 from dfd_video.files import atomic_write, fail, write_text
 from dfd_video.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
                               averages as vbench_averages, build as build_vbench)
+from dfd_video.vbench.common import quiet_transformers
 from dfd_video.video import read_prompts, read_video_frames
-from dfd_video.weights import quiet_transformers
 
 
 SAMPLE_NAME = re.compile(r"^prompt(\d+)_seed(-?\d+)\.mp4$")

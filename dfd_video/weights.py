@@ -2,10 +2,9 @@
 student weights for `sample` / `export`; copying them into a network with clear mismatch errors."""
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -22,22 +21,6 @@ ROLES = {  # names a training checkpoint uses for each network
     "generator": ("generator", "net", "student", "model_student"),
     "critic": ("critic", "fake_score", "fake_score_net", "fake", "fake_net"),
 }
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' logging at errors only and its progress bars off, restored afterwards (loading a local model
-    folder without torchvision warns on every load)."""
-    from transformers.utils import logging as hf_logging
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -1,17 +1,17 @@
 """What the VBench dimensions share that is not preprocessing: reading every frame of a video, the two geometric
 steps torchvision's transforms apply (short-side resize, centre crop, restated here because torchvision is not
-installable beside this project's CPU torch), loading a model folder with an error that names its flag, and the
-cache key of a model. Each dimension's own file composes its preprocessing from these steps, in VBench's order."""
+installable beside this project's CPU torch), loading a model folder quietly with an error that names its flag
+(evaluate's image encoders load theirs quietly too), and the cache key of a model. Each dimension's own file composes its preprocessing from these steps, in VBench's order."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from dfd_video.weights import quiet_transformers
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -100,6 +100,22 @@ def model_key(name: str, *paths: str) -> str:
         files = [os.path.join(p, f) for f in os.listdir(p)] if os.path.isdir(p) else [p]
         parts += [os.path.abspath(p), str(max(os.stat(f).st_mtime_ns for f in files))]
     return "vb_" + name + "_" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off, restored afterwards (loading a local model
+    folder without torchvision warns on every load)."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_pretrained(cls, folder: str, flag: str, **kwargs):
