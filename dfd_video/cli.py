@@ -214,6 +214,25 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
     p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
                    "(default: the first prompt; the flag alone: no figure)")
+    vbench_models = {  # the VBench dimensions' models (docs/evaluation.md): a dimension without its model is skipped
+        "--vbench-dino": ("DIR", "local DINO ViT-B/16 folder (transformers ViTModel, facebook/dino-vitb16) for VBench "
+                          "subject consistency (and I2V subject with --i2v-images)"),
+        "--vbench-clip": ("DIR", "local CLIP ViT-B/32 folder (openai/clip-vit-base-patch32) for VBench background "
+                          "consistency"),
+        "--aesthetic-head": ("FILE", "LAION aesthetic predictor linear head (sa_0_4_vit_l_14_linear.pth) for VBench "
+                             "aesthetic quality, on --aesthetic-clip's embeddings"),
+        "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
+                             "--aesthetic-head (default: --clip)"),
+        "--amt": ("FILE", "AMT-S weights (amt-s.pth, as VBench downloads it) for VBench motion smoothness"),
+        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
+        "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
+                    "imaging quality")}
+    for flag, (metavar, text) in vbench_models.items():
+        p.add_argument(flag, metavar=metavar, help=text)
+    p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "
+                   "every frame of every video is decoded)")
+    p.add_argument("--i2v-images", nargs="+", metavar="FILE", help="the conditioning image per prompt (in prompt "
+                   "order, or one for all) given to `sample --images`: adds VBench I2V subject (with --vbench-dino)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
     p.add_argument("--out", default="eval", help="output folder")
     p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "

@@ -1,7 +1,9 @@
-"""The `evaluate` subcommand: the paper's visual diversity (Eq. 11, App. B.3.1), camera-pose diversity (App. B.3.3)
-and a colour-saturation statistic, on folders of videos named as `sample` writes them (prompt<i>_seed<s>.mp4).
+"""The `evaluate` subcommand: the paper's visual diversity (Eq. 11, App. B.3.1), camera-pose diversity (App. B.3.3),
+a colour-saturation statistic and VBench's quality dimensions (dfd_video/vbench/, one file each), on folders of
+videos named as `sample` writes them (prompt<i>_seed<s>.mp4).
 
-Model-free except the image encoders (any transformers image model with a pooled output, from a local folder)."""
+Model-free except the image encoders (any transformers image model with a pooled output, from a local folder) and
+the VBench dimensions' models (local folders / files, each named by its flag)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,10 @@ import numpy as np
 import torch
 
 from dfd_video.files import atomic_write, fail, write_text
-from dfd_video.video import read_prompts
+from dfd_video.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
+                              averages as vbench_averages, build as build_vbench)
+from dfd_video.vbench.common import quiet_transformers
+from dfd_video.video import read_prompts, read_video_frames
 
 
 SAMPLE_NAME = re.compile(r"^prompt(\d+)_seed(-?\d+)\.mp4$")
@@ -166,22 +171,15 @@ class ImageEncoder:
 
     def __init__(self, folder: str, device: str | torch.device = "cpu", flag: str = "--clip"):
         from transformers import AutoImageProcessor, AutoModel
-        from transformers.utils import logging as hf_logging
         if not os.path.isdir(folder):
             raise ValueError(f"{flag} {folder}: no such folder")
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # the PIL fallback without torchvision warns on every load
-        hf_logging.disable_progress_bar()
         try:
-            self.model = AutoModel.from_pretrained(folder).to(device).eval()
-            self.processor = AutoImageProcessor.from_pretrained(folder)
+            with quiet_transformers():  # the PIL fallback without torchvision warns on every load
+                self.model = AutoModel.from_pretrained(folder).to(device).eval()
+                self.processor = AutoImageProcessor.from_pretrained(folder)
         except Exception as e:
             raise ValueError(f"{flag} {folder}: not a transformers image model with a preprocessor config "
                              f"({type(e).__name__}: {str(e)[:160]})") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         self.device, self.flag, self.folder = device, flag, folder
         self.name = type(self.model).__name__
         stamp = max(os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder))
@@ -204,10 +202,15 @@ class ImageEncoder:
 
 
 def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder], cache_dir: str | None = None,
-                  need_middle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float], np.ndarray | None]:
-    """(features per encoder [num_frames, D], saturation_stats, the middle frame or None) of one video. With a
-    cache_dir, the numbers are stored per video (keyed by its path, size and mtime, num_frames and each encoder's
-    folder), so an interrupted or extended evaluation decodes and encodes each video once."""
+                  need_middle: bool = False, vbench: Sequence = (), image: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], np.ndarray | None, dict[str, float]]:
+    """(features per encoder [num_frames, D], saturation_stats, the middle frame or None, VBench scores) of one
+    video. `vbench`: dimension objects of dfd_video.vbench, scored on every frame (decoded again, only when one of
+    them is not cached yet); `image`: the conditioning image file, for the dimensions with needs_image. With a
+    cache_dir, the numbers are stored per video (keyed by its path, size and mtime, num_frames, each encoder's
+    folder, each VBench dimension's model files and image), so an interrupted or extended evaluation decodes and
+    encodes each video once."""
+    from dfd_video.vbench.common import read_all_frames
     st = os.stat(path)
     cache = None if cache_dir is None else os.path.join(
         cache_dir, _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, num_frames) + ".npz")
@@ -218,28 +221,37 @@ def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder],
                 stored = {k: z[k] for k in z.files}
         except Exception:  # a damaged entry is recomputed
             stored = {}
+    vb_keys = {d.name: d.key if not d.needs_image else
+               d.key + "_" + _digest(os.path.abspath(image), os.stat(image).st_mtime_ns) for d in vbench}
     missing = [e for e in encoders.values() if e.key not in stored]
-    mid = None
+    missing_vb = [d for d in vbench if vb_keys[d.name] not in stored]
+    mid, new = None, bool(missing or missing_vb or "saturation" not in stored)
     if need_middle or missing or "saturation" not in stored:
         frames, mid, stats = read_eval_video(path, num_frames)
-        if missing or "saturation" not in stored:  # new numbers: compute and store them (a middle frame alone is not)
-            stored.update({e.key: e(frames).numpy() for e in missing})
-            stored.update({k: np.asarray(v) for k, v in stats.items()})
-            if cache is not None:
-                def write(tmp: str) -> None:
-                    with open(tmp, "wb") as f:
-                        np.savez(f, **stored)
-                os.makedirs(cache_dir, exist_ok=True)
-                atomic_write(cache, write)
+        stored.update({e.key: e(frames).numpy() for e in missing})
+        stored.update({k: np.asarray(v) for k, v in stats.items()})
+    if missing_vb:
+        frames, fps = read_all_frames(path)
+        cond = None if image is None else read_video_frames(image, 1, 1.0, *frames.shape[1:3])[0].numpy()
+        stored.update({vb_keys[d.name]: np.asarray(d(frames, cond, fps)) for d in missing_vb})
+    if cache is not None and new:  # a middle frame alone is not stored
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **stored)
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write(cache, write)
     feats = {name: torch.from_numpy(stored[e.key]) for name, e in encoders.items()}
-    return feats, {k: float(stored[k]) for k in ("saturation", "clipped")}, mid
+    return (feats, {k: float(stored[k]) for k in ("saturation", "clipped")}, mid,
+            {d.name: float(stored[vb_keys[d.name]]) for d in vbench})
 
 
 def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: str | None = None,
                     num_frames: int = 16, figure_prompts: Sequence[int] = (), relative_poses: bool = False,
-                    cache_dir: str | None = None) -> dict:
+                    cache_dir: str | None = None, vbench: Sequence = (), images: Sequence[str] = ()) -> dict:
     """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames of
-    the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report)."""
+    the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report).
+    vbench: VBench dimension objects (dfd_video.vbench), scored per video and averaged over videos; images: the
+    conditioning image of each prompt index (one file: every prompt's), for the image-to-video dimensions."""
     from tqdm import tqdm
     index = sample_index(folder)
     per_video: dict[str, dict] = {}
@@ -252,8 +264,10 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
     trajs: dict[int, list[np.ndarray]] = {}
     for i, s, path in tqdm(jobs, desc=os.path.basename(os.path.normpath(folder)), disable=len(jobs) < 8):
         stem = os.path.basename(path)[:-4]
-        video_feats, stats, mid = measure_video(path, num_frames, encoders, cache_dir, need_middle=i in middle)
-        row = dict(prompt=i, seed=s, **stats)
+        image = None if not images else images[0] if len(images) == 1 else images[i]
+        video_feats, stats, mid, scores = measure_video(path, num_frames, encoders, cache_dir, need_middle=i in middle,
+                                                        vbench=vbench, image=image)
+        row = dict(prompt=i, seed=s, **stats, **scores)
         if i in middle:
             middle[i][s] = mid
         for name in encoders:
@@ -287,8 +301,18 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
         summary.update({k: float(np.mean([r[k] for r in per_prompt.values()])) for k in CAMERA_SEED_KEYS})
     for k in ("saturation", "clipped"):
         summary[k] = float(np.mean([r[k] for r in per_video.values()]))
+    for d in vbench:
+        summary[d.name] = float(np.mean([r[d.name] for r in per_video.values()]))
+    summary.update(vbench_averages(summary))
     return {"folder": folder, "prompts": len(index), "videos": len(jobs), "summary": summary,
             "per_prompt": {str(i): r for i, r in per_prompt.items()}, "per_video": per_video, "middle": middle}
+
+
+VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency": "background cons.",
+                 "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
+                 "i2v_subject": "I2V subject", "dynamic_degree": "dynamic degree",
+                 "imaging_quality": "imaging quality", "motion_smoothness": "motion smooth.",
+                 "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
 
 
 def _column_label(key: str) -> str:
@@ -296,6 +320,8 @@ def _column_label(key: str) -> str:
         if key.endswith(suffix):
             name = key[:-len(suffix)]
             return f"{name.upper() if name in ('clip', 'dino') else name} ({what})"
+    if key in VBENCH_LABELS:
+        return VBENCH_LABELS[key]
     return {"endpoint_distance": "endpoint dist.", "trajectory_distance": "trajectory dist.",
             "endpoint_spread": "endpoint spread", "path_length": "path length", "max_translation": "max transl.",
             "rotation_total": "rot. total (deg)", "max_rotation": "max rot. (deg)", "saturation": "saturation",
@@ -315,7 +341,7 @@ def report_markdown(report: dict) -> str:
     s = report["settings"]
     lines += ["", f"Frames per video: {s['frames']} evenly spaced. Encoders: "
               + (", ".join(f"{k} = {v['folder']} ({v['class']})" for k, v in s["encoders"].items()) or "none") + ".",
-              "", "Higher = more diverse / more camera motion, in every column but the last two: saturation and "
+              "", "Higher = more diverse / more camera motion in the diversity and camera columns; saturation and "
               "clipped are lower for less saturated videos, and their target is the level of real (or teacher) "
               "videos, not 0. "
               f"Diversity (mean) is Eq. 11 on per-video features ({s['frames']} frame features, mean-pooled); "
@@ -324,6 +350,17 @@ def report_markdown(report: dict) -> str:
               "per video, averaged over videos; endpoint and trajectory distances and endpoint spread per prompt "
               "across seeds, averaged over prompts. Saturation: mean HSV saturation; clipped: fraction of pixels "
               "with a channel at 0 or 255."]
+    vb = s.get("vbench") or {}
+    if vb:
+        used = s.get("vbench_average") or []
+        models = {k: " + ".join(p for p in (v["model"], v.get("head")) if p) or "no model" for k, v in vb.items()}
+        named = "; ".join(f"{VBENCH_LABELS[k]} = `{v['follows']}` ({models[k]})" for k, v in vb.items())
+        lines += ["", "VBench columns (higher is better; scored per video, averaged over videos), each as in the "
+                  f"VBench file named: {named}. "
+                  + (f"VBench avg. = the mean of {', '.join(used)}: the dimensions of the paper's quality average "
+                     "that were computed. " if used else "")
+                  + ("VBench avg. (+dyn.) adds dynamic degree." if "dynamic_degree" in vb else
+                     "Dynamic degree was not computed, so there is no average with it.")]
     if s.get("note"):
         lines += ["", s["note"]]
     for path in report.get("figures", []):
@@ -386,6 +423,18 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
         elif name in enc_dirs:
             bad.append(f"--encoder {spec}: the name {name} is taken")
         enc_dirs[name] = folder
+    for flag, path in (("--vbench-dino", args.vbench_dino), ("--vbench-clip", args.vbench_clip),
+                       ("--aesthetic-clip", args.aesthetic_clip)):
+        if path is not None and not os.path.isdir(path):
+            bad.append(f"{flag} {path}: no such folder")
+    if args.aesthetic_head is not None and (args.aesthetic_clip or args.clip) is None:
+        bad.append(f"--aesthetic-head {args.aesthetic_head}: needs the CLIP ViT-L/14 it scores (--aesthetic-clip, "
+                   "or --clip)")
+    for path in args.i2v_images or []:
+        if not os.path.isfile(path):
+            bad.append(f"--i2v-images {path}: no such file")
+    if args.i2v_images and args.vbench_dino is None:
+        bad.append("--i2v-images: I2V subject needs --vbench-dino")
     if args.device == "cuda" and not torch.cuda.is_available():
         bad.append("--device cuda: no CUDA device here")
     if bad:
@@ -413,13 +462,22 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --prompts {args.prompts}: {len(lines)} prompt(s), but the folders hold "
                              f"prompt index {top}")
         texts = dict(enumerate(lines))
+    if args.i2v_images and len(args.i2v_images) > 1:
+        top = max(max(p) for p in prompt_sets)
+        if top >= len(args.i2v_images):
+            raise SystemExit(f"error: --i2v-images: {len(args.i2v_images)} image(s), but the folders hold prompt "
+                             f"index {top} (give one image per prompt, in prompt order, or one for all)")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     try:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")
                     for k, v in enc_dirs.items()}
+        vbench = build_vbench(device, args.vbench_dino, args.vbench_clip, args.aesthetic_clip or args.clip,
+                              args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft,
+                              args.musiq, args.amt)
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
                                    figure_prompts, args.relative_poses,
-                                   None if args.no_cache else os.path.join(args.out, "cache"))
+                                   None if args.no_cache else os.path.join(args.out, "cache"), vbench,
+                                   args.i2v_images or ())
                    for m, f in enumerate(args.samples)]
     except ValueError as e:
         raise fail(e)
@@ -435,7 +493,12 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     report = {"settings": {"frames": args.frames, "device": str(device), "note": note,
                            "encoders": {k: {"folder": e.folder, "class": e.name,
                                             "processor": type(e.processor).__name__} for k, e in encoders.items()},
-                           "poses": args.poses, "relative_poses": args.relative_poses, "prompts": args.prompts},
+                           "poses": args.poses, "relative_poses": args.relative_poses, "prompts": args.prompts,
+                           "vbench": {d.name: {"follows": VBENCH_FOLLOWS[d.name], "model": d.folder,
+                                               **({"head": d.head_path} if hasattr(d, "head_path") else {})}
+                                      for d in vbench},
+                           "vbench_average": [k for k in VBENCH_PAPER_AVERAGE if any(d.name == k for d in vbench)],
+                           "i2v_images": args.i2v_images},
               "methods": [{"name": n, **r} for n, r in zip(names, results)], "figures": figures}
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
     write_text(os.path.join(args.out, "report.md"), report_markdown(report))

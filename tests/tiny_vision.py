@@ -3,6 +3,11 @@
 build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of openai/clip-vit-large-patch14:
                           config.json with text and vision configs, model.safetensors, preprocessor_config.json),
                           1 layer, hidden 16, projection_dim 8, 32x32 input in 8x8 patches.
+build_dino_vit(dir)       a ViTModel folder (the layout of facebook/dino-vitb16), 1 layer, hidden 16, 224x224 in 16x16.
+build_aesthetic_head(f)   a linear head file in the format of LAION's aesthetic predictor (sa_0_4_vit_l_14_linear.pth).
+build_raft(file)          a RAFT checkpoint with random weights in the layout of raft-things.pth (full size).
+build_amt(file)           an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth.
+build_musiq(file)         a MUSIQ checkpoint with random weights in the layout of pyiqa's (a narrow transformer).
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
 write_video(path, frames) a uint8 [T, H, W, 3] clip through dfd_video.video.write_mp4 (H.264, yuv420p).
@@ -26,13 +31,15 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_clip(path: str, seed: int = 0) -> str:
-    """Saves a tiny random CLIPModel and its CLIPImageProcessor at `path` (shortest edge 32, centre crop 32x32)."""
+def build_clip(path: str, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> str:
+    """Saves a tiny random CLIPModel and its CLIPImageProcessor at `path` (shortest edge 32, centre crop 32x32).
+    image_size=224, patch_size=32 gives the input layout of CLIP ViT-B/32 (VBench's background consistency),
+    patch_size=14 that of ViT-L/14 (its aesthetic quality)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=CLIP_DIM)).eval()
     model.save_pretrained(path)
@@ -51,6 +58,81 @@ def build_dino(path: str, seed: int = 0) -> str:
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True,
                       do_convert_rgb=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                       resample=3).save_pretrained(path)
+    return path
+
+
+def build_dino_vit(path: str, seed: int = 0) -> str:
+    """Saves a tiny random ViTModel at `path` in the layout of facebook/dino-vitb16 (config.json with
+    model_type "vit", model.safetensors; 224x224 input in 16x16 patches, no pooler), 1 layer, hidden 16. VBench
+    preprocesses the frames itself, so no preprocessor config is needed."""
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(seed)
+    model = ViTModel(ViTConfig(hidden_size=DINO_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               image_size=224, patch_size=16, qkv_bias=True), add_pooling_layer=False).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def build_aesthetic_head(path: str, dim: int = CLIP_DIM, seed: int = 0, weight=None, bias: float | None = None) -> str:
+    """Saves a linear head in the format of LAION's sa_0_4_vit_l_14_linear.pth (torch.save of nn.Linear(dim, 1)'s
+    state dict: weight [1, dim], bias [1]); random unless weight / bias are given."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(dim, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, dim, generator=g) if weight is None else torch.as_tensor(weight).view(1, dim))
+        head.bias.fill_(float(torch.randn(1, generator=g)) if bias is None else bias)
+    torch.save(head.state_dict(), path)
+    return path
+
+
+def build_raft(path: str, seed: int = 0) -> str:
+    """Saves a RAFT checkpoint with random weights in the layout of raft-things.pth (a DataParallel state dict:
+    `module.` keys). Full size (5.3M parameters, 21 MB): VBench's RAFT has no tiny configuration. BatchNorm
+    statistics are randomised too, so that a wrongly loaded or ignored buffer shows."""
+    from dfd_video.vbench.raft import RAFT
+    torch.manual_seed(seed)
+    model = RAFT()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def build_amt(path: str, seed: int = 0) -> str:
+    """Saves an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth ({"state_dict": ...}).
+    Full size (3.0M parameters, 12 MB): AMT-S is already small. The PReLU slopes are randomised too."""
+    from dfd_video.vbench.amt import AMTS
+    torch.manual_seed(seed)
+    model = AMTS()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.0, 0.5)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def build_musiq(path: str, seed: int = 0, dim: int = 32, layers: int = 2, classes: int = 1,
+                bias: float | None = None) -> str:
+    """Saves a tiny random MUSIQ checkpoint in the layout of pyiqa's musiq_spaq_ckpt (its parameter names; the
+    patch stem at full size, the transformer at width `dim` with `layers` blocks and MLP 2 * dim). `bias` fixes the
+    head's bias and zeroes its weight, so every image gets the same score."""
+    from dfd_video.vbench.musiq import MUSIQ
+    torch.manual_seed(seed)
+    model = MUSIQ(dim=dim, mlp=2 * dim, heads=max(1, dim // 64), layers=layers, classes=classes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "emb" in name or name.endswith("cls"):
+                p.normal_(0, 0.02)
+        if bias is not None:
+            head = model.head if classes == 1 else model.head[0]
+            head.weight.zero_()
+            head.bias.fill_(bias)
+    torch.save(model.state_dict(), path)
     return path
 
 
