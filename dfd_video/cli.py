@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 import dfd
+from dfd_video import lora
 from dfd_video.distributed import teardown_distributed
 from dfd_video.evaluate import run_evaluate
 from dfd_video.plot import run_plot
@@ -61,6 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "one (0: only after the last step)")
     p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+    lora.add_train_args(p)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -116,6 +118,7 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and not os.path.exists(v):
             bad.append(f"{flag} {v}: no such file or folder")
+    bad += lora.check_args(args)
     if bad:
         raise SystemExit("error: " + bad[0])
 
@@ -200,6 +203,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
                    help="auto: the EMA when the checkpoint has one")
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
+    lora.add_export_args(p)
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
