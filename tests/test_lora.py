@@ -72,14 +72,16 @@ def main_error(argv) -> str:
 def test_two_bases_in_memory_and_only_adapters_train(setup, tmp_path):
     """build_networks at a world of one: the fake score is the teacher's network; the teacher's calls bypass the
     adapter (exactly the base model, whatever the adapter holds), the fake score's do not; the student starts as
-    the DMD2 generator exactly (lora_B = 0); only lora_A / lora_B are trainable."""
+    the DMD2 generator exactly (lora_B = 0); only lora_A / lora_B are trainable. The EMA holds adapter weights
+    only; calling it computes with them and leaves the student's own untouched."""
     from dfd_video.distributed import setup_distributed, teardown_distributed
     adapter = wan_dfd.WanAdapter()
-    args = parse(train_argv(setup, str(tmp_path / "r")))
+    args = parse(train_argv(setup, str(tmp_path / "r"), "--ema", "0.9"))
     d = setup_distributed("cpu")
     try:
         nets = lora.build_networks(adapter, args, adapter.load_network(setup["pipe"]), None, d, None, True)
-        assert nets.fake is nets.teacher and nets.ema is None
+        assert nets.fake is nets.teacher and nets.ema.shadow.keys() == {
+            n for n, _ in nets.student.named_parameters() if lora.is_lora_param(n)}
         assert nets.info["fake_base"] == "teacher" and nets.info["rank"] == 4 and nets.info["alpha"] == 8.0
         for net in (nets.student, nets.teacher):
             trainable = [n for n, q in net.named_parameters() if q.requires_grad]
@@ -101,6 +103,16 @@ def test_two_bases_in_memory_and_only_adapters_train(setup, tmp_path):
             torch.testing.assert_close(student(x, t, c), adapter.denoiser(ref_student, None, None)(x, t, c),
                                        atol=1e-6, rtol=0)
         assert all(q.requires_grad for n, q in nets.teacher.named_parameters() if lora.is_lora_param(n))
+        with torch.no_grad():  # the EMA: its values stand in for the student's adapter for one call
+            for v in nets.ema.shadow.values():
+                v.normal_()
+            live = {n: q.detach().clone() for n, q in nets.ema.live.items()}
+            plain = student(x, t, c)
+            got = adapter.denoiser(nets.ema, None, None)(x, t, c)
+            assert all(torch.equal(q, live[n]) for n, q in nets.ema.live.items())
+            for n, q in nets.ema.live.items():
+                q.copy_(nets.ema.shadow[n])
+            assert torch.equal(got, student(x, t, c)) and (got - plain).abs().max() > 1e-2
     finally:
         teardown_distributed()
 
