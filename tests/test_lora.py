@@ -60,6 +60,7 @@ def run(argv, launch=(sys.executable,), **kw):
 def parse(argv):
     p = argparse.ArgumentParser()
     dfd_video.cli.add_train_args(p)
+    dfd_video.cli.add_probe_args(p)
     return p.parse_args(argv[1:])
 
 
@@ -158,7 +159,7 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     assert min(s3[k].abs().max().item() for k in s3 if ".lora_B." in k) > 0.1 * LR
     # export --lora: the LoRA file and the merged folder
     exp = str(root / "export")
-    run(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp, "--lora"])
+    wan_dfd.main(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp, "--lora"])
     assert sorted(os.listdir(os.path.join(exp, "lora"))) == [lora.LORA_FILE]
     from diffusers import WanPipeline, WanTransformer3DModel
     merged = WanTransformer3DModel.from_pretrained(exp)
@@ -179,23 +180,26 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     emb = str(root / "emb.safetensors")
     from safetensors.torch import save_file
     save_file({"text": torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(4))}, emb)
-    run(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb, "--seeds", "0", "--out",
-         str(root / "samples"), "--num-frames", "9", "--height", "32", "--width", "48", "--device", "cpu"])
+    wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb, "--seeds", "0", "--out",
+                  str(root / "samples"), "--num-frames", "9", "--height", "32", "--width", "48", "--device", "cpu"])
     assert os.path.exists(root / "samples" / "prompt000_seed0.mp4")
 
 
 def test_two_ranks_match_single_process_and_resume(setup, tmp_path):
     """torchrun --nproc_per_node=2 (gloo, FSDP2 units of frozen base + adapter): the adapters equal
     tiny_wan.emulate_ranks with the same adapters (whose fake score is a network of its own, not the teacher's);
-    resumed at 2 ranks from the first checkpoint, the run ends bit-identical (student, fake score, EMA)."""
+    resumed at 2 ranks from the first checkpoint, the run ends bit-identical (student, fake score, EMA). Probes
+    sample with the EMA (its values swapped into the student's adapter and back) without moving the weights."""
     s = setup
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     argv = train_argv(s, str(tmp_path / "one"), "--steps", "2", "--fake-updates", "2", "--grad-clip", "0",
-                      "--save-every", "1", "--keep", "5", "--ema", "0.9")
+                      "--save-every", "1", "--keep", "5", "--ema", "0.9", "--probe-every", "2", "--probe-seeds", "0",
+                      "1", "--probe-count", "1")
     run(argv, torchrun)
     ck = os.path.join(tmp_path, "one", "checkpoints", "step-000001")
     state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
     assert state["world"] == 2 and state["per_rank_batch"] == 1
+    assert [json.loads(x)["step"] for x in open(os.path.join(tmp_path, "one", "probes.jsonl"))] == [-1, 1]
     student_ref, fake_ref, _ = tiny_wan.emulate_ranks(wan_dfd.WanAdapter(), parse(argv), 2, world=2)
     for name, ref in (("student", student_ref), ("fake", fake_ref)):
         got = load_file(os.path.join(ck, f"{name}.safetensors"))
