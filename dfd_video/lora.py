@@ -126,12 +126,18 @@ def checksum(sd: dict[str, torch.Tensor]) -> float:
     return float(sum(v.double().abs().sum().item() for v in sd.values() if v.is_floating_point()))
 
 
-def read_base(info: dict, path: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The student's frozen base: the DMD2 generator the run started from, checked against the recorded checksum."""
-    path = path or info["base"]
+def base_path(info: dict, given: str | None = None) -> str:
+    """The DMD2 checkpoint under a LoRA run: `given` (--dmd2-ckpt at resume) or the one its state.pt records."""
+    path = given or info["base"]
     if not os.path.exists(path):
         raise ValueError(f"{path}: the DMD2 checkpoint under this LoRA run is gone (recorded in its state.pt; "
                          "pass it again with --dmd2-ckpt when resuming)")
+    return path
+
+
+def read_base(info: dict, path: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The student's frozen base: the DMD2 generator the run started from, checked against the recorded checksum."""
+    path = base_path(info, path)
     sd = read_checkpoint(path, info["init_from"])
     if sd is None:
         raise ValueError(f"{path}: holds no generator weights")
@@ -251,16 +257,16 @@ class LoraNets:
 
 def build_networks(adapter, args: argparse.Namespace, teacher_net: nn.Module, resume: tuple | None, d: Dist,
                    dtype, checkpointing: bool) -> LoraNets:
-    """The networks of a LoRA run, built one at a time (base weights, then the adapter, then sharded) so the host
-    holds one full fp32 copy at a time. teacher_net: the loaded (unsharded) base model. A resumed run reads the
-    bases again (the DMD2 checkpoint recorded in state.pt, checksum-checked) and the adapters from the checkpoint."""
+    """The networks of a LoRA run, built one at a time (base weights, then the adapter, then sharded; teacher, fake
+    score, student) so the host holds one full fp32 copy and one state dict at a time. teacher_net: the loaded
+    (unsharded) base model. A resumed run reads the bases again (the DMD2 checkpoint recorded in state.pt, or the
+    --dmd2-ckpt given, checksum-checked) and the adapters from the checkpoint."""
     w = resume[0] if resume is not None else {}
     if resume is None:
         info = {**lora_info(args, adapter), "base": os.path.abspath(args.dmd2_ckpt), "init_from": args.init_from}
     else:
         info = dict(resume[1]["lora"])
-    sd, base = read_base(info, args.dmd2_ckpt if resume is not None else None)
-    info["base"], info["checksum"] = os.path.abspath(base), checksum(sd)
+    base = base_path(info, args.dmd2_ckpt if resume is not None else None)
     src = f"--dmd2-ckpt {base}"
     if resume is None:  # the fake score starts from the critic when there is one (and --fake-init allows it)
         critic = None if getattr(args, "fake_init", None) == "teacher" else read_checkpoint(base, "critic")
@@ -284,10 +290,12 @@ def build_networks(adapter, args: argparse.Namespace, teacher_net: nn.Module, re
             load_adapter(net, trained, f"--resume {source}")
         return shard_lora(net, adapter, d, dtype, checkpointing)
 
-    student_net = with_lora(sd, f"{src} (student base)", args.seed, w.get("student"))
-    del sd
     fake_net = teacher_net if shared else with_lora(critic, f"{src} (critic base)", args.seed + 1, w.get("fake"))
     del critic
+    sd, base = read_base(info, base)
+    info["base"], info["checksum"] = os.path.abspath(base), checksum(sd)
+    student_net = with_lora(sd, f"{src} (student base)", args.seed, w.get("student"))
+    del sd
     ema = None
     if args.ema > 0:  # a run that turns the EMA on at resume starts it from the student
         ema = LoraEMA(student_net, w.get("ema"), "--resume (ema)")

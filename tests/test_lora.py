@@ -157,6 +157,12 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     e2, e3, s3 = load_file(f"{prev}/ema.safetensors"), load_file(f"{a}/ema.safetensors"), load_file(f"{a}/student.safetensors")
     assert all(torch.equal(e3[k], e2[k].lerp(s3[k], 1 - 0.9)) for k in e3)
     assert min(s3[k].abs().max().item() for k in s3 if ".lora_B." in k) > 0.1 * LR
+    # resuming on other DMD2 weights than the adapter was trained on is refused (the checksum in state.pt)
+    other = str(root / "other.safetensors")
+    from safetensors.torch import save_file
+    save_file(tiny_wan.tiny_transformer(7).state_dict(), other)
+    got = main_error([*train_argv(s, run_a, *more), "--resume", "--dmd2-ckpt", other])
+    assert "other.safetensors: not the DMD2 weights this LoRA was trained on (checksum" in got and "\n" not in got
     # export --lora: the LoRA file and the merged folder
     exp = str(root / "export")
     wan_dfd.main(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp, "--lora"])
@@ -178,7 +184,6 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     torch.testing.assert_close(out["lora"], out["merged"], atol=1e-5, rtol=1e-5)  # ... and loads as it was trained
     # `sample` reads the LoRA checkpoint too (its merged EMA student)
     emb = str(root / "emb.safetensors")
-    from safetensors.torch import save_file
     save_file({"text": torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(4))}, emb)
     wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb, "--seeds", "0", "--out",
                   str(root / "samples"), "--num-frames", "9", "--height", "32", "--width", "48", "--device", "cpu"])
