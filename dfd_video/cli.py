@@ -195,6 +195,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="renoise: fresh noise between steps (DMD2's sampler, as trained); ode: the noise x_t implies "
                         "(deterministic; what a diffusers pipeline with an Euler scheduler computes)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
+    lora.add_sample_args(p)
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "(default: alpha = r, a scale of 1)")
 
 
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora-base", help="for a --lora-rank run's checkpoint: the DMD2 checkpoint under the adapter, "
+                   "when it has moved since training (default: the path the checkpoint records; checksum-checked)")
+
+
 def add_export_args(p: argparse.ArgumentParser) -> None:
+    add_sample_args(p)
     p.add_argument("--lora", action="store_true", help="from a --lora-rank run: also write the LoRA alone, "
                    "<out>/lora/" + LORA_FILE + ", for Pipeline.load_lora_weights on the DMD2 student")
 
@@ -131,7 +137,7 @@ def base_path(info: dict, given: str | None = None) -> str:
     path = given or info["base"]
     if not os.path.exists(path):
         raise ValueError(f"{path}: the DMD2 checkpoint under this LoRA run is gone (recorded in its state.pt; "
-                         "pass it again with --dmd2-ckpt when resuming)")
+                         "give its new place with --dmd2-ckpt to resume, --lora-base to sample or export)")
     return path
 
 
@@ -337,7 +343,7 @@ def load_student(adapter, args: argparse.Namespace, merge: bool = True) -> nn.Mo
     name = "ema" if args.weights in ("auto", "ema") and "ema" in w else "student"
     if args.weights == "ema" and "ema" not in w:
         raise ValueError(f"{args.ckpt}: the checkpoint has no EMA (trained with --ema 0)")
-    sd, base = read_base(info)
+    sd, base = read_base(info, getattr(args, "lora_base", None))
     net = adapter.load_network(args.model_dir)
     load_weights(net, sd, f"{base} (student base)", adapter.convert_state_dict)
     del sd

@@ -163,6 +163,8 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     save_file(tiny_wan.tiny_transformer(7).state_dict(), other)
     got = main_error([*train_argv(s, run_a, *more), "--resume", "--dmd2-ckpt", other])
     assert "other.safetensors: not the DMD2 weights this LoRA was trained on (checksum" in got and "\n" not in got
+    got = main_error(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", str(root / "x"), "--lora-base", other])
+    assert "other.safetensors: not the DMD2 weights this LoRA was trained on (checksum" in got and "\n" not in got
     # export --lora: the LoRA file and the merged folder
     exp = str(root / "export")
     wan_dfd.main(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp, "--lora"])
@@ -279,7 +281,10 @@ def test_bad_lora_inputs_get_one_line(setup, tmp_path):
             ([*argv("--lora-rank", "2"), "--resume", str(lo)], "the checkpoint's LoRA has rank 4 \\(now 2\\)$")):
         got = main_error(a)
         assert re.search(msg, got) and "\n" not in got, (a, got)
-    # export --lora of full weights (a DMD2 checkpoint here)
-    got = main_error(["export", "--model-dir", s["pipe"], "--ckpt", s["dmd2"]["folder"], "--out", str(tmp_path / "e"),
-                      "--lora"])
-    assert "not a LoRA training checkpoint (export --lora needs a run trained with --lora-rank" in got and "\n" not in got
+    # export --lora of full weights: a DMD2 checkpoint, a full-weight training checkpoint
+    from safetensors.torch import save_file
+    save_file(tiny_wan.tiny_transformer(5).state_dict(), str(full / "student.safetensors"))
+    for ckpt in (s["dmd2"]["folder"], str(full)):
+        got = main_error(["export", "--model-dir", s["pipe"], "--ckpt", ckpt, "--out", str(tmp_path / "e"), "--lora"])
+        assert "not a LoRA training checkpoint (export --lora needs a run trained with --lora-rank" in got, got
+        assert "\n" not in got
