@@ -357,15 +357,23 @@ def load_student(adapter, args: argparse.Namespace, merge: bool = True) -> nn.Mo
 
 def save_lora(adapter, net: nn.Module, out: str) -> nn.Module:
     """Writes <out>/lora/pytorch_lora_weights.safetensors (diffusers' format, with the LoraConfig as metadata, so
-    load_lora_weights restores alpha) from a network with its adapter; returns the network with it merged."""
+    load_lora_weights restores alpha) from a network with its adapter, through a temporary folder and a rename
+    (replacing an earlier export's); returns the network with the adapter merged."""
+    import shutil
     import diffusers.loaders
     from peft.utils import get_peft_model_state_dict
     folder = os.path.join(out, "lora")
+    tmp, old = f"{folder}.tmp{os.getpid()}", f"{folder}.old{os.getpid()}"
     mixin = getattr(diffusers.loaders, adapter.lora_loader)
     config = net.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    mixin.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(net),
+    shutil.rmtree(tmp, ignore_errors=True)
+    mixin.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(net),
                             transformer_lora_adapter_metadata=config)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
     net.fuse_lora()
     net.unload_lora()
     print(f"wrote the LoRA to {os.path.join(folder, LORA_FILE)} (load it with the pipeline's load_lora_weights on "
