@@ -406,6 +406,10 @@ class CosmosAdapter:
 
     name = "cosmos"
     data_keys = ("latents", "image", "text_key")
+    # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
+    lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+                    r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
+    lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
 
     def __init__(self):
         self.compute_dtype: torch.dtype | None = None

@@ -115,6 +115,9 @@ class WanAdapter:
 
     name = "wan"
     data_keys = ("latents", "text")
+    # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
+    lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+    lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
 
     def __init__(self):
         self._decoder: WanVAE | None = None

@@ -95,6 +95,8 @@ class Adapter(Protocol):
     # Optional: add_args(cmd, parser) adds flags / changes defaults per subcommand; configure(args) sees the parsed
     # arguments before the driver runs; probe_items(args, device) -> list[dict] gives the training probes the
     # conditions of --probe-prompts (without it, probes use the data's conditions).
+    # For --lora-rank / export --lora (dfd_video/lora.py): lora_targets, a regular expression peft matches against
+    # whole module names, and lora_loader, the name of the diffusers LoRA mixin of the model's pipeline.
 
 
 class GuidedDenoiser(nn.Module):

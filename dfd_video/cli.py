@@ -8,6 +8,7 @@ import sys
 from typing import Any, Sequence
 
 import dfd
+from dfd_video import lora
 from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
@@ -102,6 +103,7 @@ def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
                    "one (0: only after the last step)")
     p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+    lora.add_train_args(p)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -178,6 +180,7 @@ def check_args(args: argparse.Namespace) -> None:
                    f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
     if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
         bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
+    bad += lora.check_args(args)
     if bad:
         raise SystemExit("error: " + bad[0])
 
@@ -290,6 +293,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                         "its Wan and Cosmos DMD2 configs, and what a diffusers pipeline with an Euler scheduler "
                         "computes); renoise: fresh noise between steps (FastGen's 'sde', DMD2's original sampler)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
+    lora.add_sample_args(p)
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
@@ -299,6 +303,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the EMA of a training checkpoint when it has one")
     add_ckpt_trust_args(p)
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
+    lora.add_export_args(p)
 
 
 def add_prepare_args(p: argparse.ArgumentParser) -> None:

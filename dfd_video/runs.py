@@ -51,13 +51,14 @@ def start_run_folder(out: str, overwrite: bool) -> None:
 
 
 def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer],
-                    extra: dict, d: Dist, keep: int = 2) -> str | None:
+                    extra: dict, d: Dist, keep: int = 2, weights_of=None) -> str | None:
     """A collective: gathers full state dicts and optimizer states, rank 0 writes out/checkpoints/step-NNNNNN
-    through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`."""
+    through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`.
+    weights_of(net): what is saved of each network (default full_state_dict; LoRA runs: the adapter weights)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     opt_full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {name: full_state_dict(net) for name, net in nets.items()}
+    weights = {name: (weights_of or full_state_dict)(net) for name, net in nets.items()}
     optim = {name: get_optimizer_state_dict(nets[name], opt, options=opt_full) for name, opt in opts.items()}
     final = os.path.join(folder, CKPT_DIR, f"step-{step:06d}")
 

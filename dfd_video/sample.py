@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dfd
+from dfd_video import lora
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype, setup_distributed
 from dfd_video.files import fail
 from dfd_video.video import write_mp4
@@ -17,6 +18,9 @@ from dfd_video.weights import load_student_weights, load_weights
 
 
 def load_student(adapter, args) -> nn.Module:
+    net = lora.load_student(adapter, args)  # a --lora-rank run: its DMD2 base with the adapter merged in
+    if net is not None:
+        return net
     net = adapter.load_network(args.model_dir)
     sd = load_student_weights(args.ckpt, args.weights, args.bidirectional_ckpt, args.rectified_flow_ckpt)
     load_weights(net, sd, f"--ckpt {args.ckpt}", adapter.convert_state_dict)
@@ -61,10 +65,12 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
 def run_export(adapter, args: argparse.Namespace) -> str:
     d = setup_distributed("cpu")
     try:
-        net = load_student(adapter, args)
+        net = lora.load_for_export(adapter, args) if args.lora else load_student(adapter, args)
     except ValueError as e:
         raise fail(e)
     if d.main:
+        if args.lora:  # <out>/lora/: the adapter alone, in diffusers' LoRA format; then merged for the folder
+            net = lora.save_lora(adapter, net, args.out)
         adapter.save_pretrained(net, args.out)
         print(f"exported the student to {args.out}", file=sys.stderr)
     return args.out

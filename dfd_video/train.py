@@ -11,6 +11,7 @@ import warnings
 import torch
 
 import dfd
+from dfd_video import lora
 from dfd_video.data import LatentShards
 from dfd_video.distributed import (compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb, setup_distributed,
                                    shard)
@@ -58,10 +59,10 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         if args.resume is not None:
             resumed_from = latest_checkpoint(args.out if args.resume == "latest" else args.resume)
             resume = load_checkpoint(resumed_from)
+            lora.check_resume(args, resume[1], resumed_from, adapter)
         teacher_net = adapter.load_network(args.model_dir)
         adapter.check_data(data.shapes, teacher_net)
-        teacher_net = shard(teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net),
-                            False, False)
+        desc = None
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
             desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
                                  args.rectified_flow_ckpt)
@@ -70,6 +71,13 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             if d.main:
                 lines = describe_lines(desc) + (["  EMA        <- the student's starting weights"] if args.ema > 0 else [])
                 print("\n".join(lines), file=sys.stderr)
+        # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py
+        lora_nets = lora.build_networks(adapter, args, teacher_net, resume, d, dtype, ckpt, desc) if args.lora_rank else None
+        teacher_net = lora_nets.teacher if lora_nets else shard(
+            teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net), False, False)
+        if lora_nets:
+            student_net, fake_net, ema_net = lora_nets.student, lora_nets.fake, lora_nets.ema
+        elif resume is None:
             s, f = desc["networks"]["student"], desc["networks"]["fake_score"]
             sd = read_checkpoint(s["source"], s["role"])
             student_net = build(sd, f"{s['source']} (student)", True)
@@ -94,8 +102,10 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
     student = adapter.denoiser(student_net, None, None)
     fake = adapter.denoiser(fake_net, None, None)
     ema = adapter.denoiser(ema_net, None, None) if ema_net is not None else None
-    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999),
-                                              weight_decay=args.weight_decay)
+    if lora_nets:
+        teacher = lora_nets.teacher_denoiser(teacher)
+    adamw = lambda net, lr: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
+                                              betas=(0.9, 0.999), weight_decay=args.weight_decay)
     opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
     start, position = 0, 0
     if resume is not None:
@@ -135,12 +145,17 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         log(step, logs)
 
     def on_step_end(step: int) -> None:
+        if lora_nets and lora_nets.ema is not None:  # dfd.train got ema=None: the EMA covers the adapter only
+            lora_nets.ema.update(args.ema)
         drift = probes(step, ema or student) if probes is not None and probes.due(step) else None
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps or drift:
             nets = {"student": student_net, "fake": fake_net, **({"ema": ema_net} if ema_net is not None else {})}
             extra = {"position": (step + 1 - start) * per_step + position, "world": d.world,
                      "per_rank_batch": per_rank, "adapter": adapter.name, "args": vars(args)}
-            saved[0] = save_checkpoint(args.out, step, nets, {"student": opt_s, "fake": opt_f}, extra, d, args.keep)
+            if lora_nets:
+                extra["lora"] = lora_nets.info
+            saved[0] = save_checkpoint(args.out, step, nets, {"student": opt_s, "fake": opt_f}, extra, d, args.keep,
+                                       weights_of=lora.full_state_dict if lora_nets else None)
             clock[0] = time.perf_counter()  # do not bill the save (or the probe) to the next step
         if drift:
             raise Drift(f"stopped after student step {step}: {drift}; checkpoint {saved[0]}")
@@ -156,7 +171,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         clock[0] = time.perf_counter()
     try:
         dfd.train(student, teacher, fake, opt_s, opt_f, batches, args.steps, c, start_step=start, rank=d.rank,
-                  ema=ema, log=on_log, on_step_end=on_step_end)
+                  ema=None if lora_nets else ema, log=on_log, on_step_end=on_step_end)
     except FloatingPointError as e:
         where = f"the last good checkpoint {saved[0]} is untouched" if saved[0] else "no checkpoint was written"
         raise SystemExit(f"error: training stopped: {e}; {where}")

@@ -397,6 +397,39 @@ def test_train_resume_sample_export(e2e):
     assert (renoised[:, :, :1] - c).abs().mean() > 0.5 * (renoised[:, :, :1]).abs().mean()
 
 
+def test_lora_trains_on_the_critic_and_exports(e2e):
+    """--lora-rank on Cosmos, whose DMD2 checkpoint here has a critic: the fake score is the critic's frozen weights
+    plus its own LoRA (not the teacher's); the run trains adapters only, and export --lora writes a LoRA that the
+    pipeline's loader puts on the DMD2 student to give the merged export's output."""
+    import dfd_video.lora as lora
+    from diffusers import Cosmos2_5_PredictBasePipeline
+    s, root = e2e, e2e["root"]
+    run = str(root / "run_lora")
+    C.main(train_args(s, run, 2, "--lora-rank", "2", "--lora-alpha", "4", "--lr", "1e-3", "--lr-fake", "1e-3"))
+    ck = os.path.join(run, "checkpoints", "step-000001")
+    state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+    assert state["lora"]["fake_base"] == "critic" and state["lora"]["rank"] == 2
+    for name in ("student", "fake"):
+        w = load_file(os.path.join(ck, f"{name}.safetensors"))
+        assert len(w) == 2 * 2 * 10 and all(lora.is_lora_param(k) for k in w)
+    exp = str(root / "export_lora")
+    C.main(["export", "--model-dir", s["model"], "--ckpt", run, "--out", exp, "--lora"])
+    merged, base = C.CosmosAdapter().load_network(exp), C.CosmosAdapter().load_network(s["model"])
+    dfd_video.weights.load_weights(base, dfd_video.weights.read_checkpoint(s["dmd2"], "generator"), "dmd2")
+    sd, meta = Cosmos2_5_PredictBasePipeline.lora_state_dict(os.path.join(exp, "lora"), return_lora_metadata=True)
+    Cosmos2_5_PredictBasePipeline.load_lora_into_transformer(sd, base, metadata=meta)
+    data = dfd_video.data.LatentShards(s["data"], C.CosmosAdapter.data_keys)
+    x, t = data[0]["latents"][None], torch.tensor([0.6])
+    cond = C.CosmosCond(torch.randn(1, 512, tiny_cosmos.PROMPT_DIM, generator=torch.Generator().manual_seed(0)),
+                        data[0]["image"][None])
+    with torch.no_grad():
+        got, want = C.CosmosAdapter().denoiser(base, None, None)(x, t, cond), C.CosmosAdapter().denoiser(merged, None, None)(x, t, cond)
+        base.disable_adapters()
+        plain = C.CosmosAdapter().denoiser(base, None, None)(x, t, cond)
+    assert (want - plain).abs().max() > 1e-4  # the adapter trained
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_online_text_encoding_trains_like_the_cache(e2e):
     """prepare --text online stores captions only; train encodes them (with the text encoder, sharded under
     torchrun) and takes exactly the steps it takes from the per-prompt cache."""

@@ -238,9 +238,12 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
     """What `torchrun --nproc_per_node=world <script> train <args>` computes, in one process without FSDP: dfd's
     own update steps once per rank (that rank's data stream and seeds), gradients averaged before each AdamW step
     (FSDP2's reduce-scatter). Needs --grad-clip 0 (clipping would act on partial sums). Returns the student and
-    fake-score state dicts and the rank-averaged (loss_student, delta2, dfd) per step."""
+    fake-score state dicts and the rank-averaged (loss_student, delta2, dfd) per step.
+    With --lora-rank: the student and the fake score get dfd_video.lora's adapters (same seeds), and the fake score
+    is a network of its own (the run under test shares the teacher's), so the sharing is checked too."""
     import dfd
     import dfd_video.data
+    import dfd_video.lora
     import dfd_video.train
     import dfd_video.weights
     assert args.grad_clip <= 0, "emulate_ranks needs --grad-clip 0"
@@ -248,11 +251,18 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
         adapter.configure(args)
     teacher_net, student_net, fake_net = (adapter.load_network(args.model_dir) for _ in range(3))
     for net, role in ((student_net, "generator"), (fake_net, "critic")):
-        dfd_video.weights.load_weights(net, dfd_video.weights.read_checkpoint(args.dmd2_ckpt, role), role, adapter.convert_state_dict)
+        sd = dfd_video.weights.read_checkpoint(args.dmd2_ckpt, role)
+        if sd is not None:  # no critic: the fake score starts from the teacher
+            dfd_video.weights.load_weights(net, sd, role, adapter.convert_state_dict)
+    if getattr(args, "lora_rank", 0):
+        info = dfd_video.lora.lora_info(args, adapter)
+        dfd_video.lora.attach(student_net, info, args.seed)
+        dfd_video.lora.attach(fake_net, info, args.seed + 1)
     data = dfd_video.data.LatentShards(args.data, adapter.data_keys)
     teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
     student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
-    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    adamw = lambda net, lr: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
+                                              betas=(0.9, 0.999), weight_decay=args.weight_decay)
     opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
     c = dfd_video.train.dfd_config(args)
     per_rank = args.batch_size // (world * args.grad_accum)
@@ -261,7 +271,8 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
 
     def average_and_step(net, opt):
         for q in net.parameters():
-            q.grad /= world
+            if q.grad is not None:
+                q.grad /= world
         opt.step()
         opt.zero_grad(set_to_none=True)
 
