@@ -48,7 +48,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         if weights is not None:
             load_weights(net, weights, source, adapter.convert_state_dict if convert else None)
         return shard(net, adapter.blocks(net), d, dtype if mixed else None,
-                     adapter.fp32_modules(net) if mixed else (), ckpt and trainable and mixed, trainable)
+                     adapter.fp32_islands(net) if mixed else None, ckpt and trainable and mixed, trainable)
 
     try:
         c = dfd_config(args)
@@ -59,7 +59,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             resume = load_checkpoint(resumed_from)
         teacher_net = adapter.load_network(args.model_dir)
         adapter.check_data(data.shapes, teacher_net)
-        teacher_net = shard(teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net),
+        teacher_net = shard(teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_islands(teacher_net),
                             False, False)
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
             sd = read_checkpoint(args.dmd2_ckpt, args.init_from)
