@@ -24,10 +24,11 @@ dfd.fake_score_step, with the optimizers replaced by a probe that records the gr
                parameters' gradients differ by a rounding (~1e-7 here, ~1e-3 of them in bf16, where the same
                reordering is what remains of fsdp_after against diffusers)
 
-and the table gives, against `diffusers` (fp32_fsdp: against fp32), the relative difference of the student loss and of the fake-score loss,
-and the relative L2 error ||g - g_ref|| / ||g_ref|| and cosine of the full gradient of each network (max over seeds,
-the seed changes the data and the DFD draws). The last column is the same error against fp32 for scale:
-how far bf16 itself is from exact. World of one (in-process store); nothing here needs a GPU.
+and the table gives, against `diffusers` (fp32_fsdp: against fp32), the relative difference of the student loss
+and of the fake-score loss, and the relative L2 error ||g - g_ref|| / ||g_ref|| and cosine of the full gradient of
+each network (worst over --seeds, which change the batch; the networks and the DFD draws are fixed). The last
+column is the student's error against fp32, for scale: how far bf16 itself is from exact. World of one
+(in-process store); nothing here needs a GPU. docs/numerics.md has the measured tables.
 """
 from __future__ import annotations
 
@@ -234,8 +235,8 @@ def main(argv=None) -> dict:
         results[model] = w
         print(f"\n{model}, {args.size}, seeds {args.seeds} ({time.perf_counter() - t0:.0f} s); against `diffusers` "
               "(fp32_fsdp: against fp32), max over seeds (cos: min):")
-        print(f"| mode | loss_student rel | loss_fake rel | g_student rel err | g_student cos | g_fake rel err "
-              f"| g_fake cos | g_student rel err vs fp32 |")
+        print("| mode | loss_student rel | loss_fake rel | g_student rel err | g_student cos | g_fake rel err "
+              "| g_fake cos | g_student rel err vs fp32 |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for m in args.modes:
             r = w[m]
