@@ -84,7 +84,7 @@ import torch.nn.functional as F
 import dfd
 from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
-from dfd_video.distributed import setup_distributed, shard
+from dfd_video.distributed import Islands, fp32_islands, setup_distributed, shard
 from dfd_video.files import atomic_write
 from dfd_video.runs import latest_checkpoint
 from dfd_video.vae import WanVAE
@@ -457,8 +457,8 @@ class CosmosAdapter:
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.transformer_blocks)
 
-    def fp32_modules(self, net: nn.Module) -> list[nn.Module]:
-        return [net.learnable_pos_embed] if net.learnable_pos_embed is not None else []  # diffusers' fp32 list
+    def fp32_islands(self, net: nn.Module) -> Islands:
+        return fp32_islands(net)  # diffusers' list: learnable_pos_embed (absent from Predict2.5)
 
     def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
         return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), self.compute_dtype)
@@ -629,7 +629,7 @@ def open_sharded_text_encoder(args, device: torch.device):
     tokenizer, te = load_text_encoder(args.model_dir, dtype)
     if d.world > 1:
         layers = list(te.model.language_model.layers) + [te.model.visual]
-        shard(te, layers, d, None, (), checkpointing=False, trainable=False)
+        shard(te, layers, d, None, None, checkpointing=False, trainable=False)
     else:
         te.to(device)
     return tokenizer, te

@@ -37,6 +37,7 @@ import torch.nn as nn
 import dfd
 from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
+from dfd_video.distributed import Islands, fp32_islands
 from dfd_video.vae import WanVAE
 from dfd_video.video import read_prompts
 
@@ -142,8 +143,9 @@ class WanAdapter:
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.blocks)
 
-    def fp32_modules(self, net: nn.Module) -> list[nn.Module]:
-        return [net.condition_embedder.time_embedder]  # diffusers keeps it fp32 (_keep_in_fp32_modules)
+    def fp32_islands(self, net: nn.Module) -> Islands:
+        """diffusers' _keep_in_fp32_modules: the time embedder, each block's norm2 and every scale_shift_table."""
+        return fp32_islands(net)
 
     def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
         return WanDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), self.compute_dtype)

@@ -48,7 +48,7 @@ def worker(out: str, steps: int) -> None:
         nets.append(WanTransformer3DModel(**BENCH_NET))
     teacher_net, student_net, fake_net = nets
     for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
-        dfd_video.distributed.shard(net, adapter.blocks(net), d, None, adapter.fp32_modules(net), checkpointing=trainable,
+        dfd_video.distributed.shard(net, adapter.blocks(net), d, None, adapter.fp32_islands(net), checkpointing=trainable,
                       trainable=trainable)
     g = torch.Generator().manual_seed(d.rank)
     uncond = {"text": torch.randn(512, 64, generator=g)}

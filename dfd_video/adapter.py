@@ -47,8 +47,9 @@ class Adapter(Protocol):
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         """The repeated blocks: FSDP2 units and activation-checkpointing units."""
 
-    def fp32_modules(self, net: nn.Module) -> list[nn.Module]:
-        """Sub-modules kept in fp32 under bf16 mixed precision."""
+    def fp32_islands(self, net: nn.Module) -> Any:
+        """What stays fp32 under bf16 mixed precision: a dfd_video.distributed.Islands (modules, bare parameter
+        names); for a diffusers model, dfd_video.distributed.fp32_islands(net) (its _keep_in_fp32_modules)."""
 
     def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
         """(x_t [B, C, T, H, W], t [B] in [0, 1], cond) -> x0_hat. With guidance g: uncond + g (cond - uncond),

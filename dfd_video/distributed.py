@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,27 +90,66 @@ def teardown_distributed() -> None:
 # FSDP2
 
 
+class Islands(NamedTuple):
+    """What stays fp32 under bf16 mixed precision (fp32_islands)."""
+    modules: list[nn.Module]  # sub-modules fp32 as a whole (Wan: the time embedder, each block's norm2)
+    params: list[str]         # bare parameters fp32 on their own (Wan: every scale_shift_table)
+
+
+def fp32_islands(net: nn.Module) -> Islands:
+    """What diffusers keeps in fp32 when it loads `net` in half precision (`_keep_in_fp32_modules`, matched against
+    every component of a parameter's name, as from_pretrained and cast_keeping_fp32 match it): the outermost
+    sub-modules so named that hold parameters, and the parameters that are themselves so named. Named modules
+    without parameters (Wan's rope, norm1, norm3) need nothing: FSDP2 casts no buffers, and FP32LayerNorm
+    computes in fp32 whatever its input."""
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or ())
+    modules, covered = [], []
+    for name, m in net.named_modules():
+        if name and name.split(".")[-1] in keep and not any(name.startswith(c + ".") for c in covered):
+            covered.append(name)
+            if any(True for _ in m.parameters()):
+                modules.append(m)
+    params = [n for n, _ in net.named_parameters() if n.split(".")[-1] in keep
+              and not any(n.startswith(c + ".") for c in covered)]
+    return Islands(modules, params)
+
+
 def shard(net: nn.Module, blocks: Sequence[nn.Module], d: Dist, param_dtype: torch.dtype | None = None,
-          fp32_modules: Sequence[nn.Module] = (), checkpointing: bool = False, trainable: bool = True) -> nn.Module:
-    """fully_shard each block, then the fp32 islands, then the whole net (pytorch/examples FSDP2 order).
+          fp32: Islands | None = None, checkpointing: bool = False, trainable: bool = True) -> nn.Module:
+    """fully_shard the fp32 islands, then each block, then the whole net (pytorch/examples FSDP2 order, inner
+    units first: a unit takes the parameters its sub-units have not).
 
     param_dtype=bf16 gives MixedPrecisionPolicy(bf16 params for compute, fp32 gradient reduction); the stored
     (sharded) parameters, gradients and Adam state stay fp32. Load the net in fp32 first: fully_shard refuses
-    mixed dtypes. The root does not cast its inputs, so the timestep stays fp32 (the adapter casts the rest).
+    mixed dtypes. fp32 (fp32_islands(net)) names what reaches the forward in fp32, as diffusers loads it in half
+    precision: each island module is an fp32 unit; FSDP2 takes one policy per module, so a block (or the root)
+    that owns a bare fp32 parameter becomes an fp32 unit holding only its own parameters, with each of its
+    children a bf16 unit. No unit casts its inputs: the network's own code decides every dtype (the timestep stays
+    fp32, the RoPE tables reach the attention in fp32, the adapter casts the rest), so the forward is the one
+    diffusers runs on a bf16-loaded model (docs/numerics.md). The units are the same with param_dtype=None.
     checkpointing: activation checkpointing of every block through the model's own switch (keeps key names)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if checkpointing:
         if not hasattr(net, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(net).__name__} has no enable_gradient_checkpointing()")
         net.enable_gradient_checkpointing()
-    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    high = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for b in blocks:
-        fully_shard(b, mesh=d.mesh, mp_policy=low)
-    for m in fp32_modules:
+    fp32 = fp32 or Islands([], [])
+    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    high = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    owners = {id(net.get_submodule(n.rpartition(".")[0])) for n in fp32.params}
+
+    def unit(m: nn.Module) -> None:
+        if id(m) in owners:  # its own parameters fp32, the rest of its sub-tree bf16
+            for c in m.children():
+                if any(not hasattr(p, "to_local") for p in c.parameters()):  # not yet in a unit
+                    fully_shard(c, mesh=d.mesh, mp_policy=low)
+        fully_shard(m, mesh=d.mesh, mp_policy=high if id(m) in owners else low)
+
+    for m in fp32.modules:
         fully_shard(m, mesh=d.mesh, mp_policy=high)
-    fully_shard(net, mesh=d.mesh, mp_policy=root)
+    for b in blocks:
+        unit(b)
+    unit(net)
     net.requires_grad_(trainable)
     return net
 

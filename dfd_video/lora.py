@@ -120,7 +120,7 @@ def load_adapter(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 def shard_lora(net: nn.Module, adapter, d: Dist, dtype, checkpointing: bool) -> nn.Module:
     """FSDP2 as for full weights (each block a unit holding its frozen base and its trainable adapter weights;
     fully_shard takes both), then only the adapter weights trainable."""
-    net = shard(net, adapter.blocks(net), d, dtype, adapter.fp32_modules(net), checkpointing, trainable=False)
+    net = shard(net, adapter.blocks(net), d, dtype, adapter.fp32_islands(net), checkpointing, trainable=False)
     for n, q in net.named_parameters():
         q.requires_grad_(is_lora_param(n))
     return net

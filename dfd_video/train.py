@@ -50,7 +50,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         if weights is not None:
             load_weights(net, weights, source, adapter.convert_state_dict if convert else None)
         return shard(net, adapter.blocks(net), d, dtype if mixed else None,
-                     adapter.fp32_modules(net) if mixed else (), ckpt and trainable and mixed, trainable)
+                     adapter.fp32_islands(net) if mixed else None, ckpt and trainable and mixed, trainable)
 
     try:
         c = dfd_config(args)
@@ -74,7 +74,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py
         lora_nets = lora.build_networks(adapter, args, teacher_net, resume, d, dtype, ckpt, desc) if args.lora_rank else None
         teacher_net = lora_nets.teacher if lora_nets else shard(
-            teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_modules(teacher_net), False, False)
+            teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_islands(teacher_net), False, False)
         if lora_nets:
             student_net, fake_net, ema_net = lora_nets.student, lora_nets.fake, lora_nets.ema
         elif resume is None:
