@@ -29,7 +29,7 @@ from dfd_video.distributed import cast_keeping_fp32
 from dfd_video.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
 from dfd_video.memory import GiB, estimate_memory
-from dfd_video.weights import LEADING, describe_dmd2, describe_lines, load_weights, read_checkpoint
+from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
 # the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
@@ -44,28 +44,9 @@ PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips:
 
 
 def match_keys(want: dict[str, tuple], sd: dict[str, torch.Tensor], convert: Callable | None) -> dict:
-    """How `sd` fits a network whose state dict has shapes `want`: load_weights' matching (peel leading wrapper
-    names, then the adapter's original-name conversion when it helps), reported instead of raised."""
-    best, converted = sd, False
-    for _ in range(4):
-        overlap = len(want.keys() & best.keys())
-        if overlap == len(want):
-            break
-        heads = {k.partition(".")[0] + "." for k in best}
-        if len(heads) == 1 and next(iter(heads)) in LEADING:
-            best = {k.partition(".")[2]: v for k, v in best.items()}
-            continue
-        if convert is not None:
-            conv = convert(dict(best))
-            if len(want.keys() & conv.keys()) > overlap:
-                best, converted = conv, True
-                continue
-        break
-    common = want.keys() & best.keys()
-    shapes = sorted(f"{k}: file {tuple(best[k].shape)} vs model {tuple(want[k])}" for k in common
-                    if tuple(best[k].shape) != tuple(want[k]))
-    return {"keys": len(want), "provided": len(common) - len(shapes), "missing": sorted(want.keys() - best.keys()),
-            "unexpected": sorted(best.keys() - want.keys()), "shape_mismatches": shapes, "converted": converted}
+    """How `sd` fits a network whose state dict has shapes `want`: load_weights' matching, reported, not raised."""
+    _, bad = match_state_dict(want, sd, convert)
+    return {"keys": len(want), "provided": len(want) - len(bad["missing"]) - len(bad["shape_mismatches"]), **bad}
 
 
 def checkpoint_report(args: argparse.Namespace, adapter, net: nn.Module) -> dict:

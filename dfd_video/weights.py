@@ -145,13 +145,13 @@ def read_checkpoint(path: str, role: str = "generator") -> dict[str, torch.Tenso
     return groups.get(role)
 
 
-def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
-                 convert: Callable[[dict], dict] | None = None) -> None:
-    """Copies `sd` into `net` exactly: any missing / unexpected key or shape mismatch is a ValueError that
-    lists them. Leading wrapper names (net., model., ...) are dropped when that makes the keys match, and
-    `convert` (original-repo names -> the net's) is applied when the keys look foreign."""
-    want = net.state_dict()
-    best = sd
+def match_state_dict(want: dict[str, tuple], sd: dict[str, torch.Tensor],
+                     convert: Callable[[dict], dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(`sd` under the network's key names, what still does not fit) for a network whose state dict has the shapes
+    `want`: leading wrapper names (net., model., ...) are dropped when that makes the keys match, and `convert`
+    (original-repo names -> the network's) is applied when the keys look foreign. The report lists "missing",
+    "unexpected" and "shape_mismatches" keys, and whether names were "converted"."""
+    best, converted = sd, False
     for _ in range(4):  # peel leading names one at a time while it improves the overlap
         overlap = len(want.keys() & best.keys())
         if overlap == len(want):
@@ -163,21 +163,36 @@ def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
         if convert is not None:
             conv = convert(dict(best))
             if len(want.keys() & conv.keys()) > overlap:
-                best = conv
+                best, converted = conv, True
                 continue
         break
-    missing = sorted(want.keys() - best.keys())
-    unexpected = sorted(best.keys() - want.keys())
-    shapes = [f"{k}: file {tuple(best[k].shape)} vs model {tuple(want[k].shape)}" for k in sorted(want.keys() & best.keys())
-              if tuple(best[k].shape) != tuple(want[k].shape)]
+    shapes = [f"{k}: file {tuple(best[k].shape)} vs model {tuple(want[k])}" for k in sorted(want.keys() & best.keys())
+              if tuple(best[k].shape) != tuple(want[k])]
+    return best, {"missing": sorted(want.keys() - best.keys()), "unexpected": sorted(best.keys() - want.keys()),
+                  "shape_mismatches": shapes, "converted": converted}
+
+
+def fit_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
+                   convert: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
+    """`sd` under `net`'s key names (match_state_dict), or a ValueError that lists every missing / unexpected key
+    and shape mismatch. `net` may sit on the meta device: only its key names and shapes are read."""
+    best, bad = match_state_dict({k: tuple(v.shape) for k, v in net.state_dict().items()}, sd, convert)
+    missing, unexpected, shapes = bad["missing"], bad["unexpected"], bad["shape_mismatches"]
     if missing or unexpected or shapes:
         show = lambda xs: ", ".join(xs[:6]) + (f" ... (+{len(xs) - 6})" if len(xs) > 6 else "")
         parts = [f"{len(missing)} missing [{show(missing)}]" if missing else "",
                  f"{len(unexpected)} unexpected [{show(unexpected)}]" if unexpected else "",
                  f"{len(shapes)} shape mismatches [{show(shapes)}]" if shapes else ""]
         raise ValueError(f"{source}: weights do not fit {type(net).__name__}: " + "; ".join(p for p in parts if p))
+    return best
+
+
+def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str,
+                 convert: Callable[[dict], dict] | None = None) -> None:
+    """Copies `sd` into `net` exactly (fit_state_dict: a clear ValueError when it does not fit)."""
+    best = fit_state_dict(net, sd, source, convert)
     with torch.no_grad():
-        for k, t in want.items():
+        for k, t in net.state_dict().items():
             t.copy_(best[k].to(t.dtype))
 
 
