@@ -437,13 +437,15 @@ class CosmosAdapter:
                            help="the student's times, for the pipeline scheduler written to out/scheduler "
                                 "(default: the training run's, else the paper's)")
 
-    def load_network(self, model_dir: str) -> nn.Module:
-        """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32 (no non-persistent
-        buffers: RoPE is computed in forward)."""
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
+        """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32."""
         from diffusers import CosmosTransformer3DModel
 
         ensure_padding_mask_resize()
-        return load_transformer(CosmosTransformer3DModel, model_dir, "Cosmos-Predict2.5")
+        return load_transformer(CosmosTransformer3DModel, model_dir, "Cosmos-Predict2.5", meta=meta)
+
+    def init_buffers(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
+        pass  # no non-persistent buffers: RoPE is computed in forward
 
     def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original Cosmos key names (FastGen / cosmos-predict2.5 checkpoints, `net.` stripped) -> diffusers',

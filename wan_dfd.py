@@ -124,13 +124,14 @@ class WanAdapter:
         self._decoder: WanVAE | None = None
         self.compute_dtype: torch.dtype | None = None
 
-    def load_network(self, model_dir: str) -> nn.Module:
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """WanTransformer3DModel from model_dir/transformer (or model_dir itself) in fp32."""
         from diffusers import WanTransformer3DModel
+        return load_transformer(WanTransformer3DModel, model_dir, "Wan", fix=self.init_buffers, meta=meta)
 
-        def rope(net):  # the RoPE tables are non-persistent buffers (not in the file): rebuild them on CPU
-            net.rope = type(net.rope)(net.rope.attention_head_dim, net.rope.patch_size, net.rope.max_seq_len)
-        return load_transformer(WanTransformer3DModel, model_dir, "Wan", fix=rope)
+    def init_buffers(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
+        """The RoPE tables are non-persistent buffers (not in the file): rebuilt after the weights are allocated."""
+        net.rope = type(net.rope)(net.rope.attention_head_dim, net.rope.patch_size, net.rope.max_seq_len).to(device)
 
     def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original Wan key names (Self-Forcing / CausVid checkpoints) -> diffusers', with diffusers' own converter."""

@@ -38,8 +38,13 @@ class Adapter(Protocol):
     data_keys: tuple[str, ...]                  # per-sample tensors the shards must hold, e.g. ("latents", "text")
     compute_dtype: torch.dtype | None           # set by the drivers before denoiser(): bf16 under mixed precision
 
-    def load_network(self, model_dir: str) -> nn.Module:
-        """The base transformer in fp32 (the teacher; also the architecture of the student and fake score)."""
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
+        """The base transformer in fp32 (the teacher; also the architecture of the student and fake score).
+        meta=True: the architecture alone on the meta device; init_buffers fills what the weights do not hold."""
+
+    def init_buffers(self, net: nn.Module, device: torch.device) -> None:
+        """Rebuilds the non-persistent buffers (not in any state dict, e.g. RoPE tables) of a network whose storage
+        was allocated empty (to_empty) after a meta-device build."""
 
     def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original-repo key names -> the network's (identity when they already match)."""
@@ -126,10 +131,11 @@ def transformer_folder(model_dir: str, family: str) -> str:
     return folder
 
 
-def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None) -> nn.Module:
+def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None, meta: bool = False) -> nn.Module:
     """A diffusers transformer class from its folder in fp32: built from config.json on the meta device, then filled
     with load_weights, so a corrupt or mismatched folder gets one clear line (and no accelerate is needed).
-    fix(net) rebuilds what the file does not hold (non-persistent buffers)."""
+    fix(net) rebuilds what the file does not hold (non-persistent buffers). meta=True: the architecture alone, on
+    the meta device (no memory, no weights read; fix is the caller's once the weights are allocated)."""
     folder = transformer_folder(model_dir, family)
     try:
         with torch.device("meta"):
@@ -137,6 +143,8 @@ def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None) ->
     except Exception as e:
         raise ValueError(f"{os.path.join(folder, 'config.json')}: not a {cls.__name__} config "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
+    if meta:
+        return net.eval()
     net = net.to_empty(device="cpu")
     if fix is not None:
         fix(net)

@@ -160,9 +160,11 @@ def full_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def set_full_state_dict(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+def set_full_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+    """Loads a full (unsharded) state dict into a sharded net; a collective. from_rank0: only rank 0 holds `sd`
+    (the others pass {}), and each tensor is broadcast in turn, so no other rank ever holds a full copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
 
 
 def cast_keeping_fp32(net: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -102,16 +102,17 @@ def latest_checkpoint(path: str) -> str:
     raise ValueError(f"{path}: no training checkpoint (expected a step folder with state.pt, or a `latest` pointer)")
 
 
-def load_checkpoint(path: str, state: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+def load_checkpoint(path: str, state: bool = True, weights: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """(weights by name, state) from a step folder written by save_checkpoint. state.pt is read with
     weights_only=True: tensors and plain values only, so a run folder from elsewhere cannot run code on --resume.
-    state=False reads the weights alone (sample, export), as any checkpoint's safetensors can be."""
+    state=False reads the weights alone (sample, export), as any checkpoint's safetensors can be; weights=False the
+    state alone (train reads each network's weights on rank 0 only, with read_weights)."""
     from safetensors.torch import load_file
     folder = latest_checkpoint(path)
     try:
         st = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True) if state else {}
-        weights = {n: load_file(os.path.join(folder, f"{n}.safetensors")) for n in CKPT_FILES
-                   if os.path.exists(os.path.join(folder, f"{n}.safetensors"))}
+        found = {n: load_file(os.path.join(folder, f"{n}.safetensors")) for n in CKPT_FILES
+                 if weights and os.path.exists(os.path.join(folder, f"{n}.safetensors"))}
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         raise ValueError(f"{folder}/state.pt holds a pickled Python object ({found[1] if found else '?'}), and "
@@ -120,7 +121,19 @@ def load_checkpoint(path: str, state: bool = True) -> tuple[dict[str, dict[str, 
                          "sample and export still read its weights)") from None
     except Exception as e:
         raise ValueError(f"{folder}: corrupt training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    return weights, st
+    return found, st
+
+
+def read_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
+    """One network's weights ("student", "fake", "ema") of a training checkpoint; None when it has none."""
+    from safetensors.torch import load_file
+    file = os.path.join(latest_checkpoint(path), f"{name}.safetensors")
+    if not os.path.exists(file):
+        return None
+    try:
+        return load_file(file)
+    except Exception as e:
+        raise ValueError(f"{file}: corrupt training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def rng_state() -> dict:

@@ -7,19 +7,20 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 
 import dfd
 from dfd_video import lora
 from dfd_video.data import LatentShards
-from dfd_video.distributed import (compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb, setup_distributed,
-                                   shard)
+from dfd_video.distributed import (compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb, set_full_state_dict,
+                                   setup_distributed, shard)
 from dfd_video.files import fail, write_text
 from dfd_video.probes import Drift, open_probes
-from dfd_video.runs import (MetricLog, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                           start_run_folder)
-from dfd_video.weights import describe_dmd2, describe_lines, load_weights, read_checkpoint
+from dfd_video.runs import (MetricLog, latest_checkpoint, load_checkpoint, read_weights, save_checkpoint,
+                           set_rng_state, start_run_folder)
+from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, read_checkpoint, read_raw
 
 
 def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
@@ -43,14 +44,25 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
     adapter.compute_dtype = dtype
     ckpt = not args.no_checkpointing
 
-    def build(weights: dict | None, source: str, trainable: bool, mixed: bool = True, convert: bool = True):
-        """One network: the base weights, then `weights` over them, then sharded at once, so the host holds one
-        full fp32 copy at a time (fully_shard moves the rank's shard to the device and frees the rest)."""
-        net = adapter.load_network(args.model_dir)
-        if weights is not None:
-            load_weights(net, weights, source, adapter.convert_state_dict if convert else None)
-        return shard(net, adapter.blocks(net), d, dtype if mixed else None,
-                     adapter.fp32_islands(net) if mixed else None, ckpt and trainable and mixed, trainable)
+    def build(weights: Callable[[], dict] | None, source: str, trainable: bool, mixed: bool = True,
+              convert: bool = True):
+        """One network, sharded before it holds any weight: every rank builds it on the meta device and allocates
+        only its own shard; rank 0 alone reads the full state dict (weights(), or the base model's when None) and
+        streams it to the others tensor by tensor. So no rank but 0 ever holds a full copy, and rank 0 one at a time
+        (bench/bench_host_memory.py)."""
+        net = adapter.load_network(args.model_dir, meta=True)
+
+        def read() -> dict:  # rank 0; a ValueError here stops every rank with its one line
+            sd = weights() if weights is not None else read_raw(args.model_dir)  # the base model's transformer
+            sd = fit_state_dict(net, sd, source, adapter.convert_state_dict if convert else None)
+            return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # the sharded params' dtype
+        full = on_main_rank(d, read)
+        net = shard(net, adapter.blocks(net), d, dtype if mixed else None,
+                    adapter.fp32_islands(net) if mixed else None, ckpt and trainable and mixed, trainable)
+        net.to_empty(device=d.device)
+        adapter.init_buffers(net, d.device)
+        set_full_state_dict(net, full or {}, from_rank0=True)
+        return net
 
     try:
         c = dfd_config(args)
@@ -58,9 +70,9 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         resume, resumed_from = None, None
         if args.resume is not None:
             resumed_from = latest_checkpoint(args.out if args.resume == "latest" else args.resume)
-            resume = load_checkpoint(resumed_from)
+            resume = load_checkpoint(resumed_from, weights=bool(args.lora_rank))  # full weights: rank 0, one by one
             lora.check_resume(args, resume[1], resumed_from, adapter)
-        teacher_net = adapter.load_network(args.model_dir)
+        teacher_net = adapter.load_network(args.model_dir, meta=not args.lora_rank)
         adapter.check_data(data.shapes, teacher_net)
         desc = None
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
@@ -71,30 +83,28 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             if d.main:
                 lines = describe_lines(desc) + (["  EMA        <- the student's starting weights"] if args.ema > 0 else [])
                 print("\n".join(lines), file=sys.stderr)
-        # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py
+        # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py (each rank
+        # reads its bases itself); otherwise build() streams every network from rank 0
+        if not args.lora_rank:
+            teacher_net = build(None, f"--model-dir {args.model_dir}", False)
         lora_nets = lora.build_networks(adapter, args, teacher_net, resume, d, dtype, ckpt, desc) if args.lora_rank else None
-        teacher_net = lora_nets.teacher if lora_nets else shard(
-            teacher_net, adapter.blocks(teacher_net), d, dtype, adapter.fp32_islands(teacher_net), False, False)
         if lora_nets:
-            student_net, fake_net, ema_net = lora_nets.student, lora_nets.fake, lora_nets.ema
+            teacher_net, student_net, fake_net, ema_net = lora_nets.teacher, lora_nets.student, lora_nets.fake, lora_nets.ema
         elif resume is None:
             s, f = desc["networks"]["student"], desc["networks"]["fake_score"]
-            sd = read_checkpoint(s["source"], s["role"])
-            student_net = build(sd, f"{s['source']} (student)", True)
-            ema_net = build(sd, f"{s['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
-            del sd
-            fake_net = build(read_checkpoint(f["source"], f["role"]) if f else None,
+            student_w = lambda: read_checkpoint(s["source"], s["role"])
+            student_net = build(student_w, f"{s['source']} (student)", True)
+            ema_net = build(student_w, f"{s['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
+            fake_net = build((lambda: read_checkpoint(f["source"], f["role"])) if f else None,
                              f"{f['source']} (critic)" if f else "teacher", True)
         else:
-            w = resume[0]
             src = f"--resume {resumed_from}"
-            student_w = w.pop("student")
-            student_net = build(student_w, f"{src} (student)", True, convert=False)
-            ema_w = w.pop("ema", student_w)  # a run that turns the EMA on at resume starts it from the student
-            del student_w
+            saved = lambda name: lambda: read_weights(resumed_from, name)
+            student_net = build(saved("student"), f"{src} (student)", True, convert=False)
+            # a run that turns the EMA on at resume starts it from the student
+            ema_w = lambda: read_weights(resumed_from, "ema") or read_weights(resumed_from, "student")
             ema_net = build(ema_w, f"{src} (EMA)", False, mixed=False, convert=False) if args.ema > 0 else None
-            del ema_w
-            fake_net = build(w.pop("fake"), f"{src} (fake)", True, convert=False)
+            fake_net = build(saved("fake"), f"{src} (fake)", True, convert=False)
     except ValueError as e:
         raise fail(e)
     uncond = {k: v.to(d.device) for k, v in data.negative.items()} if data.negative else None
