@@ -231,7 +231,8 @@ def student_input(x_real: torch.Tensor, ts, generator: torch.Generator, student:
 
 @dataclass
 class DFDConfig:
-    """Settings of the method; defaults are the paper's (Sec. 4.2, Table 2)."""
+    """Settings of the method: the paper's where it fixes them (Sec. 4.2, Table 2: p, the update ratio, the student's
+    times); the noise range and clipping are plain defaults, the video scripts pass FastGen's (docs/recipe.md)."""
 
     p: float = 0.5  # P(teacher sees the real sample) per student step (Eq. 10); 0 = DMD, 1 = pure DFD
     per_sample_coin: bool = False  # one coin per sample instead of per step

@@ -9,7 +9,9 @@
   video        PyAV decode / encode, prompts files, folders of captioned videos
   files        atomic writes; one-line errors for unwritable paths and full disks
   runs         the run folder: training checkpoints, --resume, the metric log
+  lora         --lora-rank: peft adapters on frozen bases; export --lora
   memory       the estimated peak GPU memory per rank of a train run
+  vbench/      evaluate's VBench quality dimensions, one file each
   prepare, train, sample, evaluate, plot, check
                the subcommand drivers, each taking an adapter
   probes       samples fixed conditions and seeds while a run trains (--probe-every)

@@ -343,7 +343,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not hidden and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 
@@ -372,7 +373,7 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
                                  "sample with saturation and delta^2, estimated GPU memory per rank")):
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
-        if name == "train":
+        if name in ("train", "check"):  # check takes a pasted train command line
             add_probe_args(sp)
         if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
             adapter.add_args(name, sp)

@@ -7,7 +7,8 @@ Probes use their own torch.Generator per video, never the global RNG, so a run w
 as one without (tests/test_probes.py).
 
 Files (rank 0): <out>/probes.jsonl, one line per probe {"step", "saturation", "clipped", "hf_energy"[, "diversity"]},
-step -1 being the starting checkpoint; <out>/probes/step-NNNNNN.png, the middle frame of every (condition, seed).
+step -1 being the starting checkpoint; <out>/probes/start.png and step-NNNNNN.png, the middle frame of every
+(condition, seed).
 """
 from __future__ import annotations
 

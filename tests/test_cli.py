@@ -43,6 +43,7 @@ def test_help_shows_main_usage_and_defaults(script):
         block = train.split(f"  {flag} ")[1].split("\n  --")[0]
         assert f"(default: {default})" in " ".join(block.split()), (flag, block)
     assert "(default: None)" not in train and "(default: False)" not in train
+    assert "(default: 0.0)" in " ".join(train.split("  --ema ")[1].split("\n  --")[0].split())  # 0 is a default too
     assert f"usage: {script} train" in train
     sample = " ".join(run("sample", "--help").stdout.split())
     assert "frames per video (4k + 1) (default: 81)" in sample and "(default: 16.0)" in sample
