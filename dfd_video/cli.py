@@ -87,9 +87,11 @@ def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
                    help="the few-step student's times t (decreasing, in (0, 1])")
     p.add_argument("--backward-sim", action="store_true",
                    help="student input by backward simulation from noise instead of the real video noised to t_s")
-    p.add_argument("--t-min", type=float, default=0.001, help="DMD / fake-score noise level t ~ U[t-min, t-max], "
-                   "shifted, then clamped to [t-min, t-max] (FastGen's DMD2 configs: 0.001 ...")
-    p.add_argument("--t-max", type=float, default=0.999, help="... and 0.999; Self-Forcing / CausVid: 0.02, 0.98)")
+    p.add_argument("--t-min", type=float, default=0.001, help="lower end of the DMD / fake-score noise level "
+                   "t ~ U[t-min, t-max], which is then shifted and clamped back to [t-min, t-max] (FastGen's DMD2: "
+                   "0.001; Self-Forcing / CausVid: 0.02)")
+    p.add_argument("--t-max", type=float, default=0.999, help="upper end of that range (FastGen's DMD2: 0.999; "
+                   "Self-Forcing / CausVid: 0.98)")
     p.add_argument("--t-shift", type=float, default=5.0, help="shift of that t (5.0: FastGen's, and the student "
                    "schedule's)")
     p.add_argument("--grad-clip", type=float, default=10.0, help="max grad norm of the student (<= 0: off; "
