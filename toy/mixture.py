@@ -464,7 +464,8 @@ def run_suite(cells: list[Cell], groups: dict[str, list[int]], out_dir: str, wor
 
     os.makedirs(out_dir, exist_ok=True)
     seeds = sorted({s for g in groups.values() for s in g})
-    jobs = [(c.label, c.cfg, c.arms, s, threads, s == seeds[0]) for c in cells for s in seeds]
+    last = list(groups)[-1]  # figures: the last group (held-out in --all), samples of its first seed
+    jobs = [(c.label, c.cfg, c.arms, s, threads, s == groups[last][0]) for c in cells for s in seeds]
     results: dict[str, dict[int, dict]] = {c.label: {} for c in cells}
     t0 = time.time()
     with tqdm(total=len(jobs), desc="toy (cell x seed)", unit="run", disable=len(jobs) < 2) as bar:
@@ -494,14 +495,13 @@ def run_suite(cells: list[Cell], groups: dict[str, list[int]], out_dir: str, wor
             if "dmd" in c.arms and len(c.arms) > 1 and len(ss) > 1:
                 rep[name]["paired"] = paired(runs, c.arms)
                 md.append(paired_markdown(rep[name]["paired"], ss, f"{c.label}, {name} seeds"))
-        last = list(groups)[-1]  # figures: the last group (held-out in --all)
-        r0 = results[c.label][seeds[0]]
+        r0 = results[c.label][groups[last][0]]
         summ = rep[last]["summary"]
-        dfd_arm = next((a for a in c.arms if a.startswith("dfd")), c.arms[-1])
+        dfd_arm = "dfd_p1" if "dfd_p1" in c.arms else next((a for a in c.arms if a.startswith("dfd")), c.arms[-1])
         cols = [r for r in ["data", "stage1", "dmd", dfd_arm] if r in r0]
         plots.arms_figure(dataset(c.cfg), [(r, r0[r]["samples"], r0[r]["labels"], summ[r]) for r in cols],
                           os.path.join(out_dir, f"{c.label}.png"),
-                          f"{title}: samples of seed {seeds[0]}; numbers: mean over {_seeds(groups[last])}")
+                          f"{title}: samples of seed {groups[last][0]}; numbers: mean over {_seeds(groups[last])}")
         if "paired" in rep[last]:
             plots.paired_figure(rep[last]["paired"], os.path.join(out_dir, f"{c.label}_paired.png"),
                                 f"{c.label}: arm - continued DMD per seed ({_seeds(groups[last])}), mean and 95% "
