@@ -110,4 +110,4 @@ def theory_figure(ts: list[float], rows: dict[str, list[float]], path: str, titl
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    save(fig, path, dpi=70)
+    save(fig, path, dpi=110)
