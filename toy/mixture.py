@@ -1,18 +1,21 @@
-"""The 2D toy: DMD vs DFD on Gaussian mixtures with an exact teacher, in seconds on a CPU.
+"""The 2D toy: DMD vs DFD on Gaussian mixtures with an exact teacher, on a CPU. docs/toy.md has the results.
 
-    python toy/mixture.py                      # main demo (< 30 s on 2 cores): prints the table, writes figures
-    python toy/mixture.py --all                # whole suite: every dataset and arm, 5 seeds
-    python toy/mixture.py --dataset grid --arms dmd,dfd_p1 --seeds 3 --steps 400 --out out/mine
+    python toy/mixture.py                      # demo (~15 s of CPU): ring_shared, g = 3, seed 0, dmd vs dfd_p1
+    python toy/mixture.py --all                # the study: every control, tuning seeds 0-9 and held-out 100-109,
+                                               # the g = 1 control, and toy/theory.py
+    python toy/mixture.py --dataset ring --arms dmd,dfd_p0.5_ot --seeds 3 --steps 100 --out out/mine
 
 Protocol (mirrors the paper's recipe, Sec. 4.2 and 5.2):
-  stage 0  an MLP denoiser is fitted to the exact teacher's x0 (regression on Tweedie's x0); it initialises the
-           student and the fake score, as DMD2 initialises both from the teacher.
-  stage 1  DMD pre-training (p = 0) from that initialisation -> the "degraded" stage-1 checkpoint.
-  stage 2  arms from that same checkpoint (student, fake score): DMD continued (control), DFD p = 0.5 / 1,
-           x0 vs score space, and three pairings of the teacher's real sample x with the student's sample G.
+  stage 0  an MLP denoiser is fitted to the exact teacher's (unguided) x0; it initialises the student and the fake
+           score, as DMD2 initialises both from the teacher.
+  stage 1  DMD (p = 0) against the (guided) teacher from that initialisation -> the stage-1 checkpoint.
+  stage 2  arms from that same checkpoint (student, fake score): continued DMD (the control), DMD at a lower
+           learning rate, DMD plus an explicit pull of G toward its paired real sample, DFD p = 0.5 / 1, DFD at
+           high noise only (dfd.DFDConfig.p_t_min), x0 vs score space, and three pairings of x with G.
   stage 3  DFD from scratch (from the stage-0 initialisation, no DMD), the validity ablation.
 Every update is dfd.train -> dfd.fake_score_step / dfd.student_step with a dfd.DFDConfig; this file only builds
-networks, data streams and pairings, and measures.
+networks, data streams and pairings, and measures. Extra rows: "data" (fresh data samples: each metric's floor)
+and "teacher" (the exact guided teacher's own 200-step flow-ODE samples: the target DMD distils).
 
 Pairings (the teacher's real sample x for the student's sample G = student(x_in, t_s)); x_in is always a batch
 sample x' noised to t_s (dfd.student_input, the authors' text-to-video recipe), and dfd's `pair` hook picks x:
