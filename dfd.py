@@ -336,9 +336,10 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         x_real = x_real if pair is None else pair(x_gen.detach(), x_real, cond)  # the x the teacher sees for G
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size
-        if c.p_t_min > 0:  # p(t): no DFD below p_t_min
-            use_real = use_real & (t.to(use_real.device) >= c.p_t_min)
-            logs["dfd"] -= (coins.split(sizes)[a] & ~use_real.cpu()).float().sum().item() / sum(sizes)
+        if c.p_t_min > 0:  # p(t): no DFD below p_t_min; the log counts only the samples that saw x
+            high = t.to(use_real.device) >= c.p_t_min
+            logs["dfd"] -= (use_real & ~high).float().sum().item() / sum(sizes)
+            use_real = use_real & high
         x_clean = pick(x_gen, x_real, use_real.to(x_real.device))  # G (DMD) or x (DFD)
         with torch.no_grad():
             x0_fake = fake(forward_diffusion(x_gen.detach(), eps, t), t, cond)  # s_fake(x~_t)
