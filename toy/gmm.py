@@ -154,7 +154,7 @@ class GMM:
 # ---------------------------------------------------------------------------------------------------
 # The datasets. VEEGAN (Srivastava et al., 2017) and PacGAN (Lin et al., 2018) use a ring of 8 modes of radius 2
 # and a 5x5 grid with spacing 2 on [-4, 4]^2, both with std 0.02. We keep the geometry and a larger std by
-# default (see toy-readme: with std 0.02 the "high quality" window 3 std = 0.06 is narrower than what a small
+# default (see docs/toy.md: with std 0.02 the "high quality" window 3 std = 0.06 is narrower than what a small
 # MLP student resolves in a few hundred steps, which would measure the network, not the loss). We use 0.2:
 # neighbouring ring modes are still 7.7 std apart, grid modes 10 std. --std changes it.
 

@@ -135,7 +135,7 @@ class ToyConfig:
     """Everything that defines one toy run besides the arm."""
 
     dataset: str = "ring_shared"  # ring | grid | ring_cond | ring_shared
-    std: float = 0.2  # component std s (VEEGAN / PacGAN use 0.02; see toy-readme for why 0.2)
+    std: float = 0.2  # component std s (VEEGAN / PacGAN use 0.02; see docs/toy.md for why 0.2)
     guidance: float = 3.0  # g of the CFG teacher on conditional data (Cosmos uses 3); ignored without labels
     teacher: str = "exact"  # exact | mlp (the stage-0 MLP as the teacher)
     hidden: int = 64  # MLP width (student, fake score, stage-0 fit)
@@ -501,7 +501,7 @@ def run_suite(cells: list[Cell], groups: dict[str, list[int]], out_dir: str, wor
         r0 = results[c.label][groups[last][0]]
         summ = rep[last]["summary"]
         dfd_arm = "dfd_p1" if "dfd_p1" in c.arms else next((a for a in c.arms if a.startswith("dfd")), c.arms[-1])
-        cols = [r for r in ["data", "stage1", "dmd", dfd_arm] if r in r0]
+        cols = [r for r in dict.fromkeys(["data", "stage1", "dmd", dfd_arm]) if r in r0]
         plots.arms_figure(dataset(c.cfg), [(r, r0[r]["samples"], r0[r]["labels"], summ[r]) for r in cols],
                           os.path.join(out_dir, f"{c.label}.png"),
                           f"{title}: samples of seed {groups[last][0]}; numbers: mean over {_seeds(groups[last])}")
