@@ -22,7 +22,6 @@ import torch
 import dfd
 from toy import gmm as gmm_lib
 from toy import mixture, theory
-from toy import metrics
 from toy.metrics import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,8 @@ Cov_r(m_k) is the covariance of the points alpha_t mu_k / v_t under the weights 
 Lipschitz bound of Condition 2 (App. A.2):  L(t) <= max(1 / v_t, alpha_t^2 D^2 / (4 v_t^2) - 1 / v_t).
 
 A class-conditional mixture has a joint table P(class c, mode k) [C, K]; the class-c teacher uses the weights
-P(k | c) (a mode may belong to several classes: `ring_shared`), and the guided teacher is dfd.cfg(x0_cond, x0_uncond, g).
+P(k | c) (a mode may belong to several classes: `ring_shared`), and the guided teacher is
+dfd.cfg(x0_cond, x0_uncond, g).
 """
 from __future__ import annotations
 
