@@ -72,7 +72,7 @@ def arms_figure(gmm: GMM, cols: list[tuple[str, torch.Tensor, torch.Tensor | Non
         ax.set_title(f"{name}\n{kl}   var x{m('var_ratio', 1)}\nHQ {m('hq', 0)}%   shift {m('shift', 2)} std",
                      fontsize=12)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     save(fig, path, dpi=100)
 
 
