@@ -430,6 +430,8 @@ def _fmt(e: dict, m: str, n: int) -> str:
 
 
 def _seeds(seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
     return f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else f"seeds {seeds}"
 
 
