@@ -6,6 +6,8 @@ Paper: "Data-Forcing Distillation: Restoring Diversity and Fidelity in Few-Step 
   Eq. 8       DFD's gradient             (s_fake(x~_t) - s_real(x_t))  dG/dtheta,  x_t  = alpha_t x + sigma_t eps
               (x a real sample for the same condition, the SAME eps and t as x~_t)
   Eq. 9 / 10  the mix (1 - p) g_DMD + p g_DFD, realised by a coin with P(real) = p per student step
+              (optionally a t-dependent p(t) = p for t >= p_t_min and 0 below: DFD at high noise only; not in the
+              paper, default off)
   Eq. 7       the validity condition E||x - G||^2 <= delta^2, which the monitor logs
 All scores enter in x0 form (a denoiser's estimate of the clean sample), as in DMD2 and the authors' code.
 
@@ -236,6 +238,8 @@ class DFDConfig:
 
     p: float = 0.5  # P(teacher sees the real sample) per student step (Eq. 10); 0 = DMD, 1 = pure DFD
     per_sample_coin: bool = False  # one coin per sample instead of per step
+    p_t_min: float = 0.0  # > 0: p(t) = p for the noise level t >= p_t_min, 0 below (DFD at high noise only;
+    #                       per-sample coins, since t is per sample; t compared after the shift). 0: off
     space: str = "x0"  # "x0": the authors' code; "score": Eq. 8 taken literally (see dm_loss)
     fake_updates: int = 4  # fake-score updates before each student update: the paper's "student update
     #                        frequency 5" (FastGen's student_update_freq=5: 4 fake-score iterations, then 1 student one)
@@ -260,6 +264,8 @@ class DFDConfig:
             raise ValueError(f"space must be 'x0' or 'score', got {self.space!r}")
         if self.fake_updates < 0 or self.grad_accum < 1:
             raise ValueError(f"need fake_updates >= 0 and grad_accum >= 1, got {self.fake_updates}, {self.grad_accum}")
+        if not 0.0 <= self.p_t_min <= 1.0:
+            raise ValueError(f"p_t_min must be in [0, 1], got {self.p_t_min}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
 
@@ -322,17 +328,22 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
     the teacher (and the delta^2 monitor) sees for each G: None = the same one ("paired"), e.g. a shuffle
     within the condition ("independent") or a mini-batch optimal-transport assignment ("OT")."""
     sizes = [b[0].shape[0] for b in batches]
-    coins = dfd_coin(step, c.p, c.seed, sum(sizes) if c.per_sample_coin else None, rank)
-    logs: dict[str, float] = {"dfd": coins.float().mean().item()}
+    per_sample = c.per_sample_coin or c.p_t_min > 0
+    coins = dfd_coin(step, c.p, c.seed, sum(sizes) if per_sample else None, rank)
+    logs: dict[str, float] = {"dfd": coins.float().mean().item()}  # the fraction of DFD samples
     for a, batch in enumerate(batches):
         x_real, cond, mask = _unpack(batch)
-        use_real = coins.split(sizes)[a] if c.per_sample_coin else coins
+        use_real = coins.split(sizes)[a] if per_sample else coins
         g = _generator(c, x_real.device, step, -1, a, rank)
         x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
         x_gen = student(x_in, t_in, cond)  # G, with grad
         x_real = x_real if pair is None else pair(x_gen.detach(), x_real, cond)  # the x the teacher sees for G
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size
+        if c.p_t_min > 0:  # p(t): no DFD below p_t_min; the log counts only the samples that saw x
+            high = t.to(use_real.device) >= c.p_t_min
+            logs["dfd"] -= (use_real & ~high).float().sum().item() / sum(sizes)
+            use_real = use_real & high
         x_clean = pick(x_gen, x_real, use_real.to(x_real.device))  # G (DMD) or x (DFD)
         with torch.no_grad():
             x0_fake = fake(forward_diffusion(x_gen.detach(), eps, t), t, cond)  # s_fake(x~_t)

@@ -811,3 +811,49 @@ def test_fake_updates_counting():
         opt.step = (lambda f, n: lambda *a, **kw: (calls.__setitem__(n, calls[n] + 1), f(*a, **kw))[1])(opt.step, name)
     dfd.train(student, teacher, fake, so, fo, _data(), 3, dfd.DFDConfig(fake_updates=4))
     assert calls == {"fake": 12, "student": 3}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the t-dependent p (DFDConfig.p_t_min)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_p_t_min_dfd_only_at_high_noise(p):
+    """p_t_min > 0: per-sample coins (dfd_coin with batch=B), and a sample whose t is below p_t_min never sees the
+    real sample; at or above it, exactly the coin decides. logs["dfd"] is the fraction that saw it."""
+    student, fake_net, teacher_net, x_real = _setup(seed=21)
+    B, step = x_real.shape[0], 5
+    c = dfd.DFDConfig(p=p, p_t_min=0.5, seed=3)
+    teacher, fake = Recorder(teacher_net), Recorder(fake_net)
+    logs = dfd.student_step(student, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0),
+                            [(x_real, None)], c, step)
+    (xt_T, t), (xt_F, _) = teacher.calls[0], fake.calls[0]
+    coin = dfd.dfd_coin(step, p, 3, batch=B)
+    real = coin & (t >= 0.5)
+    assert (t < 0.5).any() and real.any()  # both cases occur in this draw
+    assert torch.equal(xt_T[~real], xt_F[~real])  # DMD: the teacher sees x~_t
+    assert (xt_T[real] != xt_F[real]).all()  # DFD: x_t from the real sample
+    assert logs["dfd"] == pytest.approx(real.float().mean().item())
+
+
+def test_p_t_min_zero_is_the_default_path():
+    """p_t_min = 0 (the default) changes nothing: the same update as a config that never mentions it, and
+    p_t_min = 0 with p = 1 is pure DFD on every sample."""
+    student, fake_net, teacher_net, x_real = _setup(seed=22)
+    outs = []
+    for c in (dfd.DFDConfig(p=0.5, seed=1), dfd.DFDConfig(p=0.5, seed=1, p_t_min=0.0)):
+        s = copy.deepcopy(student)
+        dfd.student_step(s, teacher_net, fake_net, torch.optim.SGD(s.parameters(), lr=0.1), [(x_real, None)], c, 3)
+        outs.append([q.detach().clone() for q in s.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with pytest.raises(ValueError):
+        dfd.DFDConfig(p_t_min=1.5)
+
+
+def test_p_t_min_one_is_dmd():
+    """p_t_min = 1 > every sampled t (t_max = 0.98): DMD whatever p is."""
+    student, fake_net, teacher_net, x_real = _setup(seed=23)
+    teacher, fake = Recorder(teacher_net), Recorder(fake_net)
+    logs = dfd.student_step(student, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0),
+                            [(x_real, None)], dfd.DFDConfig(p=1.0, p_t_min=1.0), 0)
+    assert torch.equal(teacher.calls[0][0], fake.calls[0][0]) and logs["dfd"] == 0.0

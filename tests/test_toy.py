@@ -1,7 +1,13 @@
-"""Tests of the 2D toy (toy/): the exact teacher, the theory checks, the pairings, and seeded outcomes.
+"""Tests of the 2D toy (toy/): the exact teacher, the metrics on known distributions, the theory checks, the pairings,
+and seeded outcomes.
 
-    python -m pytest tests/test_toy.py -q            # default share, ~1-2 minutes on 2 shared cores
-    python -m pytest tests/test_toy.py -q -m slow    # the multi-seed versions of the outcome tests
+    python -m pytest tests/test_toy.py -q            # default share
+    python -m pytest tests/test_toy.py -q -m slow    # the DFD-vs-DMD outcome over 5 seeds at the study's budget
+
+Seeded outcomes are chaotic in the floating-point path: ATEN_CPU_CAPABILITY=default vs avx2 vs avx512 gives a
+different stage-1 student from the same seed (on ring_shared, stage-1 KL per class 0.47 vs 0.62 on seed 0). So
+every outcome asserted here is an effect several times larger than the spread across seeds and float paths, and
+means over seeds are preferred to one seed's margin; docs/toy.md lists the measured effects and spreads.
 """
 import copy
 import math
@@ -38,7 +44,7 @@ def test_score_tweedie_jacobian_against_finite_differences(name):
     gmm = gmm_lib.DATASETS[name]()
     gen = torch.Generator().manual_seed(0)
     n = 64
-    y = gmm.sample_labels(n, gen) if gmm.labels is not None else None
+    y = gmm.sample_labels(n, gen) if gmm.conditional else None
     t = torch.rand(n, generator=gen, dtype=torch.float64) * 0.9 + 0.05
     x_t = dfd.forward_diffusion(gmm.sample(n, gen, y).double(), torch.randn(n, 2, generator=gen).double(), t)
     h = 1e-5
@@ -99,26 +105,48 @@ def test_lipschitz_grid_below_analytic_bound(name):
 # The theory checks.
 
 
+@pytest.mark.parametrize("pairing", ["independent", "ot"])
 @pytest.mark.parametrize("space", ["score", "x0"])
-def test_prop1_bound_chain_holds_at_every_t(space):
+def test_prop1_bound_chain_holds_at_every_t(space, pairing):
+    """Prop. 1 on an MLP generator. lhs <= jensen <= B_link are identities on the same samples (asserted as such);
+    the checks that could fail are the Lipschitz link per sample (||d_i|| <= alpha_t L ||G_i - x_i|| with the
+    analytic L) and the bound itself. With OT pairing delta^2 is ~0.4 (validity condition holds; independent:
+    ~8) and the bound is still >= 20x loose at every t."""
     gmm = gmm_lib.ring()
     torch.manual_seed(0)
-    G = theory.MLPGenerator(hidden=16)
-    rows = theory.bound_chain(gmm, G, n=384, grid_n=161, space=space)
+    G = theory.fit_generator(gmm, steps=150) if pairing == "ot" else theory.MLPGenerator(hidden=16)
+    rows = theory.bound_chain(gmm, G, n=384, grid_n=161, space=space, pairing=pairing)
     for r in rows:
-        assert r["lhs"] <= r["jensen"] * (1 + 1e-9), r
-        assert r["jensen"] <= r["B_link"] * (1 + 1e-9), r
-        assert r["B_link"] <= r["L_link_grid"] * (1 + 1e-9), r
+        assert r["lhs"] <= r["jensen"] * (1 + 1e-9) and r["jensen"] <= r["B_link"] * (1 + 1e-9), r  # identities
+        assert r["lip_ratio_analytic"] <= 1 + 1e-9, r  # Condition 2 along the pairs, with the analytic L
+        assert r["B_link"] <= r["L_link_analytic"] * (1 + 1e-9), r
         assert r["L_link_grid"] <= r["L_link_analytic"] * (1 + 1e-9), r
-    # how loose: never tight to better than a factor 2 here, and by orders of magnitude at low noise
-    ratio = [r["L_link_grid"] / max(r["lhs"], 1e-300) for r in rows]
-    assert min(ratio) > 2 and ratio[0] > 1e3, ratio
+    if pairing == "ot":
+        assert rows[0]["delta2"] < 1.0 and max(r["lhs_over_rhs"] for r in rows) < 0.05, rows
+    else:  # how loose: never tight to better than a factor 2 here, and by orders of magnitude at low noise
+        ratio = [r["L_link_grid"] / max(r["lhs"], 1e-300) for r in rows]
+        assert min(ratio) > 2 and ratio[0] > 1e3, ratio
+
+
+def test_e_delta_zero_is_an_identity():
+    """Prop. A.1's E[Delta] = 0 is a sanity check, not evidence about DFD: x_t and x~_t have the same law for a
+    perfect sampler, so E[f(x_t) - f(x~_t)] = 0 for any f, e.g. sin(3x) + x^2 in place of the score."""
+    gmm = gmm_lib.ring()
+    gen = torch.Generator().manual_seed(0)
+    n = 8192
+    G, k, _ = theory.perfect_sample(gmm, n, gen)
+    x = theory.pair(gmm, G, k, "independent", gen, 256)
+    eps, t = torch.randn(n, 2, generator=gen), torch.full((n,), 0.5)
+    f = lambda u: torch.sin(3 * u) + u**2
+    d = (f(dfd.forward_diffusion(x, eps, t)) - f(dfd.forward_diffusion(G, eps, t))).double()
+    assert (d.mean(0).abs() < 3 * d.std(0) / math.sqrt(n)).all()
 
 
 def test_prop_a1_zero_mean_but_biased_gradient():
-    """E[Delta] = 0 for every pairing (Prop. A.1), but E[Delta^T dG/dtheta] is not: independent pairing leaves
-    the perfect generator (means block), same-mode pairing still moves its std (score space: up; x0: down),
-    and mini-batch OT shrinks the bias as the batch grows."""
+    """E[Delta] = 0 for every pairing (Prop. A.1; a sanity check, see above), but the informative
+    E[Delta^T dG/dtheta] is not: independent pairing leaves the perfect generator (means block), same-mode
+    pairing still moves its std (score space: up; x0: down), and mini-batch OT shrinks the bias as the batch
+    grows."""
     gmm = gmm_lib.ring()
     r = {}
     for space in ("score", "x0"):
@@ -145,7 +173,7 @@ def test_pairing_is_a_permutation_within_each_class(kind, name):
     gmm = gmm_lib.DATASETS[name]()
     gen = torch.Generator().manual_seed(0)
     B = 64
-    y = gmm.sample_labels(B, gen) if gmm.labels is not None else None
+    y = gmm.sample_labels(B, gen) if gmm.conditional else None
     x = gmm.sample(B, gen, y)
     G = x + 0.5 * torch.randn(B, 2, generator=gen)  # a student sample near its own x
     pair = mixture.Pairing(kind, seed=1)
@@ -183,63 +211,144 @@ def test_run_dfd_passes_the_pairing_and_the_warning_level(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Seeded runs: outcomes that held on every one of the 5 seeds of `python toy/mixture.py --all`, pinned with a
-# margin read off those seeds (toy-readme lists the per-seed values). run_seed is the suite's own code path,
-# so seed 0 here reproduces the suite's seed-0 numbers exactly.
+# The metrics on known distributions: each test fails if the KL is reversed (KL(w || q) is infinite with a mode
+# missing), the high-quality threshold is dropped (a 4x blur would read 100%), or the variance is truncated.
 
 CFG = mixture.ToyConfig()  # the suite's defaults
 
 
-def _suite(dataset: str, arms: list[str], seed: int) -> dict:
-    with warnings.catch_warnings():  # ring_cond: the CFG student's delta^2 briefly tops 2 x data variance
-        warnings.filterwarnings("ignore", message="validity condition")
-        r = mixture.run_seed(mixture.replace(CFG, dataset=dataset), arms, seed, keep_samples=False)
-    m = {k: dict(v["metrics"]) for k, v in r.items()}
-    for k, v in r.items():
-        if v["delta2"]:
-            m[k]["delta2"] = sum(v["delta2"][-10:]) / 10
-    return m
+def _known(name: str, n: int = 5000, seed: int = 0):
+    gmm = gmm_lib.DATASETS[name]()
+    gen = torch.Generator().manual_seed(seed)
+    y = gmm.sample_labels(n, gen) if gmm.conditional else None
+    x, k = gmm.sample(n, gen, y, return_mode=True)
+    return gmm, gen, x, k, y, gmm.sample(2500, gen)
 
 
-def _ring(m):
-    # 5 seeds: KL ratio dfd_p1 / dmd <= 0.25, energy ratio <= 0.67, delta^2 ratio <= 0.71
-    assert m["dfd_p1"]["kl"] < 0.5 * m["dmd"]["kl"], m
-    assert m["dfd_p1"]["energy"] < 0.85 * m["dmd"]["energy"], m
-    assert m["dfd_p1"]["delta2"] < 0.85 * m["dmd"]["delta2"], m  # x0-space DFD regresses G onto its paired x
+@pytest.mark.parametrize("name", ["ring", "grid", "ring_shared"])
+def test_metrics_perfect_sampler(name):
+    gmm, _, x, _, y, ref = _known(name)
+    m = evaluate(x, gmm, ref, y)
+    assert m["modes"] == gmm.K
+    assert m["hq"] == pytest.approx(100 * (1 - math.exp(-4.5)), abs=0.6)  # P(chi^2_2 <= 9) = 98.9%
+    assert m["kl"] < 0.005 and m["var_ratio"] == pytest.approx(1.0, abs=0.06) and abs(m["shift"]) < 0.08
+    assert m["energy"] < 0.01
+    if gmm.conditional:
+        assert m["kl_cond"] < 0.005 and m["off_class"] == 0.0
 
 
-def _grid(m):
-    # 5 seeds: KL ratio dfd_p0.5 / dmd <= 0.43; dfd_p0.5 kept 25/25 modes, dmd 18-25
-    assert m["dfd_p0.5"]["kl"] < 0.6 * m["dmd"]["kl"], m
-    assert m["dfd_p0.5"]["modes"] >= m["dmd"]["modes"], m
+@pytest.mark.parametrize("name", ["ring", "grid", "ring_shared"])
+def test_metrics_half_the_modes_dropped(name):
+    """Every other mode missing: KL(q || w) = log 2 (the reversed KL would be infinite), half the modes covered."""
+    gmm, _, x, k, y, ref = _known(name)
+    keep = k % 2 == 0
+    m = evaluate(x[keep], gmm, ref, None if y is None else y[keep])
+    w = gmm.weights.double()
+    q = torch.where(torch.arange(gmm.K) % 2 == 0, w, torch.zeros_like(w))
+    q = q / q.sum()
+    expected = (q[q > 0] * (q[q > 0] / w[q > 0]).log()).sum().item()  # log 2 for equal weights
+    assert m["modes"] == (gmm.K + 1) // 2
+    assert m["kl"] == pytest.approx(expected, abs=0.02)
+    if name == "ring":
+        assert m["kl"] == pytest.approx(math.log(2), abs=0.02)
+    assert m["var_ratio"] == pytest.approx(1.0, abs=0.06)
 
 
-def _ring_cond(m):
-    # 5 seeds: the CFG teacher over-saturates the DMD student (stage-1 shift 0.06..0.67 std outward) and
-    # pure DFD pulls it back more than continued DMD does (difference 0.14..0.59 std), without removing it
-    assert m["stage1"]["shift"] > 0.03, m
-    assert m["dfd_p1"]["shift"] < m["dmd"]["shift"] - 0.1, m
+@pytest.mark.parametrize("name", ["ring", "ring_shared"])
+def test_metrics_means_scaled_by_1_05(name):
+    """Every mode 5% further out: shift = 0.05 * 2 / 0.2 = 0.5 std outward; the fitted variance about the true
+    mean grows by shift^2 / 2 per dimension; nothing else moves."""
+    gmm, gen, _, k, y, ref = _known(name)
+    x = 1.05 * gmm.means[k] + gmm.std * torch.randn(len(k), 2, generator=gen)
+    m = evaluate(x, gmm, ref, y)
+    assert m["shift"] == pytest.approx(0.5, abs=0.04)
+    assert m["var_ratio"] == pytest.approx(1 + 0.5**2 / 2, abs=0.07)
+    assert m["modes"] == gmm.K and m["kl"] < 0.005 and m["hq"] > 97
 
 
-OUTCOMES = {"ring": (["dmd", "dfd_p1"], _ring), "grid": (["dmd", "dfd_p0.5"], _grid),
-            "ring_cond": (["dmd", "dfd_p1"], _ring_cond)}
+@pytest.mark.parametrize("name", ["ring", "grid"])
+def test_metrics_4x_blur(name):
+    """std x 2 (variance x 4): the variance ratio reads 4 (the old window-truncated ratio read 3.2 on the ring),
+    % HQ = P(chi^2_2 <= 9 / 4) = 67.5% (100% if the threshold were dropped), modes and KL unchanged."""
+    gmm, gen, _, k, _, ref = _known(name)
+    x = gmm.means[k] + 2 * gmm.std * torch.randn(len(k), 2, generator=gen)
+    m = evaluate(x, gmm, ref)
+    assert m["var_ratio"] == pytest.approx(4.0, rel=0.06)
+    assert m["hq"] == pytest.approx(100 * (1 - math.exp(-9 / 8)), abs=2.0)
+    assert m["modes"] == gmm.K and m["kl"] < 0.01 and abs(m["shift"]) < 0.1
 
 
-@pytest.mark.parametrize("dataset", sorted(OUTCOMES))
-def test_seeded_outcome_seed0(dataset):
-    arms, check = OUTCOMES[dataset]
-    check(_suite(dataset, arms, seed=0))
+def test_metrics_class_conditional_kl():
+    """ring_shared with each class's shared modes at half their weight (what guidance does): KL per class equals
+    the hand-computed value; samples put on another class's mode count as off-class."""
+    gmm = gmm_lib.ring_shared()
+    gen = torch.Generator().manual_seed(3)
+    n = 6000
+    y = gmm.sample_labels(n, gen)
+    w = gmm.cond_weights.clone()
+    w[:, 0::2] *= 0.5  # the even (shared) modes
+    w = w / w.sum(1, keepdim=True)
+    k = torch.multinomial(w[y], 1, generator=gen).squeeze(1)
+    x = gmm.means[k] + gmm.std * torch.randn(n, 2, generator=gen)
+    m = evaluate(x, gmm, gmm.sample(2000, gen), y)
+    expected = (w[0][w[0] > 0] * (w[0][w[0] > 0] / gmm.cond_weights[0][w[0] > 0]).log()).sum().item()  # same per class
+    assert m["kl_cond"] == pytest.approx(expected, abs=0.01) and m["off_class"] < 0.1
+    m = evaluate(x, gmm, gmm.sample(2000, gen), (y + 1) % 4)  # wrong labels: most samples are off their class
+    assert m["off_class"] > 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# The collapse regime (ring_shared): the guided teacher's own target, and stage-1 DMD with and without guidance.
+
+
+def test_guided_teacher_target_suppresses_shared_modes_and_oversaturates():
+    """The exact guided teacher's 200-step flow-ODE samples (no training, so no chaos): with g = 3 the shared modes
+    lose most of their mass (KL per class 0.57) and modes move ~1.1 std outward (over-saturation); with g = 1 the
+    target is the data (KL < 0.01, |shift| < 0.1)."""
+    gmm = gmm_lib.ring_shared()
+    ref = gmm.sample(2500, torch.Generator().manual_seed(1))
+    out = {}
+    for g in (1.0, 3.0):
+        x, y = mixture.draw(gmm_lib.ExactTeacher(gmm, g), gmm, 2500, 3, ts=mixture.TEACHER_TS, renoise=False)
+        out[g] = evaluate(x, gmm, ref, y)
+    assert out[1.0]["kl_cond"] < 0.01 and abs(out[1.0]["shift"]) < 0.1 and out[1.0]["var_ratio"] < 1.1
+    assert out[3.0]["kl_cond"] > 0.45 and out[3.0]["shift"] > 0.9, out
+
+
+SHORT = mixture.ToyConfig(fit_steps=200, stage1_steps=150, steps=100, n_eval=1500)
+
+
+def test_guidance_collapses_the_stage1_student():
+    """Stage-1 DMD on ring_shared, mean over 2 seeds: KL per class 0.47-0.62 with the g = 3 teacher vs ~0.02 with
+    g = 1 (seed 0 under three CPU kernels and seeds 0-7: effect >= 0.4, spread <= 0.15); asserted > 0.25."""
+    d = []
+    for seed in (0, 1):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="validity condition")
+            kl = {g: mixture.run_seed(mixture.replace(SHORT, guidance=g), [], seed, keep_samples=False)
+                  ["stage1"]["metrics"]["kl_cond"] for g in (1.0, 3.0)}
+        d.append(kl[3.0] - kl[1.0])
+    assert sum(d) / len(d) > 0.25, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-@pytest.mark.parametrize("dataset", sorted(OUTCOMES))
-def test_seeded_outcome_other_seeds(dataset, seed):
-    arms, check = OUTCOMES[dataset]
-    check(_suite(dataset, arms, seed=seed))
+def test_dfd_and_the_pull_control_restore_shared_modes():
+    """The study's budget on tuning seeds 0-4 (the suite's own code path): KL per class, arm - continued DMD.
+    Measured on the 10 tuning seeds (native kernels): dfd_p1 -0.109 (per-seed sd 0.07), dmd_pull -0.193 (sd
+    0.06); held-out seeds 100-109: -0.105 and -0.194. Asserted on the 5-seed mean, with margins of ~2.5 (DFD) and
+    ~3.4 (pull) standard errors of that mean: < -0.03 and < -0.1, and the pull beats DFD (held-out: 10 of 10)."""
+    d = {"dfd_p1": [], "dmd_pull": []}
+    for seed in range(5):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="validity condition")
+            r = mixture.run_seed(CFG, ["dmd", "dmd_pull", "dfd_p1"], seed, keep_samples=False)
+        for a in d:
+            d[a].append(r[a]["metrics"]["kl_cond"] - r["dmd"]["metrics"]["kl_cond"])
+    mean = {a: sum(v) / len(v) for a, v in d.items()}
+    assert mean["dfd_p1"] < -0.03 and mean["dmd_pull"] < -0.1 and mean["dmd_pull"] < mean["dfd_p1"], d
 
 
-FAST = mixture.ToyConfig(fit_steps=200, stage1_steps=100, steps=60)
+FAST = mixture.ToyConfig(dataset="ring", fit_steps=200, stage1_steps=100, steps=60)
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +358,10 @@ def ring_stage1():
     init = mixture.fit_teacher_mlp(gmm, FAST, 0)
     teacher = gmm_lib.ExactTeacher(gmm)
     st = mixture.State(copy.deepcopy(init), copy.deepcopy(init))
-    with warnings.catch_warnings():  # paired delta^2 (~3 per dim) stays below the toy's level 2 x 2.04
+    with warnings.catch_warnings():  # paired delta^2 (~1.8 per dim) stays below the toy's level 2 x 2.04
         warnings.filterwarnings("error", message="validity condition")
         logs = mixture.run_dfd(st, teacher, gmm, FAST, mixture.ARMS["dmd"], FAST.stage1_steps, seed=1)
-    assert 2.5 < sum(l["delta2"] for l in logs[-10:]) / 10 < 4.08
+    assert 1.0 < sum(l["delta2"] for l in logs[-10:]) / 10 < 4.08
     return gmm, teacher, st
 
 
@@ -266,22 +375,44 @@ def _arm(ring_stage1, name, steps):
 
 
 def test_ot_pairing_shrinks_delta2(ring_stage1):
-    """Mini-batch OT pairs G with a nearby x: delta^2 (Eq. 7) drops ~25x (suite: 0.12 vs 2.8 on ring)."""
+    """Mini-batch OT pairs G with a nearby x: delta^2 (Eq. 7) drops ~20x (seed 0: 0.09 vs 1.78)."""
     _, d_paired = _arm(ring_stage1, "dfd_p0.5", 30)
     _, d_ot = _arm(ring_stage1, "dfd_p0.5_ot", 30)
     assert d_ot < 0.2 * d_paired, (d_ot, d_paired)
 
 
 def test_score_space_pure_dfd_blows_up_x0_space_does_not(ring_stage1):
-    """Eq. 8 taken literally in score space pushes G away from x (see toy-readme): with p = 1 the samples
-    leave the data; the authors' x0-space form stays on it (suite: energy 100 vs 0.024 on ring)."""
+    """Eq. 8 taken literally in score space pushes G away from x (docs/toy.md): with p = 1 the samples leave the
+    data; the authors' x0-space form stays on it (seed 0: energy 4.6 vs 0.048, delta^2 142 vs 1.28). This is
+    also the mutation check: if the teacher always saw G, the score-space term (x - G) would vanish and the two
+    arms would coincide (test_mutation_teacher_always_sees_G_turns_red)."""
+    _score_space_check(ring_stage1)
+
+
+def _score_space_check(ring_stage1):
     gmm = ring_stage1[0]
     x_ref = gmm.sample(2500, torch.Generator().manual_seed(9))
     e = {}
     for name in ("dfd_p1", "dfd_p1_score"):
         s, _ = _arm(ring_stage1, name, FAST.steps)
-        e[name] = evaluate(mixture.draw(s.student, gmm, 2500, seed=4), gmm, x_ref)["energy"]
+        e[name] = evaluate(mixture.draw(s.student, gmm, 2500, seed=4)[0], gmm, x_ref)["energy"]
     assert e["dfd_p1_score"] > 5 * e["dfd_p1"], e
+
+
+def test_mutation_teacher_always_sees_G_turns_red(ring_stage1, monkeypatch):
+    """A broken DFD whose teacher always sees the student's sample (dfd.pick returns G) must fail the outcome
+    test above: it does, because the two arms then coincide."""
+    monkeypatch.setattr(mixture.dfd, "pick", lambda x_gen, x_real, use_real: x_gen.detach())
+    with pytest.raises(AssertionError):
+        _score_space_check(ring_stage1)
+
+
+def test_x0_space_dfd_pulls_G_toward_its_real_sample(ring_stage1):
+    """x0-space DFD adds about (I + sigma_t^2 H)(x - G) to the target (docs/toy.md), so 60 steps of dfd_p1
+    lower delta^2 = E||x - G||^2 / d relative to continued DMD from the same checkpoint (seed 0: 1.28 vs 1.84)."""
+    _, d_dfd = _arm(ring_stage1, "dfd_p1", FAST.steps)
+    _, d_dmd = _arm(ring_stage1, "dmd", FAST.steps)
+    assert d_dfd < 0.85 * d_dmd, (d_dfd, d_dmd)
 
 
 def test_cli_refuses_world_size_and_bad_flags(monkeypatch, capsys):
@@ -305,7 +436,8 @@ def test_cli_writes_table_json_and_figure(tmp_path):
     import json
 
     rep = json.loads((out / "results.json").read_text())
-    assert set(rep["datasets"]["ring"]) == {"init", "stage1", "dmd"}
+    summary = rep["cells"]["ring"]["run"]["summary"]
+    assert set(summary) == {"data", "teacher", "init", "stage1", "dmd"}
     assert (out / "ring.png").stat().st_size > 1000
-    modes = rep["datasets"]["ring"]["dmd"]["modes"]["mean"]
-    assert f"| dmd | {modes:.1f} ± 0.0" in r.stdout
+    modes = summary["dmd"]["modes"]["mean"]
+    assert f"| dmd | {modes:.1f} |" in r.stdout and "± 0" not in r.stdout  # one seed: no spread printed

@@ -13,8 +13,9 @@ Cov_r(m_k) is the covariance of the points alpha_t mu_k / v_t under the weights 
 <= alpha_t^2 D^2 / (4 v_t^2), D the diameter of the means (Popoviciu's inequality). Hence the analytic
 Lipschitz bound of Condition 2 (App. A.2):  L(t) <= max(1 / v_t, alpha_t^2 D^2 / (4 v_t^2) - 1 / v_t).
 
-A class-conditional mixture gives each mode a label; the class-c teacher renormalises the weights over that
-class's modes, and the guided teacher is dfd.cfg(x0_cond, x0_uncond, g).
+A class-conditional mixture has a joint table P(class c, mode k) [C, K]; the class-c teacher uses the weights
+P(k | c) (a mode may belong to several classes: `ring_shared`), and the guided teacher is
+dfd.cfg(x0_cond, x0_uncond, g).
 """
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ import dfd
 
 @dataclass
 class GMM:
-    """An isotropic 2D Gaussian mixture; `labels` (optional) gives each mode a class for the conditional toy."""
+    """An isotropic 2D Gaussian mixture; `joint` (optional) makes it class-conditional."""
 
     means: torch.Tensor  # [K, 2]
     weights: torch.Tensor  # [K], sums to 1
     std: float  # s, the same for every component
-    labels: torch.Tensor | None = None  # [K] long, class of each mode
+    joint: torch.Tensor | None = None  # [C, K] P(class c, mode k); its column sums are `weights`
     name: str = "gmm"
+
+    @property
+    def conditional(self) -> bool:
+        return self.joint is not None
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """[C] P(c)."""
+        return self.joint.sum(1)
+
+    @property
+    def cond_weights(self) -> torch.Tensor:
+        """[C, K] P(k | c)."""
+        return self.joint / self.joint.sum(1, keepdim=True)
 
     @property
     def K(self) -> int:
@@ -42,7 +57,7 @@ class GMM:
 
     @property
     def n_classes(self) -> int:
-        return 0 if self.labels is None else int(self.labels.max()) + 1
+        return 0 if self.joint is None else self.joint.shape[0]
 
     @property
     def diameter(self) -> float:
@@ -60,18 +75,15 @@ class GMM:
 
     def sample_labels(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Class labels with the classes' total weights (only for a conditional mixture)."""
-        pc = torch.zeros(self.n_classes).index_add_(0, self.labels, self.weights)
-        return torch.multinomial(pc, n, replacement=True, generator=generator)
+        return torch.multinomial(self.class_weights, n, replacement=True, generator=generator)
 
     # --- the noised marginal ---------------------------------------------------------------------------
 
     def _logw(self, y: torch.Tensor | None, B: int) -> torch.Tensor:
-        """log weights [B, K]; with y, the modes of other classes get -inf (the class-conditional mixture)."""
-        logw = self.weights.log().expand(B, self.K)
+        """log weights [B, K]; with y, log P(k | y) (-inf for the modes outside class y)."""
         if y is None:
-            return logw
-        keep = self.labels[None, :] == y[:, None]  # [B, K]
-        return torch.where(keep, logw, torch.full_like(logw, -math.inf))
+            return self.weights.log().expand(B, self.K)
+        return self.cond_weights[y].log()
 
     def _parts(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
         """alpha_t [B,1], v_t [B,1], responsibilities r [B, K], m_k [B, K, 2]; all in float64 for exactness."""
@@ -143,7 +155,7 @@ class GMM:
 # ---------------------------------------------------------------------------------------------------
 # The datasets. VEEGAN (Srivastava et al., 2017) and PacGAN (Lin et al., 2018) use a ring of 8 modes of radius 2
 # and a 5x5 grid with spacing 2 on [-4, 4]^2, both with std 0.02. We keep the geometry and a larger std by
-# default (see toy-readme: with std 0.02 the "high quality" window 3 std = 0.06 is narrower than what a small
+# default (see docs/toy.md: with std 0.02 the "high quality" window 3 std = 0.06 is narrower than what a small
 # MLP student resolves in a few hundred steps, which would measure the network, not the loss). We use 0.2:
 # neighbouring ring modes are still 7.7 std apart, grid modes 10 std. --std changes it.
 
@@ -164,12 +176,27 @@ def ring_cond(std: float = 0.2, radius: float = 2.0, n_modes: int = 8, n_classes
     """The ring with class labels: class c holds modes c and c + n_classes (opposite each other), so the
     class-conditional teacher is bimodal and guidance pushes each mode away from its neighbours of other classes."""
     m = ring(std, radius, n_modes)
-    m.labels = torch.arange(n_modes) % n_classes
+    labels = torch.arange(n_modes) % n_classes
+    m.joint = (labels[None, :] == torch.arange(n_classes)[:, None]).float() * m.weights[None]
     m.name = "ring_cond"
     return m
 
 
-DATASETS = {"ring": ring, "grid": grid, "ring_cond": ring_cond}
+def ring_shared(std: float = 0.2, radius: float = 2.0, n_classes: int = 4) -> GMM:
+    """8 ring modes, 4 classes that share modes: class c holds modes 2c, 2c + 1, 2c + 2 (mod 8) with P(k | c) = 1/3,
+    so each even mode belongs to two classes and each odd one to one. Under CFG the guided class-c target
+    p(x | c)^g p(x)^(1 - g) weights a shared mode (twice as likely unconditionally) by 2^(1 - g) relative to the
+    class's own mode: g = 3 keeps 1/6 of the class on each shared mode instead of 1/3. This is the CFG-induced
+    diversity loss of few-step video students (guidance suppresses what a prompt shares with others) in 2D."""
+    n_modes = 2 * n_classes
+    m = ring(std, radius, n_modes)
+    joint = torch.zeros(n_classes, n_modes)
+    for c in range(n_classes):
+        joint[c, [2 * c, 2 * c + 1, (2 * c + 2) % n_modes]] = 1.0 / (3 * n_classes)
+    return GMM(m.means, joint.sum(0), std, joint, name="ring_shared")
+
+
+DATASETS = {"ring": ring, "grid": grid, "ring_cond": ring_cond, "ring_shared": ring_shared}
 
 
 class ExactTeacher:

@@ -38,34 +38,65 @@ def contours(ax, gmm: GMM, lim: float, n: int = 160) -> None:
                linewidths=0.6)
 
 
-def arms_figure(gmm: GMM, rows: list[tuple[str, torch.Tensor, list[list[float]], str]], path: str,
-                n_show: int = 1000) -> None:
-    """One row per arm: (name, samples [N, 2] of one seed, delta^2 curves of every seed, metrics line).
-    Left: samples over the true density contours (fixed view, equal aspect). Right: delta^2 over training."""
+def arms_figure(gmm: GMM, cols: list[tuple[str, torch.Tensor, torch.Tensor | None, dict]], path: str, title: str,
+                n_show: int = 1500) -> None:
+    """One large square panel per column (name, samples [N, 2] of one seed, their class labels [N] or None, the
+    row's summary {metric: {"mean", ...}}): density contours, samples coloured by class, each mode centre marked as
+    covered (black circle) or missed (red cross) with its share of the samples relative to the data's (x 0.5 =
+    half the data's share), and the key numbers in the title."""
+    from toy.metrics import COVER_FRACTION, HQ_STD, assign
+
     lim = view(gmm)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(5.6, 2.3 * len(rows)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.25]})
-    for (name, x, curves, line), (a0, a1) in zip(rows, axes):
-        contours(a0, gmm, lim)
-        x = x[:n_show]
-        a0.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.0, color="C0", linewidths=0)  # no alpha: small PNGs
-        a0.set_xlim(-lim, lim), a0.set_ylim(-lim, lim), a0.set_aspect("equal")
-        a0.set_xticks([]), a0.set_yticks([])
-        a0.set_title(name, fontsize=9)
-        if not any(curves):  # the stage-0 init has not trained
-            a1.axis("off")
-            continue
-        for c in curves:
-            if c:
-                a1.plot(range(len(c)), c, lw=0.7)
-        a1.set_yscale("log")
-        a1.set_title(line, fontsize=7)
-        a1.set_xlabel("student step", fontsize=7)
-        a1.set_ylabel("delta^2 (Eq. 7) / dim", fontsize=7)
-        a1.tick_params(labelsize=6)
-    fig.suptitle(f"{gmm.name}: samples (seed 0) and delta^2 over training (all seeds)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(rows)))
-    save(fig, path, dpi=55)
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 4.9), squeeze=False)
+    for (name, x, y, summ), ax in zip(cols, axes[0]):
+        contours(ax, gmm, lim)
+        xs, ys = x[:n_show], (None if y is None else y[:n_show])
+        colours = "C0" if ys is None else [f"C{int(c)}" for c in ys]
+        ax.scatter(xs[:, 0].numpy(), xs[:, 1].numpy(), s=2.0, c=colours, linewidths=0)
+        k, dist = assign(x, gmm)
+        counts = torch.bincount(k[dist <= HQ_STD], minlength=gmm.K).double()
+        share = counts / (x.shape[0] * gmm.weights.double())  # 1 = the data's share
+        for j in range(gmm.K):
+            mx, my = gmm.means[j].tolist()
+            if share[j] >= COVER_FRACTION:
+                ax.plot(mx, my, "o", ms=9, mfc="none", mec="k", mew=1.4)
+            else:
+                ax.plot(mx, my, "x", ms=11, color="red", mew=2.5)
+            r = math.hypot(mx, my)
+            ox, oy = (0.55 * mx / r, 0.55 * my / r) if r > 0 else (0.4, 0.4)
+            ax.text(mx + ox, my + oy, f"x{share[j]:.1f}", ha="center", va="center", fontsize=9)
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+        m = lambda key, nd: "n/a" if not math.isfinite(summ[key]["mean"]) else f"{summ[key]['mean']:.{nd}f}"
+        kl = f"KL/class {m('kl_cond', 2)}" if gmm.conditional else f"KL {m('kl', 3)}"
+        ax.set_title(f"{name}\n{kl}   var x{m('var_ratio', 1)}\nHQ {m('hq', 0)}%   shift {m('shift', 2)} std",
+                     fontsize=12)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    save(fig, path, dpi=100)
+
+
+def paired_figure(diffs: dict, path: str, title: str, metrics=("kl_cond", "shift", "energy", "var_ratio")) -> None:
+    """One panel per metric: per-seed differences arm - control (dots), their mean and 95% interval (bar)."""
+    metrics = [m for m in metrics if any(d[m]["n"] for d in diffs.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+    arms = list(diffs)
+    for m, ax in zip(metrics, axes[0]):
+        for i, a in enumerate(arms):
+            e = diffs[a][m]
+            if not e["n"]:
+                continue
+            ax.scatter([i + (j - (e["n"] - 1) / 2) * 0.03 for j in range(e["n"])], e["values"], s=12, color="0.45",
+                       zorder=2)
+            ax.errorbar([i], [e["mean"]], yerr=[[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]], fmt="o",
+                        color="C3", ms=7, capsize=6, lw=2, zorder=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=10)
+        ax.set_title(f"{m}: arm - dmd", fontsize=12)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    save(fig, path, dpi=100)
 
 
 def theory_figure(ts: list[float], rows: dict[str, list[float]], path: str, title: str) -> None:
@@ -79,4 +110,4 @@ def theory_figure(ts: list[float], rows: dict[str, list[float]], path: str, titl
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    save(fig, path, dpi=70)
+    save(fig, path, dpi=110)
