@@ -119,6 +119,23 @@ class WanAdapter:
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
+    public_config = "wan2.1_t2v_1.3b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/)
+    # `plan`: what autograd keeps for backward per clip while the network runs with grad, as {shape: (tensors in the
+    # compute dtype, fp32 tensors)}, S video tokens, T text tokens, D width, F ffn width, H heads, r LoRA rank.
+    # Counted with saved_tensors_hooks in diffusers 0.42.1's WanTransformerBlock under FSDP2 bf16 on torch 2.13's CPU
+    # kernels (bench/bench_memory_plan.py prints the check): per block the norms' fp32 inputs and outputs, q / k / v
+    # before and after RMSNorm and RoPE, SDPA's output and log-sum-exp, the projections' inputs, the FFN's hidden
+    # state and GELU output; the root: the text embedder, RoPE tables, the head's norm. With LoRA the frozen base
+    # saves less (no fp32 copies for weight gradients) and each target layer adds its rank-r hidden state.
+    saved_for_backward = {
+        "full": {"block": {"S*D": (10, 12), "S*F": (2, 0), "S*H": (0, 2), "S": (0, 9), "T*D": (2, 2), "T": (0, 1),
+                           "D": (0, 5)},
+                 "root": {"latent": (1, 2), "T*text": (1, 0), "T*D": (3, 0), "S*D": (1, 2), "S": (0, 2), "D": (3, 2),
+                          "S*head_dim": (2, 0)}},
+        "lora": {"block": {"S*D": (9, 6), "S*F": (2, 0), "S*H": (0, 2), "S": (0, 9), "T*D": (2, 1), "T": (0, 1),
+                           "D": (0, 5), "S*r": (8, 0), "T*r": (2, 0)},
+                 "root": {"latent": (0, 2), "T*D": (1, 0), "S*D": (0, 1), "S": (0, 2), "D": (1, 0),
+                          "S*head_dim": (2, 0)}}}
 
     def __init__(self):
         self._decoder: WanVAE | None = None

@@ -28,7 +28,7 @@ from dfd_video.data import LatentShards
 from dfd_video.distributed import cast_keeping_fp32
 from dfd_video.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
-from dfd_video.memory import GiB, estimate_memory
+from dfd_video.memory import GiB, estimate_memory, network_sizes
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
@@ -292,19 +292,6 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     if rep["problems"]:
         raise SystemExit(f"error: check found {len(rep['problems'])} problem(s), listed above")
     return rep
-
-
-def network_sizes(adapter, net: nn.Module) -> dict:
-    """What the memory estimate needs from the network: parameter shapes, the largest block, widths, patch size."""
-    cfg = net.config
-    hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = adapter.blocks(net)
-    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    return {"shapes": [tuple(p.shape) for p in net.parameters()], "n_blocks": len(blocks),
-            "block_params": max(per_block, default=0),
-            "root_params": sum(p.numel() for p in net.parameters()) - sum(per_block),
-            "hidden": hidden, "mlp": getattr(cfg, "ffn_dim", None) or int(getattr(cfg, "mlp_ratio", 4.0) * hidden),
-            "patch": tuple(cfg.patch_size)}
 
 
 def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentShards | None) -> dict:

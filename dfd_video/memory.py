@@ -1,4 +1,4 @@
-"""Estimated peak GPU memory per rank of a `train` run: what `check` prints before the first job.
+"""Peak GPU memory per rank of a `train` run: the estimate `check` prints and the planner of `plan`.
 
 An ESTIMATE, in two parts of different quality:
   exact   the bytes FSDP2 keeps per rank for the training state, as dfd_video.train builds it: every network
@@ -12,10 +12,20 @@ An ESTIMATE, in two parts of different quality:
           (the model of bench/bench_wan_memory.py and the README's table). A rule of thumb: attention kernels' own
           buffers, the allocator's caching and fragmentation, the CUDA context and NCCL buffers, and the text
           encoder of `--text online` are not modelled; read it as an order of magnitude.
+
+`plan` (plan_memory) refines this: the exact part with LoRA (frozen bases stored fp32 without gradients or AdamW
+state, adapter weights trained; the fake score on the teacher's base when it starts from the teacher), and
+activations counted from what autograd actually saves for backward in the model's blocks (the adapter's
+`saved_per_block`, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
+measurement on the bench model. See docs/memory.md.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 GiB = 2**30
@@ -46,11 +56,7 @@ def estimate_memory(param_shapes: Sequence[Sequence[int]], world: int, *, comput
     rough part is the model of bench/bench_wan_memory.py (the README's 1.3B table), so the two agree.
     """
     n = sharded_numel(param_shapes, world)
-    # fp32 master weights and grads; AdamW's exp_avg and exp_avg_sq, plus its fp32 step counter per tensor
-    train = {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + 4 * len(param_shapes)}
-    exact = {"student": dict(train), "fake_score": dict(train), "teacher": {"params": 4 * n, "grads": 0, "optimizer": 0}}
-    if ema:
-        exact["ema"] = {"params": 4 * n, "grads": 0, "optimizer": 0}
+    exact = training_state(param_shapes, world, ema=ema)
     # FSDP2, for the one network running at a time: the root (embeddings, head) and the running and the prefetched
     # block, unsharded in the compute dtype
     gather = (root_params + 2 * block_params) * compute_bytes
@@ -69,3 +75,161 @@ def estimate_memory(param_shapes: Sequence[Sequence[int]], world: int, *, comput
     total = sum(sum(v.values()) for v in exact.values()) + sum(rough.values())
     return {"exact": exact, "rough": rough, "activations_per_sample": per_sample, "total": total, "world": world,
             "params_per_network": sum(math.prod(tuple(s)) for s in param_shapes), "sharded_elements_per_rank": n}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The planner (`plan`): exact training state with LoRA, activations from what the blocks save for backward.
+
+
+def training_state(param_shapes: Sequence[Sequence[int]], world: int, *, ema: bool = False,
+                   lora_shapes: Sequence[Sequence[int]] = (), shared_fake: bool = True) -> dict:
+    """Exact bytes per rank of parameters, gradients and AdamW state, per network, as dfd_video.train builds them.
+
+    Full weights (no lora_shapes): every network stores fp32 shards (4 B/element); the student and the fake score
+    add fp32 gradients (4 B) and AdamW's exp_avg and exp_avg_sq (8 B) plus a 4-byte step count per tensor; teacher
+    and EMA hold weights only. LoRA (lora_shapes: the adapter tensors of one network, lora_A [r, in] and lora_B
+    [out, r] per target layer): the bases stay fp32 and frozen (no gradients, no AdamW state), the adapters train;
+    with shared_fake the fake score's adapter sits on the teacher's base (dfd_video.lora), so the fake score adds no
+    base of its own; the EMA covers the student's adapter only."""
+    n = sharded_numel(param_shapes, world)
+    frozen = lambda elems: {"params": 4 * elems, "grads": 0, "optimizer": 0}
+    if not lora_shapes:
+        # fp32 master weights and grads; AdamW's exp_avg and exp_avg_sq, plus its fp32 step counter per tensor
+        train = {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + 4 * len(param_shapes)}
+        exact = {"student": dict(train), "fake_score": dict(train), "teacher": frozen(n)}
+        if ema:
+            exact["ema"] = frozen(n)
+        return exact
+    a = sharded_numel(lora_shapes, world)
+    adapter = {"grads": 4 * a, "optimizer": 8 * a + 4 * len(lora_shapes)}
+    exact = {"student": {"params": 4 * (n + a), **adapter},
+             "fake_score": {"params": 4 * (a if shared_fake else n + a), **adapter},
+             "teacher": frozen(n)}
+    if ema:
+        exact["ema"] = frozen(a)
+    return exact
+
+
+def network_sizes(adapter, net) -> dict:
+    """What the memory model needs from a network (real or on the meta device): parameter shapes, the largest block,
+    widths, patch size, heads, text width, and the (in, out) of every linear layer --lora-rank targets."""
+    import torch.nn as nn
+    cfg = net.config
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    blocks = adapter.blocks(net)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    targets = [(m.in_features, m.out_features) for n, m in net.named_modules()
+               if isinstance(m, nn.Linear) and re.fullmatch(adapter.lora_targets, n)]
+    return {"shapes": [tuple(p.shape) for p in net.parameters()], "n_blocks": len(blocks),
+            "block_params": max(per_block, default=0),
+            "root_params": sum(p.numel() for p in net.parameters()) - sum(per_block),
+            "hidden": hidden, "mlp": getattr(cfg, "ffn_dim", None) or int(getattr(cfg, "mlp_ratio", 4.0) * hidden),
+            "patch": tuple(cfg.patch_size), "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+            "text_dim": getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None) or hidden,
+            "lora_targets": targets}
+
+
+def lora_shapes(sizes: dict, rank: int) -> list[tuple[int, int]]:
+    """peft's adapter tensors for rank r: lora_A.weight [r, in] and lora_B.weight [out, r] per target (no bias)."""
+    return [s for i, o in sizes["lora_targets"] for s in ((rank, i), (o, rank))]
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def read_config(adapter, model_dir: str | None) -> tuple[dict, str]:
+    """The transformer's config.json: from --model-dir (its transformer/ folder, or the folder itself), else the
+    public config of the adapter's model shipped in dfd_video/configs/ (its "_source" says where the values come
+    from). Returns (config, where it was read)."""
+    if model_dir is None:
+        path = os.path.join(CONFIGS, adapter.public_config)
+    else:
+        path = next((p for p in (os.path.join(model_dir, "transformer", "config.json"),
+                                 os.path.join(model_dir, "config.json")) if os.path.exists(p)), None)
+        if path is None:
+            raise ValueError(f"--model-dir {model_dir}: no transformer/config.json or config.json")
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable config ({e})") from None
+
+
+def meta_network(config: dict):
+    """The transformer built on the meta device from its config (no weights, no memory)."""
+    import diffusers
+    import torch
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+@dataclass
+class PlanConfig:
+    """One planned `train` run."""
+    world: int = 1                  # ranks (GPUs); every network is sharded over all of them
+    lora_rank: int = 0              # --lora-rank (0: full weights)
+    shared_fake: bool = True        # LoRA: the fake score starts from the teacher and sits on its base
+    compute_bytes: int = 2          # 2: bf16 compute (FSDP2 mixed precision), 4: fp32
+    ema: bool = False               # --ema > 0
+    batch_per_gpu: int = 1          # clips per rank per micro-batch
+    latent: tuple = (16, 21, 60, 104)  # C, T, H, W of one clip's latents
+    text_len: int = 512             # conditioning tokens the cross-attention reads
+    checkpointing: bool = True      # activation checkpointing of every block of the trained networks
+
+
+def activation_bytes(sizes: dict, saved: dict, cfg: PlanConfig) -> dict:
+    """Bytes autograd keeps for backward while the trained network (student or fake score) runs with grad, per clip
+    and for cfg.batch_per_gpu clips, from `saved` (the adapter's saved_per_block: how many tensors of each shape one
+    block saves, counted by bench/bench_memory_plan.py) and its root (embeddings, rope, head).
+
+    Without checkpointing every block's saves are alive at the end of the forward. With it, each block keeps only its
+    inputs (the hidden states, tokens x D in the compute dtype) and backward recomputes one block at a time."""
+    S = math.prod(cfg.latent[1:]) // math.prod(sizes["patch"])  # video tokens
+    T, D, F, H, r = cfg.text_len, sizes["hidden"], sizes["mlp"], sizes["heads"], cfg.lora_rank
+    c = cfg.compute_bytes
+    k = saved["lora" if r else "full"]
+    size = {"S*D": S * D, "S*F": S * F, "S*H": S * H, "S": S, "T*D": T * D, "T": T, "S*r": S * r, "T*r": T * r,
+            "D": D, "latent": math.prod(cfg.latent), "T*text": T * sizes["text_dim"], "S*head_dim": S * sizes["head_dim"]}
+    count = lambda table: sum(size[shape] * (n_c * c + n_32 * 4) for shape, (n_c, n_32) in table.items())
+    block, root = count(k["block"]), count(k["root"])
+    inputs = sizes["n_blocks"] * S * D * c
+    per_clip = (inputs + block if cfg.checkpointing else sizes["n_blocks"] * block) + root
+    return {"per_clip": per_clip, "block": block, "root": root, "checkpointed_inputs": inputs if cfg.checkpointing else 0,
+            "tokens": S, "total": per_clip * cfg.batch_per_gpu}
+
+
+def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict:
+    """Bytes per GPU by part for one planned run. Exact: parameters, gradients, optimizer state, teacher (the
+    training state, as dfd_video.train builds it). Counted: activations (what the blocks save for backward, from
+    `saved`; None: the rough rule of estimate_memory). Rough: FSDP2's gathered parameters (the running network's root
+    and two blocks in the compute dtype, plus one block's fp32 unsharded gradient before its reduce-scatter when all
+    weights train) and the working buffers (the no-grad teacher with CFG, 2 branches per clip: an fp32 residual and
+    norm and the MLP hidden state per token and branch)."""
+    lshapes = lora_shapes(sizes, cfg.lora_rank) if cfg.lora_rank else ()
+    exact = training_state(sizes["shapes"], cfg.world, ema=cfg.ema, lora_shapes=lshapes, shared_fake=cfg.shared_fake)
+    trained = [v for name, v in exact.items() if name != "teacher"]
+    c, D, F = cfg.compute_bytes, sizes["hidden"], sizes["mlp"]
+    gathered = (sizes["root_params"] + 2 * sizes["block_params"]) * c + (0 if cfg.lora_rank else 4 * sizes["block_params"])
+    if saved is not None:
+        act = activation_bytes(sizes, saved, cfg)
+    else:
+        S = math.prod(cfg.latent[1:]) // math.prod(sizes["patch"])
+        rough = estimate_memory(sizes["shapes"], 1, compute_bytes=c, tokens=S, hidden=D, mlp=F,
+                                n_blocks=sizes["n_blocks"], checkpointing=cfg.checkpointing)
+        act = {"per_clip": rough["activations_per_sample"], "tokens": S,
+               "total": rough["activations_per_sample"] * cfg.batch_per_gpu}
+    working_per_clip = 2 * act["tokens"] * (2 * D * 4 + F * c)
+    parts = {"parameters": sum(v["params"] for v in trained), "gradients": sum(v["grads"] for v in trained),
+             "optimizer": sum(v["optimizer"] for v in trained), "teacher": exact["teacher"]["params"],
+             "gathered": gathered, "activations": act["total"], "working": working_per_clip * cfg.batch_per_gpu}
+    state = sum(sum(v.values()) for v in exact.values())
+    return {"parts": parts, "exact": exact, "state": state, "activations": act["total"],
+            "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip,
+            "fixed": state + gathered, "total": sum(parts.values()), "counted": saved is not None,
+            "adapter_params": sum(math.prod(s) for s in lshapes)}
+
+
+def largest_batch(plan: dict, gpu_bytes: float, reserve_bytes: float) -> int:
+    """Clips per GPU that fit: (GPU - reserve - fixed) // per clip (0: not even one)."""
+    return max(0, int((gpu_bytes - reserve_bytes - plan["fixed"]) // plan["per_clip"]))

@@ -1,0 +1,270 @@
+"""The memory planner (dfd_video/memory.py, `wan_dfd.py plan`) checked against measurement on the bench model (CPU).
+
+  python bench/bench_memory_plan.py                   # fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
+  python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8
+
+Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
+shards after a real student step and fake-score step, world of one), against the planner's exact part.
+Activations: the bytes autograd keeps for backward, counted with torch.autograd.graph.saved_tensors_hooks during one
+dfd.student_step and one dfd.fake_score_step: each storage once (views and tensors saved by several ops share it),
+parameters left out (FSDP2's gathered weights are the planner's "gathered" row), live bytes followed until the graph
+frees them, the peak reported. With activation checkpointing the hooks of torch.utils.checkpoint replace ours inside
+the blocks, so the measured peak is put together from three measured parts: what the hooks see outside the blocks,
+the tensors each checkpointed block keeps as its inputs (recorded where the model calls its checkpoint function),
+and the largest block's own saved bytes from the same step without checkpointing (what backward recomputes).
+Printed: predicted / measured per part; the goal is within 10 % for activations, exact for the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from bench_wan_memory import BENCH_NET  # noqa: E402
+
+TEXT_LEN = 512
+
+
+class SavedBytes:
+    """saved_tensors_hooks that count the live bytes autograd keeps for backward: each storage once, parameters
+    (and views of them) not counted, a storage released when the last saved tensor on it is freed. `tag` (set by
+    forward hooks) attributes each storage to the block that saved it first."""
+
+    def __init__(self):
+        self.live: dict[int, list] = {}  # storage pointer -> [bytes, references, tag]
+        self.now = self.peak = 0
+        self.tag = "root"
+        self.first: dict[int, tuple[str, int]] = {}  # every storage ever saved -> (tag, bytes)
+        self.exclude: set[int] = set()  # storages counted elsewhere (checkpointed block inputs)
+
+    def hold(self, key: int, nbytes: int, tag: str) -> None:
+        if key in self.live:
+            self.live[key][1] += 1
+            return
+        self.live[key] = [nbytes, 1, tag]
+        self.first.setdefault(key, (tag, nbytes))
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[key]
+            self.now -= entry[0]
+
+    def pack(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter) or t.device.type == "meta":
+            return t
+        st = t.untyped_storage()
+        if st.nbytes() == 0:
+            return t
+        self.hold(st.data_ptr(), st.nbytes(), self.tag)
+        return _Held(self, st.data_ptr(), t)
+
+    @staticmethod
+    def unpack(h):
+        return h.t if isinstance(h, _Held) else h
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Held:
+    __slots__ = ("owner", "key", "t")
+
+    def __init__(self, owner: SavedBytes, key: int, t: torch.Tensor):
+        self.owner, self.key, self.t = owner, key, t
+
+    def __del__(self):
+        self.owner.release(self.key)
+
+
+def tensors_in(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if torch.is_tensor(a):
+            out.append(a)
+        elif isinstance(a, (tuple, list)):
+            out += tensors_in(a)
+    return out
+
+
+def instrument(net: nn.Module, blocks, meter_box: list) -> None:
+    """Tags saves by block; records block inputs; counts the inputs a checkpointed block keeps."""
+    for i, b in enumerate(blocks):
+        def pre(m, args, kwargs=None, i=i):
+            meter = meter_box[0]
+            if meter is not None:
+                meter.tag = f"block{i}"
+                meter.block_inputs.update(t.untyped_storage().data_ptr() for t in tensors_in(args))
+        b.register_forward_pre_hook(pre)
+
+        def post(m, args, out):
+            if meter_box[0] is not None:
+                meter_box[0].tag = "root"
+        b.register_forward_hook(post)
+    orig = getattr(net, "_gradient_checkpointing_func", None)
+    if orig is None:
+        return
+
+    def counted(block, *args):
+        meter = meter_box[0]
+        if meter is not None and torch.is_grad_enabled():
+            for t in tensors_in(args):  # kept by the checkpoint until this block's backward: held to the step's end
+                st = t.untyped_storage()
+                meter.hold(st.data_ptr(), st.nbytes(), "checkpointed inputs")
+                meter.pinned.append(st.data_ptr())
+        return orig(block, *args)
+    net._gradient_checkpointing_func = counted
+
+
+@contextlib.contextmanager
+def metered(meter_box: list):
+    meter = SavedBytes()
+    meter.block_inputs, meter.pinned = set(), []
+    meter_box[0] = meter
+    try:
+        with meter.hooks():
+            yield meter
+    finally:
+        meter_box[0] = None
+
+
+def block_own(meter: SavedBytes) -> int:
+    """The largest block's own saved bytes: storages a block saved first, less its input (held by the checkpoint)."""
+    per = collections.Counter()
+    for key, (tag, nbytes) in meter.first.items():
+        if tag.startswith("block") and key not in meter.block_inputs:
+            per[tag] += nbytes
+    return max(per.values(), default=0)
+
+
+def build(args, ckpt: bool, lora_rank: int, dtype):
+    """Student, fake score and teacher of the bench model sharded as dfd_video.train shards them (world of one)."""
+    from diffusers import WanTransformer3DModel
+
+    import wan_dfd
+    from dfd_video import distributed, lora
+    adapter = wan_dfd.WanAdapter()
+    adapter.compute_dtype = dtype
+    d = distributed.setup_distributed("cpu")
+    nets = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        nets.append(WanTransformer3DModel(**BENCH_NET))
+    teacher_net, student_net, fake_net = nets
+    info = {"rank": lora_rank, "alpha": float(lora_rank), "targets": adapter.lora_targets}
+    if lora_rank:  # the fake score on the teacher's base (no critic): dfd_video.lora.build_networks' shared case
+        lora.attach(teacher_net, info, 1)
+        teacher_net = fake_net = lora.shard_lora(teacher_net, adapter, d, dtype, ckpt)
+        lora.attach(student_net, info, 0)
+        student_net = lora.shard_lora(student_net, adapter, d, dtype, ckpt)
+    else:
+        for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
+            distributed.shard(net, adapter.blocks(net), d, dtype, adapter.fp32_islands(net), ckpt and trainable,
+                              trainable)
+    return adapter, d, teacher_net, student_net, fake_net
+
+
+def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype_name: str) -> dict:
+    import dfd
+    from dfd_video import distributed, lora, memory
+    dtype = torch.bfloat16 if dtype_name == "bf16" else None
+    adapter, d, teacher_net, student_net, fake_net = build(args, ckpt, lora_rank, dtype)
+    box = [None]
+    for net in {id(n): n for n in (student_net, fake_net)}.values():
+        instrument(net, adapter.blocks(net), box)
+    g = torch.Generator().manual_seed(0)
+    T, h, w = size
+    batch = (torch.randn(args.batch, 16, T, h, w, generator=g), torch.randn(args.batch, TEXT_LEN, 64, generator=g))
+    uncond = {"text": torch.randn(TEXT_LEN, 64, generator=g)}
+    teacher = adapter.denoiser(teacher_net, 5.0, uncond)
+    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
+    if lora_rank:
+        teacher = lora.AdaptersOff(teacher, teacher_net)
+    adamw = lambda net: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-5)
+    opt_s, opt_f = adamw(student_net), adamw(fake_net)
+    c = dfd.DFDConfig(fake_updates=1, monitor_every=0, grad_clip=0.0)
+    with metered(box) as m_fake:
+        dfd.fake_score_step(student, fake, opt_f, [batch], c, 0, 0)
+    with metered(box) as m_student:
+        dfd.student_step(student, teacher, fake, opt_s, [batch], c, 0)
+    # exact parts after both updates, with gradients as they stand at an optimizer step (dfd zeroes them after it)
+    x, cond = batch
+    for net in (student, fake):
+        net(x, torch.full((args.batch,), 0.5), cond).float().square().mean().backward()
+    trained = distributed.train_state_bytes(student_net, opt_s) + distributed.train_state_bytes(fake_net, opt_f)
+    if lora_rank:  # the shared network: its base is the teacher's; count each parameter once
+        everything = distributed.train_state_bytes(student_net, teacher_net, opt_s, opt_f)
+    else:
+        everything = trained + distributed.train_state_bytes(teacher_net)
+    sizes = memory.network_sizes(adapter, _plain(BENCH_NET))
+    cfg = memory.PlanConfig(world=1, lora_rank=lora_rank, shared_fake=bool(lora_rank), compute_bytes=2 if dtype else 4,
+                            ema=False, batch_per_gpu=args.batch, latent=(16, T, h, w), text_len=TEXT_LEN,
+                            checkpointing=ckpt)
+    plan = memory.plan_memory(sizes, cfg, adapter.saved_for_backward)
+    distributed.teardown_distributed()
+    measured = {"state": everything, "student_step": m_student.peak, "fake_step": m_fake.peak,
+                "block_own": max(block_own(m_student), block_own(m_fake))}
+    return {"plan": plan, "measured": measured, "trained": trained}
+
+
+def _plain(cfg: dict):
+    from diffusers import WanTransformer3DModel
+    with torch.device("meta"):
+        return WanTransformer3DModel(**cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
+                    help="compute dtypes to measure")
+    ap.add_argument("--sizes", nargs="+", default=["2x8x8", "3x16x16", "5x24x32"],
+                    help="latent sizes T x H x W (patch 1 x 2 x 2: tokens = T H W / 4)")
+    ap.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8], help="0: full weights")
+    ap.add_argument("--batch", type=int, default=1, help="clips per step")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    torch.set_num_threads(1)
+    print("| dtype | weights | latent | tokens | checkpointing | activations predicted / measured (student step, "
+          "fake step) | measured MiB | params + grads + AdamW predicted / measured |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |")
+    worst = 0.0
+    for dt in args.dtype:
+        for r in args.lora_rank:
+            for s in args.sizes:
+                size = tuple(int(v) for v in s.split("x"))
+                runs = {}
+                for ckpt in (False, True):
+                    runs[ckpt] = run_case(args, size, ckpt, r, dt)
+                for ckpt in (False, True):
+                    res, meas = runs[ckpt], dict(runs[ckpt]["measured"])
+                    if ckpt:  # + what backward recomputes: the largest block's own saves, measured without checkpointing
+                        for k in ("student_step", "fake_step"):
+                            meas[k] += runs[False]["measured"]["block_own"]
+                    pred = res["plan"]["activations"]
+                    ratios = [pred / meas[k] for k in ("student_step", "fake_step")]
+                    worst = max(worst, *(abs(x - 1) for x in ratios))
+                    state_pred = res["plan"]["state"]
+                    tokens = size[0] * size[1] * size[2] // 4
+                    print(f"| {dt} | {'LoRA r=' + str(r) if r else 'full'} | {s} | {tokens} | {'on' if ckpt else 'off'} | "
+                          f"{ratios[0]:.3f}, {ratios[1]:.3f} | {meas['student_step'] / 2**20:.2f}, "
+                          f"{meas['fake_step'] / 2**20:.2f} | {state_pred} / {meas['state']} "
+                          f"{'exact' if state_pred == meas['state'] else 'DIFFERS'} |", flush=True)
+    print(f"largest activation error: {100 * worst:.1f} % (goal: within 10 %)")
+
+
+if __name__ == "__main__":
+    main()
