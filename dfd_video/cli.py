@@ -13,6 +13,7 @@ from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
 from dfd_video.files import check_writable
+from dfd_video.plan import add_plan_args, check_plan_args, run_plan
 from dfd_video.plot import run_plot
 from dfd_video.prepare import run_prepare
 from dfd_video.runs import run_files
@@ -183,6 +184,8 @@ def check_args(args: argparse.Namespace) -> None:
     if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
         bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
     bad += lora.check_args(args)
+    if getattr(args, "cmd", None) == "plan":
+        bad += check_plan_args(args)
     if bad:
         raise SystemExit("error: " + bad[0])
 
@@ -337,7 +340,7 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot", "check")
+SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot", "check", "plan")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -354,7 +357,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]    (no subcommand: train)
        torchrun --nproc_per_node=N %(prog)s --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]
        %(prog)s check --model-dir DIR --dmd2-ckpt CKPT [--data DIR]    (preflight: run it first)
-       %(prog)s {prepare,train,sample,export,evaluate,plot,check} --help"""
+       %(prog)s plan --world-size N [--lora-rank r] [--gpu-gb 80]    (GPU memory per rank, no model loaded)
+       %(prog)s {prepare,train,sample,export,evaluate,plot,check,plan} --help"""
 
 
 def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
@@ -372,7 +376,9 @@ def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
                                 ("plot", add_plot_args, "a run's metrics over steps -> one PNG"),
                                 ("check", add_check_args, "preflight before the first training job: checkpoint "
                                  "format and key coverage, teacher parity with the diffusers pipeline, a student "
-                                 "sample with saturation and delta^2, estimated GPU memory per rank")):
+                                 "sample with saturation and delta^2, estimated GPU memory per rank"),
+                                ("plan", add_plan_args, "GPU memory per rank of a planned train run, by part, and the "
+                                 "largest batch per GPU that fits (no model loaded; docs/memory.md)")):
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         add(sp)
         if name in ("train", "check"):  # check takes a pasted train command line
@@ -397,7 +403,7 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
             wait_for_rank0()
             raise
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
-           "evaluate": run_evaluate, "plot": run_plot, "check": run_check}[args.cmd]
+           "evaluate": run_evaluate, "plot": run_plot, "check": run_check, "plan": run_plan}[args.cmd]
     try:
         return run(adapter, args)
     finally:

@@ -1,0 +1,153 @@
+"""The `plan` subcommand: GPU memory per rank of a planned `train` run, by part, and the largest batch that fits.
+
+  python wan_dfd.py plan --world-size 1 --lora-rank 16 --gpu-gb 48
+  python wan_dfd.py plan --table            # the tables of docs/memory.md
+
+Nothing is loaded: the transformer is built on the meta device from --model-dir's config.json, or from the public
+config of the model in dfd_video/configs/. The model is dfd_video.memory.plan_memory; docs/memory.md says which parts
+are exact, which are counted (and checked against measurement) and which are rough.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from dfd_video.memory import GiB, PlanConfig, largest_batch, meta_network, network_sizes, plan_memory, read_config
+
+TABLE_WORLDS = (1, 2, 4, 8)
+TABLE_GPUS = (24, 48, 80)
+TABLE_WEIGHTS = (0, 16, 64)  # full weights, LoRA r = 16, r = 64
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
+                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
+                   "sharded over all of them")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")
+    p.add_argument("--fake-init", default="teacher", choices=("teacher", "critic"), help="where the fake score "
+                   "starts; with --lora-rank, teacher puts its adapter on the teacher's base (two bases in memory), "
+                   "critic gives it a frozen base of its own (three)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (weights, gradients and "
+                   "AdamW state are fp32 either way)")
+    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay of the planned run (> 0 adds the EMA)")
+    p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
+    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k + 1)")
+    p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
+    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 / H100 "
+                   "has 80 GiB)")
+    p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
+                   "the CUDA context, NCCL buffers, the allocator's fragmentation")
+    p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
+                   "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
+
+
+def check_plan_args(args: argparse.Namespace) -> list[str]:
+    bad = []
+    if args.batch_per_gpu < 1:
+        bad.append(f"--batch-per-gpu {args.batch_per_gpu}: must be >= 1")
+    if not args.gpu_gb > 0 or args.reserve_gb < 0 or args.reserve_gb >= args.gpu_gb:
+        bad.append(f"--gpu-gb {args.gpu_gb:g} / --reserve-gb {args.reserve_gb:g}: need 0 <= reserve < GPU")
+    return bad
+
+
+def plan_for(adapter, sizes: dict, args: argparse.Namespace, world: int, rank: int, batch: int) -> dict:
+    lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=args.num_frames, height=args.height,
+                                                       width=args.width)))
+    cfg = PlanConfig(world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
+                     compute_bytes=2 if args.dtype == "bf16" else 4, ema=args.ema > 0, batch_per_gpu=batch,
+                     latent=lat, text_len=getattr(adapter, "text_len", 512), checkpointing=not args.no_checkpointing)
+    return plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+
+
+def _g(b: float) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
+    p = plan_for(adapter, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
+    P = sum(math.prod(s) for s in sizes["shapes"])
+    weights = (f"LoRA r = {args.lora_rank} ({p['adapter_params'] / 1e6:.1f} M adapter parameters per network), fake "
+               f"score on {'the teacher' if args.fake_init == 'teacher' else 'its own'}'s base" if args.lora_rank
+               else "full weights")
+    act = "counted (what the blocks save for backward; checked on the bench model, bench/bench_memory_plan.py)" \
+        if p["counted"] else "rough (the rule of thumb of `check`: not calibrated for this model)"
+    parts = p["parts"]
+    rows = [("parameters: student, fake score" + (", EMA" if args.ema > 0 else "") + " (fp32 shards)",
+             parts["parameters"], "exact"),
+            ("gradients (fp32 shards)", parts["gradients"], "exact"),
+            ("optimizer state (AdamW m, v, step)", parts["optimizer"], "exact"),
+            ("teacher (fp32 shards, frozen)", parts["teacher"], "exact"),
+            ("gathered parameters in flight (root + 2 blocks" + ("" if args.lora_rank else
+                                                                 ", + 1 block's fp32 gradient") + ")",
+             parts["gathered"], "rough"),
+            (f"activations ({args.batch_per_gpu} clip(s))", parts["activations"], act.split(" (")[0]),
+            ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough")]
+    fit = largest_batch(p, args.gpu_gb * GiB, args.reserve_gb * GiB)
+    L = [f"plan: {type(adapter).__name__}, {P / 1e9:.3f} B parameters per network ({source}); {weights}",
+         f"  {args.world_size} GPU(s), {args.dtype} compute, activation checkpointing "
+         f"{'off' if args.no_checkpointing else 'on'}, EMA {'on' if args.ema > 0 else 'off'}, {args.batch_per_gpu} "
+         f"clip(s) per GPU of {args.num_frames} frames at {args.height}x{args.width} ({p['activation_detail']['tokens']} "
+         f"tokens)", "",
+         f"  {'per GPU':<74} {'GiB':>8}  kind"]
+    L += [f"  {name:<74} {_g(b):>8}  {kind}" for name, b, kind in rows]
+    L += [f"  {'total':<74} {_g(p['total']):>8}", "",
+          f"  activations: {act}",
+          f"  {args.gpu_gb:g} GiB GPU, {args.reserve_gb:g} GiB kept free: {'fits' if p['total'] + args.reserve_gb * GiB <= args.gpu_gb * GiB else 'does NOT fit'}; "
+          f"largest batch per GPU that fits: {fit}" + (" (not even one clip)" if fit == 0 else "")]
+    return "\n".join(L)
+
+
+def tables(adapter, sizes: dict, args: argparse.Namespace) -> str:
+    """Per-GPU memory at batch 1 and the largest batch per GPU, for every weights setting, world size and GPU size;
+    then the smallest configuration that fits each GPU size."""
+    name = lambda r: f"LoRA r = {r}" if r else "full weights"
+    L = [f"{args.num_frames} frames at {args.height}x{args.width}, {args.dtype} compute, activation checkpointing "
+         f"{'off' if args.no_checkpointing else 'on'}, EMA {'on' if args.ema > 0 else 'off'}"
+         + (", LoRA fake score on the teacher's base" if args.fake_init == "teacher" else "")
+         + f"; GiB per GPU; largest batch per GPU with {args.reserve_gb:g} GiB kept free", "",
+         "| weights | GPUs | params + grads + AdamW + teacher | gathered | activations / clip | working / clip | "
+         "total at batch 1 | " + " | ".join(f"batch on {g} GiB" for g in TABLE_GPUS) + " |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in TABLE_GPUS) + " |"]
+    smallest = {}
+    for r in TABLE_WEIGHTS:
+        for w in TABLE_WORLDS:
+            p = plan_for(adapter, sizes, args, w, r, 1)
+            fits = [largest_batch(p, g * GiB, args.reserve_gb * GiB) for g in TABLE_GPUS]
+            for g, b in zip(TABLE_GPUS, fits):
+                if b >= 1 and (r, g) not in smallest:
+                    smallest[(r, g)] = (w, b)
+            parts = p["parts"]
+            state = parts["parameters"] + parts["gradients"] + parts["optimizer"] + parts["teacher"]
+            L.append(f"| {name(r)} | {w} | {_g(state)} | {_g(parts['gathered'])} | {_g(parts['activations'])} | "
+                     f"{_g(parts['working'])} | {_g(p['total'])} | " + " | ".join(str(b) for b in fits) + " |")
+    L += ["", "Smallest configuration that fits (fewest GPUs with batch >= 1 per GPU):", "",
+          "| weights | " + " | ".join(f"{g} GiB GPUs" for g in TABLE_GPUS) + " |",
+          "| --- | " + " | ".join("---" for _ in TABLE_GPUS) + " |"]
+    for r in TABLE_WEIGHTS:
+        cells = [f"{smallest[(r, g)][0]} GPU(s), batch {smallest[(r, g)][1]} per GPU" if (r, g) in smallest
+                 else f"does not fit {max(TABLE_WORLDS)}" for g in TABLE_GPUS]
+        L.append(f"| {name(r)} | " + " | ".join(cells) + " |")
+    lora_ok = any((r, 48) in smallest and smallest[(r, 48)][0] == 1 for r in TABLE_WEIGHTS if r)
+    full_ok = (0, 80) in smallest and smallest[(0, 80)][0] == 1
+    L += ["", f"goal, LoRA on one 48 GiB GPU at batch >= 1: {'met' if lora_ok else 'NOT met'}"
+          + ("" if not args.no_checkpointing else " (without activation checkpointing)"),
+          f"goal, full weights on one 80 GiB GPU at batch >= 1: {'met' if full_ok else 'NOT met'}"]
+    return "\n".join(L)
+
+
+def run_plan(adapter, args: argparse.Namespace) -> dict:
+    try:
+        config, path = read_config(adapter, args.model_dir)
+        sizes = network_sizes(adapter, meta_network(config))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    source = f"--model-dir {args.model_dir}" if args.model_dir else f"public config, {path}"
+    if args.lora_rank:
+        biggest = min(min(t) for t in sizes["lora_targets"])
+        if args.lora_rank > biggest:
+            raise SystemExit(f"error: --lora-rank {args.lora_rank}: larger than the smallest target layer ({biggest})")
+    print(tables(adapter, sizes, args) if args.table else report(adapter, sizes, args, source))
+    return plan_for(adapter, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
