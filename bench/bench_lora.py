@@ -97,6 +97,8 @@ def main() -> None:
         x, cond = batch
         for net in (student, fake):  # the gradients as they stand at the optimizer step (dfd zeroes them after it)
             net(x, torch.full((args.batch,), 0.5), cond).float().square().mean().backward()
+        for net in counted:  # FSDP2 leaves a no-grad network's root gathered after its forward: count the shards
+            net.reshard()
         state[r] = distributed.train_state_bytes(*counted, opt_s, opt_f)
     sizes = memory.network_sizes(adapter, memory.meta_network({"_class_name": "WanTransformer3DModel", **BENCH_NET}))
     predicted = {r: sum(sum(v.values()) for v in memory.training_state(
