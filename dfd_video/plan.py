@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from dfd_video.memory import GiB, PlanConfig, largest_batch, meta_network, network_sizes, plan_memory, read_config
 
@@ -144,7 +145,8 @@ def run_plan(adapter, args: argparse.Namespace) -> dict:
         sizes = network_sizes(adapter, meta_network(config))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise SystemExit(f"error: {e}")
-    source = f"--model-dir {args.model_dir}" if args.model_dir else f"public config, {path}"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = f"--model-dir {args.model_dir}" if args.model_dir else f"public config, {os.path.relpath(path, here)}"
     if args.lora_rank:
         biggest = min(min(t) for t in sizes["lora_targets"])
         if args.lora_rank > biggest:
