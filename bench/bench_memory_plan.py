@@ -1,7 +1,7 @@
 """The memory planner (dfd_video/memory.py, `wan_dfd.py plan`) checked against measurement on the bench model (CPU).
 
   python bench/bench_memory_plan.py                   # fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
-  python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8
+  python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8 --ranks 1
 
 Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
 shards after a real student step and fake-score step, world of one), against the planner's exact part.
@@ -12,6 +12,7 @@ frees them, the peak reported. With activation checkpointing the hooks of torch.
 the blocks, so the measured peak is put together from three measured parts: what the hooks see outside the blocks,
 the tensors each checkpointed block keeps as its inputs (recorded where the model calls its checkpoint function),
 and the largest block's own saved bytes from the same step without checkpointing (what backward recomputes).
+Then the exact parts again at --ranks ranks (torchrun, gloo), the largest rank's bytes against the planner.
 Printed: predicted / measured per part; the goal is within 10 % for activations, exact for the rest.
 """
 from __future__ import annotations
@@ -213,12 +214,18 @@ def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype
         everything = distributed.train_state_bytes(student_net, teacher_net, opt_s, opt_f)
     else:
         everything = trained + distributed.train_state_bytes(teacher_net)
+    if d.world > 1:  # the planner's figure is the largest rank's (rank 0: FSDP2 gives it the padded share)
+        import torch.distributed as dist
+        per_rank = [None] * d.world
+        dist.all_gather_object(per_rank, everything)
+        everything = max(per_rank)
     sizes = memory.network_sizes(adapter, _plain(BENCH_NET))
-    cfg = memory.PlanConfig(world=1, lora_rank=lora_rank, shared_fake=bool(lora_rank), compute_bytes=2 if dtype else 4,
+    cfg = memory.PlanConfig(world=d.world, lora_rank=lora_rank, shared_fake=bool(lora_rank), compute_bytes=2 if dtype else 4,
                             ema=False, batch_per_gpu=args.batch, latent=(16, T, h, w), text_len=TEXT_LEN,
                             checkpointing=ckpt)
     plan = memory.plan_memory(sizes, cfg, adapter.saved_for_backward)
-    distributed.teardown_distributed()
+    if not args.worker:  # under torchrun the process group is kept for the next case (a second init would hang)
+        distributed.teardown_distributed()
     measured = {"state": everything, "student_step": m_student.peak, "fake_step": m_fake.peak,
                 "block_own": max(block_own(m_student), block_own(m_fake))}
     return {"plan": plan, "measured": measured, "trained": trained}
@@ -230,6 +237,44 @@ def _plain(cfg: dict):
         return WanTransformer3DModel(**cfg)
 
 
+def ranks_worker(args) -> None:
+    """Under torchrun: the train state per rank of full weights and LoRA (bf16, first size), against the planner."""
+    import json
+    size = tuple(int(v) for v in args.sizes[0].split("x"))
+    rows = []
+    for r in args.lora_rank:
+        res = run_case(args, size, True, r, "bf16")
+        rows.append({"lora_rank": r, "predicted": res["plan"]["state"], "measured": res["measured"]["state"]})
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.worker, "w") as f:
+            json.dump(rows, f)
+    from dfd_video import distributed
+    distributed.teardown_distributed()
+
+
+def check_ranks(args, world: int) -> None:
+    """The exact parts at `world` ranks (torchrun, gloo): bytes of the largest rank against the planner."""
+    import json
+    import subprocess
+    import tempfile
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               os.path.abspath(__file__), "--worker", out, "--sizes", args.sizes[0], "--batch", str(args.batch),
+               "--lora-rank", *map(str, args.lora_rank)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"the {world}-rank worker failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+        with open(out) as f:
+            rows = json.load(f)
+    for row in rows:
+        same = row["predicted"] == row["measured"]
+        print(f"{world} ranks, bf16, {'LoRA r=' + str(row['lora_rank']) if row['lora_rank'] else 'full'}: params + "
+              f"grads + AdamW per rank predicted / measured = {row['predicted']} / {row['measured']} "
+              f"{'exact' if same else 'DIFFERS'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
@@ -238,7 +283,14 @@ def main() -> None:
                     help="latent sizes T x H x W (patch 1 x 2 x 2: tokens = T H W / 4)")
     ap.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8], help="0: full weights")
     ap.add_argument("--batch", type=int, default=1, help="clips per step")
+    ap.add_argument("--ranks", type=int, default=2, help="also check the exact parts at this many ranks under "
+                    "torchrun (gloo; 1: skip)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        torch.set_num_threads(1)
+        return ranks_worker(args)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(1)
     print("| dtype | weights | latent | tokens | checkpointing | activations predicted / measured (student step, "
@@ -267,6 +319,8 @@ def main() -> None:
                           f"{meas['fake_step'] / 2**20:.2f} | {state_pred} / {meas['state']} "
                           f"{'exact' if state_pred == meas['state'] else 'DIFFERS'} |", flush=True)
     print(f"largest activation error: {100 * worst:.1f} % (goal: within 10 %)")
+    if args.ranks > 1:
+        check_ranks(args, args.ranks)
 
 
 if __name__ == "__main__":
