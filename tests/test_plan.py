@@ -129,3 +129,24 @@ def test_plan_reads_a_model_dir(tmp_path, capsys):
     p = wan_dfd.main(["plan", "--model-dir", pipe, "--num-frames", "5", "--height", "32", "--width", "48"])
     n = sum(q.numel() for q in tiny_wan.tiny_transformer().parameters())
     assert p["parts"]["teacher"] == 4 * n and f"--model-dir {pipe}" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
+def test_activation_model_within_10_percent_of_what_autograd_saves():
+    """The counted activations (WanAdapter.saved_for_backward) against saved_tensors_hooks during one student step and
+    one fake-score step on the bench model, bf16, full weights and LoRA, with and without checkpointing
+    (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows up here)."""
+    import argparse
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_memory_plan
+    args = argparse.Namespace(batch=1, worker=None)
+    for rank in (0, 8):
+        runs = {ckpt: bench_memory_plan.run_case(args, (3, 16, 16), ckpt, rank, "bf16") for ckpt in (False, True)}
+        for ckpt, res in runs.items():
+            assert res["plan"]["state"] == res["measured"]["state"]
+            recompute = runs[False]["measured"]["block_own"] if ckpt else 0
+            for step in ("student_step", "fake_step"):
+                ratio = res["plan"]["activations"] / (res["measured"][step] + recompute)
+                assert 0.9 < ratio < 1.1, (rank, ckpt, step, ratio)
