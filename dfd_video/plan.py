@@ -37,7 +37,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
     p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 / H100 "
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
                    "has 80 GiB)")
     p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
                    "the CUDA context, NCCL buffers, the allocator's fragmentation")
@@ -70,9 +70,9 @@ def _g(b: float) -> str:
 def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
     p = plan_for(adapter, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
     P = sum(math.prod(s) for s in sizes["shapes"])
+    on = "the teacher's base" if args.fake_init == "teacher" else "a critic base of its own"
     weights = (f"LoRA r = {args.lora_rank} ({p['adapter_params'] / 1e6:.1f} M adapter parameters per network), fake "
-               f"score on {'the teacher' if args.fake_init == 'teacher' else 'its own'}'s base" if args.lora_rank
-               else "full weights")
+               f"score on {on}" if args.lora_rank else "full weights")
     act = "counted (what the blocks save for backward; checked on the bench model, bench/bench_memory_plan.py)" \
         if p["counted"] else "rough (the rule of thumb of `check`: not calibrated for this model)"
     parts = p["parts"]
