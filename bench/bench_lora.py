@@ -51,7 +51,7 @@ def setup(rank: int, d, adapter):
         counted = (student_net, teacher_net)
     else:
         for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
-            distributed.shard(net, adapter.blocks(net), d, None, adapter.fp32_modules(net), trainable, trainable)
+            distributed.shard(net, adapter.blocks(net), d, None, adapter.fp32_islands(net), trainable, trainable)
         teacher = adapter.denoiser(teacher_net, 5.0, uncond)
         counted = (student_net, fake_net, teacher_net)
     adamw = lambda net: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-5)

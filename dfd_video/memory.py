@@ -134,12 +134,13 @@ def lora_shapes(sizes: dict, rank: int) -> list[tuple[int, int]]:
     return [s for i, o in sizes["lora_targets"] for s in ((rank, i), (o, rank))]
 
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# the public transformer configs (with their sources), shared with tests/test_real_width.py
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "configs")
 
 
 def read_config(adapter, model_dir: str | None) -> tuple[dict, str]:
     """The transformer's config.json: from --model-dir (its transformer/ folder, or the folder itself), else the
-    public config of the adapter's model shipped in dfd_video/configs/ (its "_source" says where the values come
+    public config of the adapter's model in tests/configs/ (its "_source" says where the values come
     from). Returns (config, where it was read)."""
     if model_dir is None:
         path = os.path.join(CONFIGS, adapter.public_config)
