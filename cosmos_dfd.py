@@ -410,7 +410,7 @@ class CosmosAdapter:
     lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
                     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
     lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
-    public_config = "cosmos_predict2.5_2b_transformer.json"  # `plan` without --model-dir (tests/configs/);
+    public_config = "cosmos_predict2.5_2b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/);
     # no saved_for_backward yet: `plan` gives Cosmos's activations by the rough rule of `check`
 
     def __init__(self):

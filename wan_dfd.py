@@ -119,7 +119,7 @@ class WanAdapter:
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
-    public_config = "wan2.1_t2v_1.3b_transformer.json"  # `plan` without --model-dir (tests/configs/)
+    public_config = "wan2.1_t2v_1.3b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/)
     # `plan`: what autograd keeps for backward per clip while the network runs with grad, as {shape: (tensors in the
     # compute dtype, fp32 tensors)}, S video tokens, T text tokens, D width, F ffn width, H heads, r LoRA rank.
     # Counted with saved_tensors_hooks in diffusers 0.42.1's WanTransformerBlock under FSDP2 bf16 on torch 2.13's CPU

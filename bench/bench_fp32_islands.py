@@ -1,7 +1,7 @@
 """Measurement: one DFD step under FSDP2 bf16 against diffusers' own mixed precision, before and after the fp32 islands.
 
     python bench/bench_fp32_islands.py                                      # tiny Wan and Cosmos, 3 seeds, ~2 min
-    python bench/bench_fp32_islands.py --size real --seeds 0 --models wan   # real widths (tests/configs), 1 block, ~3 min
+    python bench/bench_fp32_islands.py --size real --seeds 0 --models wan   # real widths (dfd_video/configs), 1 block, ~3 min
     python bench/bench_fp32_islands.py --size real --seeds 0 --models cosmos --modes diffusers fsdp_before fsdp_after
                                                                             # ~3 min, ~10 GB
 
@@ -47,12 +47,12 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dfd  # noqa: E402
 from dfd_video.distributed import cast_keeping_fp32, fp32_islands, setup_distributed, shard  # noqa: E402
 
-CONFIGS = os.path.join(ROOT, "tests", "configs")
+CONFIGS = os.path.join(ROOT, "dfd_video", "configs")
 MODES = ("fp32", "diffusers", "fsdp_before", "fsdp_after", "bare_bf16", "fp32_fsdp")
 
 
 def build(model: str, size: str, seed: int) -> nn.Module:
-    """A random transformer: the tests' tiny one, or the real config (tests/configs) cut to one block."""
+    """A random transformer: the tests' tiny one, or the real config (dfd_video/configs) cut to one block."""
     if size == "tiny":
         import tiny_cosmos
         import tiny_wan
@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["wan", "cosmos"], choices=("wan", "cosmos"))
     p.add_argument("--size", default="tiny", choices=("tiny", "real"),
-                   help="tiny: the tests' models; real: tests/configs at real widths, one block")
+                   help="tiny: the tests' models; real: dfd_video/configs at real widths, one block")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="a subset (the real-width Cosmos: diffusers fsdp_before fsdp_after, ~10 GB)")

@@ -135,12 +135,12 @@ def lora_shapes(sizes: dict, rank: int) -> list[tuple[int, int]]:
 
 
 # the public transformer configs (with their sources), shared with tests/test_real_width.py
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def read_config(adapter, model_dir: str | None) -> tuple[dict, str]:
     """The transformer's config.json: from --model-dir (its transformer/ folder, or the folder itself), else the
-    public config of the adapter's model in tests/configs/ (its "_source" says where the values come
+    public config of the adapter's model in dfd_video/configs/ (its "_source" says where the values come
     from). Returns (config, where it was read)."""
     if model_dir is None:
         path = os.path.join(CONFIGS, adapter.public_config)

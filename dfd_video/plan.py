@@ -4,7 +4,7 @@
   python wan_dfd.py plan --table            # the tables of docs/memory.md
 
 Nothing is loaded: the transformer is built on the meta device from --model-dir's config.json, or from the public
-config of the model in tests/configs/. The model is dfd_video.memory.plan_memory; docs/memory.md says which parts
+config of the model in dfd_video/configs/. The model is dfd_video.memory.plan_memory; docs/memory.md says which parts
 are exact, which are counted (and checked against measurement) and which are rough.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ TABLE_WEIGHTS = (0, 16, 64)  # full weights, LoRA r = 16, r = 64
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
-                   "config.json sets the architecture (default: the public config of the model, tests/configs/)")
+                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
                    "sharded over all of them")
     p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")

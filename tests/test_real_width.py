@@ -1,4 +1,4 @@
-"""Real widths (slow, CPU): the public Wan2.1-T2V-1.3B and Cosmos-Predict2.5-2B transformer configs (tests/configs/,
+"""Real widths (slow, CPU): the public Wan2.1-T2V-1.3B and Cosmos-Predict2.5-2B transformer configs (dfd_video/configs/,
 each with its source) cut to one block, random init, through the commands users run: one DFD training step under
 FSDP2 with bf16 mixed precision (the fp32 islands included), then one `sample` from its checkpoint at a small latent
 size. The tiny test models do not exercise the real head dims (128), RoPE tables (Wan: 1024 positions x 64
@@ -23,7 +23,7 @@ import dfd_video.data
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "tests", "configs")
+CONFIGS = os.path.join(ROOT, "dfd_video", "configs")
 WAN_CONFIG = os.path.join(CONFIGS, "wan2.1_t2v_1.3b_transformer.json")
 COSMOS_CONFIG = os.path.join(CONFIGS, "cosmos_predict2.5_2b_transformer.json")
 LATENT = (16, 2, 4, 4)  # [C, T, h, w]: 5 frames at 32 x 32 pixels
