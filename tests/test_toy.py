@@ -441,3 +441,14 @@ def test_cli_writes_table_json_and_figure(tmp_path):
     assert (out / "ring.png").stat().st_size > 1000
     modes = summary["dmd"]["modes"]["mean"]
     assert f"| dmd | {modes:.1f} |" in r.stdout and "± 0" not in r.stdout  # one seed: no spread printed
+    # a second run into the same --out is refused (it would mix its files with the first run's) ...
+    again = subprocess.run(r.args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode != 0 and again.stderr.strip().endswith(
+        f"error: --out {out} already holds an earlier run (results.json, results.md); pass --overwrite to move it "
+        "aside and start afresh, or give another --out"), again.stderr
+    # ... and --overwrite moves the first run aside, whole
+    again = subprocess.run([*r.args, "--overwrite"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("toy.old-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "results.json").read_text()) == rep
+    assert (out / "results.json").exists()

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 import dfd
 from toy import gmm as gmm_lib
+from toy import theory
 from toy.metrics import evaluate
 
 
@@ -512,24 +513,15 @@ def run_suite(cells: list[Cell], groups: dict[str, list[int]], out_dir: str, wor
                                 f"{c.label}: arm - continued DMD per seed ({_seeds(groups[last])}), mean and 95% "
                                 "interval")
     text = "\n\n".join(md)
-    _write(os.path.join(out_dir, "results.md"), text + "\n")
-    _write(os.path.join(out_dir, "results.json"), json.dumps(report, indent=1, allow_nan=True))
+    theory.write_atomic(os.path.join(out_dir, "results.md"), text + "\n")
+    theory.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(report, indent=1, allow_nan=True))
     print(text)
     if theory_too:
-        from toy import theory
 
         print()
         report["theory"] = theory.report(out_dir, std=cells[0].cfg.std)
     print(f"\n{time.time() - t0:.1f} s; wrote {', '.join(sorted(os.listdir(out_dir)))} to {out_dir}")
     return report
-
-
-def _write(path: str, text: str) -> None:
-    """Atomic: a killed run never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -550,6 +542,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          f"tuning seeds {TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]} and held-out seeds "
                          f"{HELD_OUT_SEEDS[0]}-{HELD_OUT_SEEDS[-1]}, and toy/theory.py")
     ap.add_argument("--out", default=os.path.join("out", "toy"), help="output folder (default out/toy)")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run's "
+                    "results, after renaming that folder to <out>.old-<date>-<time>")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 with --all, else 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (tiny MLPs: 1 is fastest)")
     return ap.parse_args(argv)
@@ -583,6 +577,14 @@ def main(argv: list[str] | None = None) -> dict:
         groups = {"run": list(range(a.first_seed, a.first_seed + (a.seeds or 1)))}
     if a.all and a.dataset is None:  # the guidance control: the same student with an unguided teacher
         cells.append(Cell("ring_shared_g1", replace(cfg, dataset="ring_shared", guidance=1.0), ["dmd"]))
+    held = theory.earlier_results(a.out, ("results.json", "results.md", "theory.json"))
+    if held and not a.overwrite:  # a new run would mix its files with the earlier run's (figures of other cells)
+        raise SystemExit(f"error: --out {a.out} already holds an earlier run ({', '.join(held)}); pass --overwrite "
+                         "to move it aside and start afresh, or give another --out")
+    if held:
+        aside = f"{os.path.normpath(a.out)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(a.out, aside)
+        print(f"--overwrite: moved the earlier run in {a.out} to {aside}")
     workers = a.workers if a.workers is not None else (2 if a.all else 1)
     torch.set_num_threads(a.threads)
     print(f"toy: {[c.label for c in cells]}, arms {arms}, {groups}, stage 1 {cfg.stage1_steps} + stage 2 "

@@ -290,20 +290,36 @@ def report(out_dir: str, dataset: str = "ring", std: float = 0.2, quick: bool = 
                             os.path.join(out_dir, f"theory_prop1_{sp}_{pr}.png"),
                             f"Prop. 1 chain, {sp} space, x {pr} of z ({dataset}, std {std})")
     text = "\n".join(md)
-    with open(os.path.join(out_dir, "theory.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out_dir, "theory.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_atomic(os.path.join(out_dir, "theory.md"), text + "\n")
+    write_atomic(os.path.join(out_dir, "theory.json"), json.dumps(res, indent=1))
     print(text)
     return res
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Through a temporary name and a rename: a killed run never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def earlier_results(out_dir: str, names: tuple[str, ...]) -> list[str]:
+    """Which of the files a toy run writes `out_dir` already holds (an earlier run's)."""
+    return [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Prop. A.1 and Prop. 1 checked against the exact mixture")
-    ap.add_argument("--out", default=os.path.join("out", "toy"))
+    ap.add_argument("--out", default=os.path.join("out", "toy"), help="output folder (default out/toy)")
+    ap.add_argument("--overwrite", action="store_true", help="replace theory.md / theory.json of an earlier run")
     ap.add_argument("--dataset", default="ring", choices=sorted(gmm_lib.DATASETS))
     ap.add_argument("--std", type=float, default=0.2)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    held = earlier_results(a.out, ("theory.md", "theory.json"))
+    if held and not a.overwrite:
+        raise SystemExit(f"error: --out {a.out} already holds {', '.join(held)} of an earlier run; pass --overwrite "
+                         "to replace them, or give another --out")
     torch.set_num_threads(1)
     report(a.out, a.dataset, a.std, a.quick)
