@@ -13,7 +13,7 @@ from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.evaluate import run_evaluate
 from dfd_video.files import check_writable
-from dfd_video.plan import add_plan_args, check_plan_args, run_plan
+from dfd_video.plan import check_plan_args, run_plan
 from dfd_video.plot import run_plot
 from dfd_video.prepare import run_prepare
 from dfd_video.runs import run_files
@@ -194,10 +194,8 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
     add_train_args(p, check=True)
     p.add_argument("--world-size", type=int, default=8, help="ranks of the planned train run, for the memory "
                    "estimate (default 8: one node); check itself runs as one process")
-    p.add_argument("--num-frames", type=int, default=17, help="frames of the low-resolution parity / sample clip "
-                   "(without --data; with --data the data's clip size is used)")
-    p.add_argument("--height", type=int, default=240, help="height of that clip (multiple of 16)")
-    p.add_argument("--width", type=int, default=416, help="width of that clip (multiple of 16)")
+    add_clip_args(p, "frames of the low-resolution parity / sample clip (without --data; with --data the data's "
+                  "clip size is used)", None, (17, 240, 416))
     p.add_argument("--sampler", default="ode", choices=("ode", "renoise"),
                    help="the student sampler (as in `sample`): ode = the noise x_t implies (the authors' inference), "
                         "renoise = fresh noise between steps")
@@ -248,12 +246,38 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    "decodes and encodes only the videos it has not seen)")
 
 
-def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str) -> None:
-    """The video geometry; the paper's: 81 frames at 832 x 480, 16 fps."""
-    p.add_argument("--num-frames", type=int, default=81, help=frames_help)
-    p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
-    p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
-    p.add_argument("--fps", type=float, default=16.0, help=fps_help)
+def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str | None,
+                  size: tuple[int, int, int] = (81, 480, 832)) -> None:
+    """The video geometry (frames, height, width; the paper's by default, 81 x 480 x 832 at 16 fps); no --fps when
+    fps_help is None."""
+    p.add_argument("--num-frames", type=int, default=size[0], help=frames_help)
+    p.add_argument("--height", type=int, default=size[1], help="frame height in pixels (a multiple of 16)")
+    p.add_argument("--width", type=int, default=size[2], help="frame width in pixels (a multiple of 16)")
+    if fps_help is not None:
+        p.add_argument("--fps", type=float, default=16.0, help=fps_help)
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
+                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
+                   "sharded over all of them")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")
+    p.add_argument("--fake-init", default="teacher", choices=("teacher", "critic"), help="where the fake score "
+                   "starts; with --lora-rank, teacher puts its adapter on the teacher's base (two bases in memory), "
+                   "critic gives it a frozen base of its own (three)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (weights, gradients and "
+                   "AdamW state are fp32 either way)")
+    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay of the planned run (> 0 adds the EMA)")
+    p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
+    add_clip_args(p, "frames per clip (4k + 1)", None)
+    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
+                   "has 80 GiB)")
+    p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
+                   "the CUDA context, NCCL buffers, the allocator's fragmentation")
+    p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
+                   "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:

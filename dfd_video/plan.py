@@ -20,31 +20,6 @@ TABLE_GPUS = (24, 48, 80)
 TABLE_WEIGHTS = (0, 16, 64)  # full weights, LoRA r = 16, r = 64
 
 
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
-                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
-    p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
-                   "sharded over all of them")
-    p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")
-    p.add_argument("--fake-init", default="teacher", choices=("teacher", "critic"), help="where the fake score "
-                   "starts; with --lora-rank, teacher puts its adapter on the teacher's base (two bases in memory), "
-                   "critic gives it a frozen base of its own (three)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (weights, gradients and "
-                   "AdamW state are fp32 either way)")
-    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay of the planned run (> 0 adds the EMA)")
-    p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
-    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k + 1)")
-    p.add_argument("--height", type=int, default=480, help="frame height in pixels (a multiple of 16)")
-    p.add_argument("--width", type=int, default=832, help="frame width in pixels (a multiple of 16)")
-    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
-                   "has 80 GiB)")
-    p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
-                   "the CUDA context, NCCL buffers, the allocator's fragmentation")
-    p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
-                   "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
-
-
 def check_plan_args(args: argparse.Namespace) -> list[str]:
     bad = []
     if args.batch_per_gpu < 1:
