@@ -229,6 +229,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                              "aesthetic quality, on --aesthetic-clip's embeddings"),
         "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
                              "--aesthetic-head (default: --clip)"),
+        "--vbench-dreamsim": ("DIR", "local DreamSim cache folder (the ensemble checkpoint unpacked, and DINO's "
+                              "backbone in checkpoints/) for VBench I2V background, with --i2v-images"),
         "--amt": ("FILE", "AMT-S weights (amt-s.pth, as VBench downloads it) for VBench motion smoothness"),
         "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
         "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
@@ -238,7 +240,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "
                    "every frame of every video is decoded)")
     p.add_argument("--i2v-images", nargs="+", metavar="FILE", help="the conditioning image per prompt (in prompt "
-                   "order, or one for all) given to `sample --images`: adds VBench I2V subject (with --vbench-dino)")
+                   "order, or one for all) given to `sample --images`: adds VBench I2V subject (with --vbench-dino) "
+                   "and I2V background (with --vbench-dreamsim)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
     p.add_argument("--out", default="eval", help="output folder")
     p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "

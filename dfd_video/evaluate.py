@@ -310,7 +310,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
 
 VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency": "background cons.",
                  "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
-                 "i2v_subject": "I2V subject", "dynamic_degree": "dynamic degree",
+                 "i2v_subject": "I2V subject", "i2v_background": "I2V background", "dynamic_degree": "dynamic degree",
                  "imaging_quality": "imaging quality", "motion_smoothness": "motion smooth.",
                  "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
 
@@ -424,7 +424,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
             bad.append(f"--encoder {spec}: the name {name} is taken")
         enc_dirs[name] = folder
     for flag, path in (("--vbench-dino", args.vbench_dino), ("--vbench-clip", args.vbench_clip),
-                       ("--aesthetic-clip", args.aesthetic_clip)):
+                       ("--aesthetic-clip", args.aesthetic_clip), ("--vbench-dreamsim", args.vbench_dreamsim)):
         if path is not None and not os.path.isdir(path):
             bad.append(f"{flag} {path}: no such folder")
     if args.aesthetic_head is not None and (args.aesthetic_clip or args.clip) is None:
@@ -433,8 +433,11 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     for path in args.i2v_images or []:
         if not os.path.isfile(path):
             bad.append(f"--i2v-images {path}: no such file")
-    if args.i2v_images and args.vbench_dino is None:
-        bad.append("--i2v-images: I2V subject needs --vbench-dino")
+    if args.i2v_images and args.vbench_dino is None and args.vbench_dreamsim is None:
+        bad.append("--i2v-images: I2V subject needs --vbench-dino, I2V background --vbench-dreamsim; neither given")
+    if args.vbench_dreamsim is not None and not args.i2v_images:
+        bad.append(f"--vbench-dreamsim {args.vbench_dreamsim}: I2V background compares frames with the conditioning "
+                   "image: give --i2v-images")
     if args.device == "cuda" and not torch.cuda.is_available():
         bad.append("--device cuda: no CUDA device here")
     if bad:
@@ -473,7 +476,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
                     for k, v in enc_dirs.items()}
         vbench = build_vbench(device, args.vbench_dino, args.vbench_clip, args.aesthetic_clip or args.clip,
                               args.aesthetic_head, args.temporal_flickering, bool(args.i2v_images), args.raft,
-                              args.musiq, args.amt)
+                              args.musiq, args.amt, args.vbench_dreamsim)
         results = [evaluate_folder(f, encoders, None if args.poses is None else args.poses[m], args.frames,
                                    figure_prompts, args.relative_poses,
                                    None if args.no_cache else os.path.join(args.out, "cache"), vbench,

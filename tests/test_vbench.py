@@ -18,9 +18,9 @@ import torch
 import tiny_vision as tv
 import wan_dfd
 from dfd_video import vbench
-from dfd_video.vbench import (aesthetic_quality, amt, background_consistency, common, dynamic_degree, i2v_subject,
-                              imaging_quality, motion_smoothness, musiq, raft, subject_consistency,
-                              temporal_flickering)
+from dfd_video.vbench import (aesthetic_quality, amt, background_consistency, common, dreamsim, dynamic_degree,
+                              i2v_background, i2v_subject, imaging_quality, motion_smoothness, musiq, raft,
+                              subject_consistency, temporal_flickering)
 
 torch.set_num_threads(1)
 
@@ -189,6 +189,23 @@ def test_preprocess_i2v_is_antialiased_like_pil():
     assert np.abs(common.center_crop(sharp, 224)[0].permute(1, 2, 0).numpy() - want).mean() > 2.0
 
 
+def test_preprocess_i2v_background_sizes_values_and_pil():
+    """I2V background (dreamsim_transform): any frame size to 224 x 224 without cropping, 0..1, no mean / std; the
+    antialiased bicubic within half a grey level on average of PIL's (which VBench-I2V applies to the image: its
+    kernel is a = -0.5, torch's a = -0.75, so they part at sharp edges), the plain bicubic much further off."""
+    from PIL import Image
+    for hw in ((32, 48), (480, 832), (224, 224)):
+        x = i2v_background.preprocess(np.full((2, *hw, 3), 51, np.uint8))
+        assert x.shape == (2, 3, 224, 224) and torch.allclose(x, torch.full_like(x, 0.2), atol=1e-6)
+    x = tv.random_frames(3, T=1, height=480, width=832)[0]
+    x = np.clip(x.astype(int) + np.random.default_rng(2).integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
+    want = np.asarray(Image.fromarray(x).resize((224, 224), Image.BICUBIC)).astype(np.float64)
+    got = i2v_background.preprocess(x[None])[0].permute(1, 2, 0).double().numpy() * 255
+    assert np.abs(got - want).mean() < 0.5
+    sharp = torch.nn.functional.interpolate(common.to_float_nchw(x[None]), size=(224, 224), mode="bicubic")
+    assert np.abs(sharp[0].permute(1, 2, 0).numpy() - want).mean() > 2.0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Models in their real on-disk layouts.
 
@@ -199,7 +216,8 @@ def models(tmp_path_factory):
     return {"dino": tv.build_dino_vit(str(root / "dino")),
             "clip_b32": tv.build_clip(str(root / "clip_b32"), image_size=224, patch_size=32),
             "clip_l14": tv.build_clip(str(root / "clip_l14"), seed=1, image_size=224, patch_size=14),
-            "head": tv.build_aesthetic_head(str(root / "head.pth"))}
+            "head": tv.build_aesthetic_head(str(root / "head.pth")),
+            "dreamsim": tv.build_dreamsim(str(root / "dreamsim"))}
 
 
 def dino_reference_pos_embed(pos: torch.Tensor, npatch: int, w: int, h: int, patch: int) -> torch.Tensor:
@@ -346,7 +364,8 @@ def folder(tmp_path_factory):
 def vbench_argv(models, folder, out, *extra):
     return ["evaluate", "--samples", folder["dir"], "--names", "DFD", "--vbench-dino", models["dino"],
             "--vbench-clip", models["clip_b32"], "--aesthetic-head", models["head"], "--aesthetic-clip",
-            models["clip_l14"], "--temporal-flickering", "--i2v-images", *folder["images"], "--frames", "8",
+            models["clip_l14"], "--temporal-flickering", "--i2v-images", *folder["images"], "--vbench-dreamsim",
+            models["dreamsim"], "--frames", "8",
             "--figure-prompts",
             "--device", "cpu", "--out", out, *extra]
 
@@ -361,9 +380,9 @@ def run(models, folder, tmp_path_factory):
 def test_evaluate_vbench_columns(run, models, folder):
     m = run["report"]["methods"][0]
     names = ["subject_consistency", "background_consistency", "aesthetic_quality", "temporal_flickering",
-             "i2v_subject"]
+             "i2v_subject", "i2v_background"]
     dims = {d.name: d for d in vbench.build("cpu", models["dino"], models["clip_b32"], models["clip_l14"],
-                                            models["head"], flickering=True, i2v=True)}
+                                            models["head"], flickering=True, i2v=True, dreamsim=models["dreamsim"])}
     want = {k: [] for k in names}
     for i in range(2):
         for s in range(2):
@@ -382,7 +401,7 @@ def test_evaluate_vbench_columns(run, models, folder):
         raw = temporal_flickering.flicker_score(clip_frames(1, s))
         assert m["per_video"][f"prompt001_seed{s}"]["temporal_flickering"] == pytest.approx(raw, abs=0.01)
         assert raw < 0.99  # and the static clip is above 0.999
-    # all five are in the paper's quality average
+    # all six are in the paper's quality average
     assert m["summary"]["vbench_average"] == pytest.approx(np.mean([m["summary"][k] for k in names]), abs=1e-9)
     assert "vbench_average_dynamic" not in m["summary"]
     s = run["report"]["settings"]
@@ -394,9 +413,11 @@ def test_evaluate_vbench_columns(run, models, folder):
 def test_evaluate_vbench_report_markdown(run):
     md = open(os.path.join(run["out"], "report.md")).read()
     header = md.split("\n")[2]
-    for label in ("subject cons.", "background cons.", "aesthetic", "temporal flicker.", "I2V subject", "VBench avg."):
+    for label in ("subject cons.", "background cons.", "aesthetic", "temporal flicker.", "I2V subject",
+                  "I2V background", "VBench avg."):
         assert f"| {label} |" in header
-    assert "`vbench2_beta_i2v/i2v_subject.py`" in md and "Dynamic degree was not computed" in md
+    assert "`vbench2_beta_i2v/i2v_subject.py`" in md and "`vbench2_beta_i2v/i2v_background.py`" in md
+    assert "Dynamic degree was not computed" in md
 
 
 def test_evaluate_vbench_cache_reuses_scores(run, models, folder, monkeypatch):
@@ -407,7 +428,7 @@ def test_evaluate_vbench_cache_reuses_scores(run, models, folder, monkeypatch):
     assert calls == []  # every score came from <out>/cache
     again = json.load(open(os.path.join(run["out"], "report.json")))
     assert again["methods"][0]["summary"] == run["report"]["methods"][0]["summary"]
-    # a new image for prompt 1 re-scores I2V subject of prompt 1's videos only
+    # a new image for prompt 1 re-scores I2V subject and background of prompt 1's videos only
     other = os.path.join(os.path.dirname(folder["images"][0]), "other.png")
     save_png(other, clip_frames(0, 1)[0])
     argv = vbench_argv(models, folder, run["out"])
@@ -426,6 +447,9 @@ def test_evaluate_vbench_flag_errors(models, folder, tmp_path):
     assert "--vbench-dino" in err("--vbench-dino", str(tmp_path / "nope"))
     assert "--aesthetic-head" in err("--aesthetic-head", models["head"])  # no CLIP to score
     assert "--vbench-dino" in err("--i2v-images", folder["images"][0])
+    assert "--i2v-images" in err("--vbench-dreamsim", models["dreamsim"])  # nothing to compare the frames with
+    assert "--vbench-dreamsim" in err("--vbench-dreamsim", str(tmp_path / "nope"), "--i2v-images", folder["images"][0])
+    assert "--vbench-dreamsim" in err("--vbench-dreamsim", models["dino"], "--i2v-images", folder["images"][0])
     assert "--vbench-clip" in err("--vbench-clip", models["dino"])  # a ViT folder is not a CLIP folder
     assert "--aesthetic-head" in err("--clip", models["clip_l14"], "--aesthetic-head", models["dino"])  # a folder
 
@@ -455,6 +479,89 @@ def test_model_folder_with_missing_weights_is_refused(models, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"--vbench-dino .*weight\(s\) missing"):
         subject_consistency.load_dino(str(broken), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# I2V background (VBench-I2V i2v_background.py) and the DreamSim written for it (dfd_video/vbench/dreamsim.py);
+# tests/test_dreamsim_reference.py checks it against the dreamsim package itself, where that installs.
+
+
+def test_dreamsim_merged_lora_is_peft_lora(models, monkeypatch):
+    """Merging the adapter into qkv gives what peft's unmerged LoRA layers compute; the adapter matters."""
+    from peft import PeftModel
+    merged = dreamsim.load_dreamsim(models["dreamsim"], "cpu", "--vbench-dreamsim")
+    x = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    e = merged.embed(x)
+    assert e.shape == (3, 64 + 32 + 32)
+    assert torch.allclose(e.mean(-1), torch.zeros(3), atol=1e-6)  # centred over its entries,
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-6)  # and of unit length
+    monkeypatch.setattr(dreamsim, "merge_lora", lambda *a, **k: 0)
+    bare = dreamsim.load_dreamsim(models["dreamsim"], "cpu", "--vbench-dreamsim")
+    base_e = bare.embed(x)
+    peft_model = PeftModel.from_pretrained(bare, os.path.join(models["dreamsim"], dreamsim.LORA_DIR)).eval()
+    with torch.no_grad():
+        unmerged = peft_model.base_model.model.embed(x)
+    assert torch.allclose(e, unmerged, atol=1e-6), (e - unmerged).abs().max()
+    assert (e - base_e).abs().max() > 1e-3
+
+
+def test_dreamsim_load_errors(models, tmp_path):
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    def broken(edit) -> str:
+        d = tmp_path / f"ds{len(os.listdir(tmp_path))}"
+        shutil.copytree(models["dreamsim"], d)
+        edit(d)
+        return str(d)
+
+    def err(folder) -> str:
+        with pytest.raises(ValueError) as e:
+            dreamsim.load_dreamsim(folder, "cpu", "--vbench-dreamsim")
+        return str(e.value)
+
+    assert "no such folder" in err(str(tmp_path / "nope"))
+    gone = broken(lambda d: os.remove(d / dreamsim.DINO_FILE))
+    assert err(gone).startswith(f"--vbench-dreamsim {os.path.join(gone, dreamsim.DINO_FILE)}: missing")
+
+    def drop_proj(d):
+        sd = torch.load(d / dreamsim.CLIP_FILE, weights_only=True)
+        del sd["state_dict"]["proj"]
+        torch.save(sd, d / dreamsim.CLIP_FILE)
+    assert "no 'proj' entry" in err(broken(drop_proj))
+
+    def drop_block(d):
+        sd = torch.load(d / dreamsim.OPEN_CLIP_FILE, weights_only=True)
+        sd["state_dict"] = {k: v for k, v in sd["state_dict"].items() if k != "norm.weight"}
+        torch.save(sd, d / dreamsim.OPEN_CLIP_FILE)
+    assert f"{dreamsim.OPEN_CLIP_FILE}: not a DINO-layout ViT state dict" in err(broken(drop_block))
+
+    def drop_lora(d):
+        path = d / dreamsim.LORA_DIR / "adapter_model.safetensors"
+        sd = load_file(str(path))
+        save_file({k: v for k, v in sd.items() if "extractor_list.2." not in k}, str(path))
+    assert "LoRA entries do not match" in err(broken(drop_lora))
+
+    def dora(d):
+        path = d / dreamsim.LORA_DIR / "adapter_config.json"
+        cfg = json.load(open(path))
+        json.dump({**cfg, "use_dora": True}, open(path, "w"))
+    assert "use_dora" in err(broken(dora))
+
+
+def test_i2v_background_static_and_changing_clips(models):
+    dim = vbench.build("cpu", dreamsim=models["dreamsim"], i2v=True)
+    assert [d.name for d in dim] == ["i2v_background"] and vbench.build("cpu", dreamsim=models["dreamsim"]) == []
+    dim = dim[0]
+    a, b = tv.random_frames(1, T=1, height=32, width=48)[0], tv.random_frames(2, T=1, height=32, width=48)[0]
+    assert dim(np.stack([a] * 4), a) == pytest.approx(1.0, abs=1e-6)
+    # A, A, B, B against the image A: 0.4 * 1 + 0.3 * mean(1, c, 1) + 0.3 * min(1, c, 1), c = max(0, cos(e_A, e_B))
+    ea, eb = dim.model.embed(i2v_background.preprocess(np.stack([a, b])))
+    c = max(0.0, float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)))
+    assert c < 0.999  # the two frames do differ in embedding
+    assert dim(np.stack([a, a, b, b]), a) == pytest.approx(0.4 + 0.3 * (2 + c) / 3 + 0.3 * c, abs=1e-5)
+    with pytest.raises(ValueError, match="--i2v-images"):
+        dim(np.stack([a] * 4), None)
 
 
 # ---------------------------------------------------------------------------------------------------

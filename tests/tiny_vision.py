@@ -4,6 +4,8 @@ build_clip(dir)           a CLIPModel + CLIPImageProcessor folder (the layout of
                           config.json with text and vision configs, model.safetensors, preprocessor_config.json),
                           1 layer, hidden 16, projection_dim 8, 32x32 input in 8x8 patches.
 build_dino_vit(dir)       a ViTModel folder (the layout of facebook/dino-vitb16), 1 layer, hidden 16, 224x224 in 16x16.
+build_dreamsim(dir)       a DreamSim cache folder (DINO's hub backbone file, the two CLIP-as-DINO files, a peft LoRA
+                          adapter on every qkv), 224x224 in 16x16 patches, 1 block each, width 64, projections 32.
 build_aesthetic_head(f)   a linear head file in the format of LAION's aesthetic predictor (sa_0_4_vit_l_14_linear.pth).
 build_raft(file)          a RAFT checkpoint with random weights in the layout of raft-things.pth (full size).
 build_amt(file)           an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth.
@@ -70,6 +72,42 @@ def build_dino_vit(path: str, seed: int = 0) -> str:
     model = ViTModel(ViTConfig(hidden_size=DINO_DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                image_size=224, patch_size=16, qkv_bias=True), add_pooling_layer=False).eval()
     model.save_pretrained(path)
+    return path
+
+
+def build_dreamsim(path: str, seed: int = 0, dim: int = 64, proj: int = 32) -> str:
+    """Saves a tiny random DreamSim ensemble at `path` in the layout `dreamsim(pretrained=True, cache_dir=path)`
+    leaves (dfd_video/vbench/dreamsim.py): checkpoints/dino_vitbase16_pretrain.pth (a bare state dict in DINO's
+    names), clip_vitb16_pretrain.pth.tar and open_clip_vitb16_pretrain.pth.tar ({"state_dict": ... + "proj"}), and
+    ensemble_lora/ saved by peft (r 4, lora_alpha 2, target "qkv", random A and B so that merging matters)."""
+    from peft import LoraConfig, get_peft_model
+    from dfd_video.vbench import dreamsim as ds
+    g = torch.Generator().manual_seed(seed)
+
+    def randomize(module: torch.nn.Module) -> dict:
+        sd = {}
+        for k, v in module.state_dict().items():
+            scale = 0.1 if ("norm" in k or "pos_drop" in k) and k.endswith("weight") else 0.05
+            sd[k] = (1.0 if scale == 0.1 else 0.0) + scale * torch.randn(v.shape, generator=g)
+        module.load_state_dict(sd)
+        return sd
+
+    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+    vits = [ds.ViT(dim, 1, 16, 197, clip=c, quick_gelu=q) for c, q in ((False, False), (True, True), (True, False))]
+    torch.save(randomize(vits[0]), os.path.join(path, ds.DINO_FILE))
+    projs = [None]
+    for vit, name in zip(vits[1:], (ds.CLIP_FILE, ds.OPEN_CLIP_FILE)):
+        sd = randomize(vit)
+        projs.append(torch.randn(dim, proj, generator=g) / dim ** 0.5)
+        torch.save({"state_dict": {**sd, "proj": projs[-1]}}, os.path.join(path, name))
+    model = ds.DreamSim([ds.Branch(v, p, ds.IMAGENET_MEAN if p is None else ds.CLIP_MEAN,
+                                   ds.IMAGENET_STD if p is None else ds.CLIP_STD) for v, p in zip(vits, projs)])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=["qkv"], bias="none"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(os.path.join(path, ds.LORA_DIR))
     return path
 
 

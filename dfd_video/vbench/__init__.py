@@ -7,12 +7,12 @@ the model it uses and its preprocessing:
   temporal_flickering.py     model-free: (255 - mean absolute difference of consecutive frames) / 255
   aesthetic_quality.py       LAION aesthetic linear head on CLIP ViT-L/14 image embeddings, / 10
   i2v_subject.py             DINO ViT-B/16, frames against the conditioning image and their neighbours
+  i2v_background.py          DreamSim (dreamsim.py, written here), the same formula as I2V subject
   dynamic_degree.py          RAFT optical flow (raft.py, written here), VBench's moving-or-not rule
   imaging_quality.py         MUSIQ (musiq.py, written here) with pyiqa's SPAQ weights, / 100
   motion_smoothness.py       AMT-S frame interpolation (amt.py, written here) against the odd frames
 
-Not implemented (see docs/evaluation.md): I2V background (DreamSim). Why not the
-`vbench` package itself: vbench 0.1.5 requires transformers==4.33.2 and numpy<2 (and torchvision, decord,
+Why not the `vbench` package itself: vbench 0.1.5 requires transformers==4.33.2 and numpy<2 (and torchvision, decord,
 openai-clip, pyiqa), which this project's pins exclude.
 
 Every dimension object has `name`, `key` (its per-video cache entry), `folder` (the model, or None), `needs_image`
@@ -29,6 +29,7 @@ FOLLOWS = {"subject_consistency": "vbench/subject_consistency.py",
            "temporal_flickering": "vbench/temporal_flickering.py",
            "aesthetic_quality": "vbench/aesthetic_quality.py",
            "i2v_subject": "vbench2_beta_i2v/i2v_subject.py",
+           "i2v_background": "vbench2_beta_i2v/i2v_background.py",
            "dynamic_degree": "vbench/dynamic_degree.py",
            "imaging_quality": "vbench/imaging_quality.py",
            "motion_smoothness": "vbench/motion_smoothness.py"}
@@ -49,13 +50,15 @@ def averages(summary: dict[str, float]) -> dict[str, float]:
 
 def build(device, dino: str | None = None, clip_b32: str | None = None, aesthetic_clip: str | None = None,
           aesthetic_head: str | None = None, flickering: bool = False, i2v: bool = False,
-          raft: str | None = None, musiq: str | None = None, amt: str | None = None) -> list:
+          raft: str | None = None, musiq: str | None = None, amt: str | None = None,
+          dreamsim: str | None = None) -> list:
     """The dimension objects the given models allow, in ORDER; a dimension whose model is not given is left out.
-    i2v adds the image-to-video dimensions (I2V subject, with `dino`); raft (a raft-things.pth) adds dynamic
-    degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality,
+    i2v adds the image-to-video dimensions (I2V subject with `dino`, I2V background with `dreamsim`, a DreamSim
+    cache folder); raft (a raft-things.pth) adds dynamic degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality,
     amt (amt-s.pth) motion smoothness. ValueError naming the flag on a bad model."""
     from dfd_video.vbench import (aesthetic_quality, amt as amt_model, background_consistency, common,
-                                  dynamic_degree, i2v_subject, imaging_quality, motion_smoothness,
+                                  dreamsim as dreamsim_model, dynamic_degree, i2v_background, i2v_subject,
+                                  imaging_quality, motion_smoothness,
                                   musiq as musiq_model, raft as raft_model, subject_consistency, temporal_flickering)
     dims = []
     dino_model = None if dino is None else subject_consistency.load_dino(dino, device, "--vbench-dino")
@@ -72,6 +75,9 @@ def build(device, dino: str | None = None, clip_b32: str | None = None, aestheti
         dims.append(temporal_flickering.TemporalFlickering())
     if i2v and dino_model is not None:
         dims.append(i2v_subject.I2VSubject(dino_model, dino))
+    if i2v and dreamsim is not None:
+        dims.append(i2v_background.I2VBackground(
+            dreamsim_model.load_dreamsim(dreamsim, device, "--vbench-dreamsim"), dreamsim))
     if amt is not None:
         dims.append(motion_smoothness.MotionSmoothness(amt_model.load_amt(amt, device, "--amt"), amt))
     if raft is not None:

@@ -94,10 +94,12 @@ class Dimension:
 
 
 def model_key(name: str, *paths: str) -> str:
-    """A cache key for `name` computed with the model files at `paths` (absolute path and newest mtime of each)."""
+    """A cache key for `name` computed with the model files at `paths` (absolute path and newest mtime of each; a
+    folder's files are walked, subfolders included)."""
     parts = [name]
     for p in paths:
-        files = [os.path.join(p, f) for f in os.listdir(p)] if os.path.isdir(p) else [p]
+        files = [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
+        files = files or [p]
         parts += [os.path.abspath(p), str(max(os.stat(f).st_mtime_ns for f in files))]
     return "vb_" + name + "_" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
