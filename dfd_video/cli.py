@@ -80,6 +80,8 @@ def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
     p.add_argument("--p", type=float, default=0.5, help="P(teacher sees the real video) per student step, Eq. 10; "
                    "0 = plain DMD, 1 = DFD only")
     p.add_argument("--per-sample-coin", action="store_true", help="one DFD coin per sample instead of per step")
+    p.add_argument("--p-t-min", type=float, default=0.0, help="beyond the paper: DFD only on samples whose DMD noise "
+                   "level t >= this (p(t) = p there, 0 below; per-sample coins); 0: the paper's p at every t")
     p.add_argument("--space", default="x0", choices=("x0", "score"), help="x0: the authors' loss; score: Eq. 8 literally")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG g in uncond + g (cond - uncond)")
     p.add_argument("--fake-updates", type=int, default=4, help="fake-score updates before each student update "
@@ -114,6 +116,8 @@ def check_args(args: argparse.Namespace) -> None:
     bad = []
     if hasattr(args, "p") and not 0.0 <= args.p <= 1.0:
         bad.append(f"--p {args.p}: must be in [0, 1]")
+    if hasattr(args, "p_t_min") and not 0.0 <= args.p_t_min <= 1.0:
+        bad.append(f"--p-t-min {args.p_t_min}: must be in [0, 1]")
     for name in ("steps", "batch_size", "grad_accum"):
         if hasattr(args, name) and getattr(args, name) < 1:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")

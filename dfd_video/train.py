@@ -25,7 +25,7 @@ from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, rea
 
 def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
     """The method settings (dfd.DFDConfig) from the train flags."""
-    return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, space=args.space,
+    return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, p_t_min=args.p_t_min, space=args.space,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
                          t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip,

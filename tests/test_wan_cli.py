@@ -185,6 +185,7 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
                       ["--bidirectional-ckpt"])
     cases = [
         (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
+        (base(p_t_min="1.5"), r"--p-t-min 1.5: must be in \[0, 1\]"),
         (base(steps="0"), "--steps 0: must be >= 1"),
         (base(keep="0"), "--keep 0: must be >= 1"),
         (base(lr="0"), "--lr 0.0: must be > 0"),
@@ -313,18 +314,20 @@ def test_help_and_cli_error_format(capsys):
 
 
 def test_method_flags_reach_the_loop(setup, tmp_path, capsys):
-    """--p 0 is plain DMD (no DFD step), --p 1 DFD on every step; --grad-accum and --backward-sim run and the
-    data position counts (fake updates + 1) x grad-accum micro-batches per step."""
+    """--p 0 is plain DMD (no DFD step), --p 1 DFD on every step, and with --p-t-min 1 on no sample (every t is
+    below --t-max 0.999); --grad-accum and --backward-sim run and the data position counts (fake updates + 1) x
+    grad-accum micro-batches per step."""
     s = setup
     common = ["--model-dir", s["pipe"], "--data", s["data"], "--dmd2-ckpt", s["dmd2"]["folder"], "--device", "cpu",
               "--steps", "3", "--fake-updates", "0", "--save-every", "0", "--monitor-every", "0"]
-    for p, want in (("0", 0.0), ("1", 1.0)):
-        last = wan_dfd.main(["train", *common, "--p", p, "--batch-size", "1",
-                             "--out", str(tmp_path / p)])
-        logs = [json.loads(x) for x in open(tmp_path / p / "metrics.jsonl")]
+    for p, extra, want in (("0", [], 0.0), ("1", [], 1.0), ("1", ["--p-t-min", "1"], 0.0)):
+        name = p + "".join(extra)
+        last = wan_dfd.main(["train", *common, "--p", p, *extra, "--batch-size", "1",
+                             "--out", str(tmp_path / name)])
+        logs = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
         assert [r["dfd"] for r in logs] == [want] * 3 and last["step"] == 2
         closing = capsys.readouterr().err.strip().splitlines()[-1]  # says where the run went
-        assert closing.startswith("trained to step 3") and str(tmp_path / p / "checkpoints" / "step-000002") in closing
+        assert closing.startswith("trained to step 3") and str(tmp_path / name / "checkpoints" / "step-000002") in closing
     out = tmp_path / "acc"
     wan_dfd.main(["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
                   "--fake-updates", "1", "--out", str(out)])
