@@ -8,7 +8,8 @@ One process (plain `python`, not torchrun), in four parts; docs/check.md explain
   3. student     a 4-step sample (dfd.sample at the student's times, --sampler), decoded, with saturation statistics;
                  with --data, delta^2 = E||x - G||^2 per element (Eq. 7) of the student's one-step output from real
                  clips noised to the first student time
-  4. memory      the estimated peak GPU memory per rank for --world-size and the train flags (dfd_video.memory)
+  4. memory      the estimated peak GPU memory per rank for --world-size and the train flags, as `plan` computes it
+                 (dfd_video.memory.plan_memory), and on a GPU the largest batch per rank that fits one like it
 Problems (a checkpoint that does not fit, failed parity, unreadable data) are one line each; any problem makes the
 command exit non-zero after the report is printed (and written with --out).
 """
@@ -28,7 +29,7 @@ from dfd_video.data import LatentShards
 from dfd_video.distributed import cast_keeping_fp32
 from dfd_video.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
-from dfd_video.memory import GiB, estimate_memory, network_sizes
+from dfd_video.memory import GiB, PlanConfig, largest_batch, network_sizes, part_rows, plan_memory
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
@@ -36,6 +37,7 @@ from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match
 # order. A convention error (timestep scale, guidance form, velocity sign) moves x0 by O(1) of its scale.
 PARITY_REL = {"fp32": 1e-4, "bf16": 2e-2}  # fp32 with TF32 off (see run_check)
 PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips: the memory estimate without --data
+RESERVE_GB = 6.0  # GiB per GPU left for what the estimate does not model (plan's --reserve-gb default)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,7 +276,9 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     rep["student"] = stu
 
     # 4. memory
-    rep["memory"] = memory_report(adapter, args, sizes, data)
+    fake_source = (ck["networks"].get("fake_score") or {}).get("source")
+    from_teacher = fake_source in (None, "teacher (--model-dir)")
+    rep["memory"] = memory_report(adapter, args, sizes, data, from_teacher, device)
     if rep["memory"].get("problem"):
         rep["problems"].append(rep["memory"]["problem"])
     rep["ok"] = not rep["problems"]
@@ -294,8 +298,12 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     return rep
 
 
-def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentShards | None) -> dict:
-    """dfd_video.memory.estimate_memory for the run `train` would start with these flags on --world-size ranks."""
+def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentShards | None,
+                  fake_from_teacher: bool, device: torch.device) -> dict:
+    """dfd_video.memory.plan_memory (what `plan` prints) for the run `train` would start with these flags on
+    --world-size ranks: --lora-rank, --ema, the compute dtype, checkpointing, the clips per rank per micro-batch,
+    at the --data clips' size (the paper's without --data); on a CUDA device, the largest batch per rank that fits a
+    GPU of its size with RESERVE_GB kept free."""
     world = args.world_size
     per_rank, rem = divmod(args.batch_size, world * args.grad_accum)
     out: dict[str, Any] = {"world_size": world, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
@@ -309,15 +317,22 @@ def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentSh
         f, h, w = PAPER_TRAIN_SIZE
         lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=f, height=h, width=w)))
         clip = f"{f} frames at {h}x{w} (the paper's; pass --data for yours)"
-    pt, ph, pw = sizes["patch"]
-    tokens = (lat[1] // pt) * (lat[2] // ph) * (lat[3] // pw)
     compute = "fp32" if args.dtype == "fp32" else "bf16"  # train's auto is bf16 on the GPUs it plans for
-    est = estimate_memory(sizes["shapes"], world, compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0,
-                          block_params=sizes["block_params"], root_params=sizes["root_params"], tokens=tokens,
-                          batch_per_rank=per_rank, hidden=sizes["hidden"], mlp=sizes["mlp"], n_blocks=sizes["n_blocks"],
-                          checkpointing=not args.no_checkpointing)
-    out.update(est, per_rank_batch=per_rank, latent_shape=list(lat), tokens=tokens, clip=clip, compute_dtype=compute,
-               activation_checkpointing=not args.no_checkpointing)
+    lora_rank = getattr(args, "lora_rank", 0)
+    cfg = PlanConfig(world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
+                     compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
+                     latent=lat, text_len=getattr(adapter, "text_len", 512), checkpointing=not args.no_checkpointing)
+    plan = plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+    out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],
+               fixed=plan["fixed"], activations_counted=plan["counted"],
+               rows=part_rows(plan, lora_rank > 0, args.ema > 0, per_rank), per_rank_batch=per_rank,
+               latent_shape=list(lat), tokens=plan["activation_detail"]["tokens"], clip=clip, compute_dtype=compute,
+               activation_checkpointing=not args.no_checkpointing, lora_rank=lora_rank,
+               fake_score_base="the teacher's" if fake_from_teacher else "its own (the critic)")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_bytes=props.total_memory, reserve_bytes=RESERVE_GB * GiB,
+                   largest_batch=largest_batch(plan, props.total_memory, RESERVE_GB * GiB))
     return out
 
 
@@ -375,16 +390,19 @@ def format_report(rep: dict) -> str:
         else:
             L.append("    delta^2: needs --data")
     m = rep["memory"]
-    L += ["", f"[4] ESTIMATED peak GPU memory per rank: {m['world_size']} ranks, {m['per_rank_batch']} clip(s) per rank "
-              f"per micro-batch, {m['compute_dtype']} compute with fp32 weights / grads / AdamW, activation "
-              f"checkpointing {'on' if m['activation_checkpointing'] else 'off'}, {m['tokens']} tokens per clip "
-              f"({m['clip']})"]
-    for name, parts in m["exact"].items():
-        L.append(f"    {name:<11} params {_gb(parts['params']):>11}  grads {_gb(parts['grads']):>11}  "
-                 f"AdamW {_gb(parts['optimizer']):>11}")
-    L.append(f"    FSDP2 gathered params (rough) {_gb(m['rough']['fsdp_buffers'])}; activations (rough rule of thumb) "
-             f"{_gb(m['rough']['activations'])} = {m['per_rank_batch']} x {_gb(m['activations_per_sample'])} per clip")
-    L.append(f"    total about {_gb(m['total'])} (an estimate: the training state is exact, the rest is not)")
+    weights = (f"LoRA r = {m['lora_rank']}, the fake score on {m['fake_score_base']} base" if m["lora_rank"]
+               else "full weights")
+    L += ["", f"[4] ESTIMATED peak GPU memory per rank (as `plan` computes it): {m['world_size']} ranks, "
+              f"{m['per_rank_batch']} clip(s) per rank per micro-batch, {weights}, {m['compute_dtype']} compute with "
+              f"fp32 weights / grads / AdamW, activation checkpointing "
+              f"{'on' if m['activation_checkpointing'] else 'off'}, {m['tokens']} tokens per clip ({m['clip']})"]
+    L += [f"    {name:<75} {_gb(b):>11}  {kind}" for name, b, kind in m["rows"]]
+    L.append(f"    {'total (the exact rows are exact; the rest is an estimate)':<75} {_gb(m['total']):>11}")
+    if "largest_batch" in m:
+        b = m["largest_batch"]
+        L.append(f"    this GPU ({m['gpu']}, {_gb(m['gpu_bytes'])}) with {_gb(m['reserve_bytes'])} kept free: largest "
+                 f"batch per rank that fits {b}" + (" (not even one clip: more ranks, --lora-rank or a smaller clip)"
+                                                    if b == 0 else ""))
     L.append("")
     for w in rep["warnings"]:
         L.append(f"warning: {w}")

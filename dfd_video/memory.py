@@ -1,4 +1,5 @@
-"""Peak GPU memory per rank of a `train` run: the estimate `check` prints and the planner of `plan`.
+"""Peak GPU memory per rank of a `train` run: the older estimate (estimate_memory, bench/bench_wan_memory.py) and the
+planner (plan_memory) that `plan` and `check` print.
 
 An ESTIMATE, in two parts of different quality:
   exact   the bytes FSDP2 keeps per rank for the training state, as dfd_video.train builds it: every network
@@ -9,12 +10,12 @@ An ESTIMATE, in two parts of different quality:
   rough   what the forward and backward add on top: FSDP2's unsharded copies of the root and of the block being
           run and the one prefetched (in the compute dtype), and activations, counted as a few tensors of width D
           (or the MLP width F) per token and block, with activation checkpointing keeping only each block's input
-          (the model of bench/bench_wan_memory.py and the README's table). A rule of thumb: attention kernels' own
+          (the model of bench/bench_wan_memory.py and of the table in docs/training.md). A rule of thumb: attention kernels' own
           buffers, the allocator's caching and fragmentation, the CUDA context and NCCL buffers, and the text
           encoder of `--text online` are not modelled; read it as an order of magnitude.
 
-`plan` (plan_memory) refines this: the exact part with LoRA (frozen bases stored fp32 without gradients or AdamW
-state, adapter weights trained; the fake score on the teacher's base when it starts from the teacher), and
+`plan` and `check` (plan_memory) refine this: the exact part with LoRA (frozen bases stored fp32 without gradients
+or AdamW state, adapter weights trained; the fake score on the teacher's base when it starts from the teacher), and
 activations counted from what autograd actually saves for backward in the model's blocks (the adapter's
 `saved_per_block`, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
 measurement on the bench model. See docs/memory.md.
@@ -53,7 +54,7 @@ def estimate_memory(param_shapes: Sequence[Sequence[int]], world: int, *, comput
     block_params: parameters of the largest repeated block; root_params: those outside the blocks; tokens: video
     tokens per sample (T' h' w' after patching); hidden / mlp: the transformer width D and MLP width F.
     Returns {"exact": {net: {"params", "grads", "optimizer"}}, "rough": {...}, "total": ...}, all in bytes. The
-    rough part is the model of bench/bench_wan_memory.py (the README's 1.3B table), so the two agree.
+    rough part is the model of bench/bench_wan_memory.py (the 1.3B table in docs/training.md), so the two agree.
     """
     n = sharded_numel(param_shapes, world)
     exact = training_state(param_shapes, world, ema=ema)
@@ -229,6 +230,20 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
             "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip,
             "fixed": state + gathered, "total": sum(parts.values()), "counted": saved is not None,
             "adapter_params": sum(math.prod(s) for s in lshapes)}
+
+
+def part_rows(plan: dict, lora: bool, ema: bool, batch: int) -> list[tuple[str, float, str]]:
+    """plan_memory's parts as (what, bytes per GPU, exact / counted / rough) rows, as `plan` and `check` print them."""
+    parts = plan["parts"]
+    return [("parameters: student, fake score" + (", EMA" if ema else "") + " (fp32 shards)", parts["parameters"],
+             "exact"),
+            ("gradients (fp32 shards)", parts["gradients"], "exact"),
+            ("optimizer state (AdamW m, v, step)", parts["optimizer"], "exact"),
+            ("teacher (fp32 shards, frozen)", parts["teacher"], "exact"),
+            ("gathered parameters in flight (root + 2 blocks" + ("" if lora else ", + 1 block's fp32 gradient") + ")",
+             parts["gathered"], "rough"),
+            (f"activations ({batch} clip(s))", parts["activations"], "counted" if plan["counted"] else "rough"),
+            ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough")]
 
 
 def largest_batch(plan: dict, gpu_bytes: float, reserve_bytes: float) -> int:

@@ -13,7 +13,8 @@ import argparse
 import math
 import os
 
-from dfd_video.memory import GiB, PlanConfig, largest_batch, meta_network, network_sizes, plan_memory, read_config
+from dfd_video.memory import (GiB, PlanConfig, largest_batch, meta_network, network_sizes, part_rows, plan_memory,
+                              read_config)
 
 TABLE_WORLDS = (1, 2, 4, 8)
 TABLE_GPUS = (24, 48, 80)
@@ -49,18 +50,8 @@ def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
     weights = (f"LoRA r = {args.lora_rank} ({p['adapter_params'] / 1e6:.1f} M adapter parameters per network), fake "
                f"score on {on}" if args.lora_rank else "full weights")
     act = "counted (what the blocks save for backward; checked on the bench model, bench/bench_memory_plan.py)" \
-        if p["counted"] else "rough (the rule of thumb of `check`: not calibrated for this model)"
-    parts = p["parts"]
-    rows = [("parameters: student, fake score" + (", EMA" if args.ema > 0 else "") + " (fp32 shards)",
-             parts["parameters"], "exact"),
-            ("gradients (fp32 shards)", parts["gradients"], "exact"),
-            ("optimizer state (AdamW m, v, step)", parts["optimizer"], "exact"),
-            ("teacher (fp32 shards, frozen)", parts["teacher"], "exact"),
-            ("gathered parameters in flight (root + 2 blocks" + ("" if args.lora_rank else
-                                                                 ", + 1 block's fp32 gradient") + ")",
-             parts["gathered"], "rough"),
-            (f"activations ({args.batch_per_gpu} clip(s))", parts["activations"], act.split(" (")[0]),
-            ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough")]
+        if p["counted"] else "rough (the older rule of thumb of bench/bench_wan_memory.py: not calibrated for this model)"
+    rows = part_rows(p, args.lora_rank > 0, args.ema > 0, args.batch_per_gpu)
     fit = largest_batch(p, args.gpu_gb * GiB, args.reserve_gb * GiB)
     L = [f"plan: {type(adapter).__name__}, {P / 1e9:.3f} B parameters per network ({source}); {weights}",
          f"  {args.world_size} GPU(s), {args.dtype} compute, activation checkpointing "

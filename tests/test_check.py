@@ -299,6 +299,27 @@ def test_report_memory_section_follows_the_flags(wan):
     assert "1 problem(s)" in str(e.value.code)
 
 
+def test_memory_section_is_what_plan_prints(wan, capsys):
+    """check's section [4] is plan_memory for the train flags: the same parts, byte for byte, as `plan` with the
+    same ranks, clips per rank, EMA, clip size and LoRA rank; with LoRA the fake score sits on the teacher's base
+    when it starts from the teacher (--fake-init teacher), on a base of its own when it starts from the critic."""
+    paper_clip = ["--num-frames", "81", "--height", "480", "--width", "832"]  # check's clip without --data
+    for fake in ("teacher", "critic"):
+        for lora in ([], ["--lora-rank", "4"]):
+            rep = check(wan_dfd.main, ["--model-dir", wan["pipe"], "--dmd2-ckpt", wan["dmd2"]["pt"],  # has a critic
+                                       "--world-size", "4", "--batch-size", "8", "--ema", "0.99", "--fake-init", fake,
+                                       "--bidirectional-ckpt", *lora, *WAN_SMALL])
+            plan = wan_dfd.main(["plan", "--model-dir", wan["pipe"], "--world-size", "4", "--batch-per-gpu", "2",
+                                 "--ema", "0.99", "--fake-init", fake, *lora, *paper_clip])
+            m = rep["memory"]
+            assert m["parts"] == plan["parts"] and m["total"] == plan["total"], (fake, lora)
+            assert m["activations_counted"] and m["lora_rank"] == (4 if lora else 0)
+    out = capsys.readouterr().out
+    assert "[4] ESTIMATED peak GPU memory per rank (as `plan` computes it)" in out
+    assert "LoRA r = 4, the fake score on its own (the critic) base" in out and "counted" in out
+    assert "largest_batch" not in m  # on a CPU there is no GPU to fit
+
+
 def test_flags_out_path_and_refusals(tmp_path, capsys, monkeypatch):
     p = argparse.ArgumentParser()
     dfd_video.cli.add_check_args(p)
@@ -321,9 +342,9 @@ def test_flags_out_path_and_refusals(tmp_path, capsys, monkeypatch):
     assert str(e.value.code).startswith("error: check runs as one process (python, not torchrun)")
 
 
-def test_memory_estimate_of_the_real_wan_matches_the_readme_table():
-    """The real Wan2.1-T2V-1.3B config (built on the meta device), 8 ranks, 81 x 480 x 832: the README's table
-    (bench/bench_wan_memory.py, GB = 1e9): fixed 7.33 GB with the EMA, activations 5.60 GB per sample. The table
+def test_memory_estimate_of_the_real_wan_matches_the_training_md_table():
+    """The real Wan2.1-T2V-1.3B config (built on the meta device), 8 ranks, 81 x 480 x 832: the older estimate's
+    table in docs/training.md (bench/bench_wan_memory.py, GB = 1e9): fixed 7.33 GB with the EMA, activations 5.60 GB per sample. The table
     divides 16 bytes x P by 8; FSDP2 pads each tensor's dim 0 to a multiple of the ranks, and the (1, 6, 1536)
     modulation tables are whole on every rank: +10 MB here."""
     from diffusers import WanTransformer3DModel
