@@ -1,7 +1,10 @@
 """Peak host memory (RSS) per rank while `train` builds its networks, at 2 ranks (CPU / gloo), beyond the rank's own
-parameter shards, as a multiple of one network's fp32 bytes. Goal: <= 1.5.
+parameter shards, as a multiple of one network's fp32 bytes. Goal: <= 1.5. With --resume, the same while
+`train --resume` builds its networks and loads both optimizers' states from a checkpoint (own AdamW shards subtracted
+too; a full optimizer state is 2 networks x 2 moments = 4 networks' fp32 bytes).
 
   python bench/bench_host_memory.py                    # this checkout
+  python bench/bench_host_memory.py --resume           # resuming from a step-0 checkpoint instead
   python bench/bench_host_memory.py --code OTHER_DIR   # another checkout of the project (e.g. an older commit)
 
 A random Wan transformer of ~70 M parameters (280 MB in fp32, large next to the ~0.4 GB torch itself takes) is saved
@@ -32,8 +35,10 @@ def rss() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
 
 
-def worker(code: str, folder: str) -> None:
-    """Under torchrun: `train` from this folder's model / checkpoint / data, stopped once the networks are built."""
+def worker(code: str, folder: str, mode: str) -> None:
+    """Under torchrun: `train` from this folder's model / checkpoint / data, stopped once the networks are built
+    (mode "build"), or once they are built and the optimizer states loaded from the checkpoint a "save" run left
+    (mode "resume"); mode "save" trains one step and writes that checkpoint."""
     sys.path.insert(0, code)
     import torch.distributed as dist
 
@@ -57,11 +62,15 @@ def worker(code: str, folder: str) -> None:
         dist.barrier()
         raise Built
 
+    argv = ["train", "--model-dir", os.path.join(folder, "model"), "--data", os.path.join(folder, "data"),
+            "--dmd2-ckpt", os.path.join(folder, "dmd2.safetensors"), "--out", os.path.join(folder, "run"),
+            "--device", "cpu", "--batch-size", "2", "--monitor-every", "0"]
+    if mode == "save":
+        wan_dfd.main([*argv, "--steps", "1", "--save-every", "1"])
+        return
     dfd.train = stop
     try:
-        wan_dfd.main(["train", "--model-dir", os.path.join(folder, "model"), "--data", os.path.join(folder, "data"),
-                      "--dmd2-ckpt", os.path.join(folder, "dmd2.safetensors"), "--out", os.path.join(folder, "run"),
-                      "--device", "cpu", "--batch-size", "2", "--monitor-every", "0"])
+        wan_dfd.main([*argv, "--steps", "2", *(["--resume", "latest"] if mode == "resume" else [])])
     except Built:
         pass
 
@@ -69,10 +78,12 @@ def worker(code: str, folder: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--code", default=ROOT, help="the checkout whose wan_dfd.py to measure (default: this one)")
+    ap.add_argument("--resume", action="store_true", help="measure `train --resume` (networks + optimizer states)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.code, args.worker)
+        return worker(args.code, args.worker, args.mode)
     sys.path.insert(0, ROOT)
     import torch
     from diffusers import WanTransformer3DModel
@@ -86,7 +97,10 @@ def main() -> None:
         net.save_pretrained(os.path.join(folder, "model", "transformer"))
         n = sum(p.numel() for p in net.parameters())
         net_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-        shards = 3 * 4 * sharded_numel([p.shape for p in net.parameters()], 2)  # teacher, student, fake; fp32
+        own = sharded_numel([p.shape for p in net.parameters()], 2)
+        shards = 3 * 4 * own  # teacher, student, fake; fp32
+        if args.resume:  # AdamW's exp_avg and exp_avg_sq shards of the student and the fake score, fp32
+            shards += 2 * 8 * own
         torch.manual_seed(1)
         save_file({k: v.contiguous() for k, v in WanTransformer3DModel(**NET).state_dict().items()},
                   os.path.join(folder, "dmd2.safetensors"))
@@ -96,14 +110,17 @@ def main() -> None:
             w.add({"latents": torch.randn(16, 1, 4, 4), "text": torch.randn(512, NET["text_dim"])})
         w.close({"adapter": "wan"}, {"text": torch.randn(512, NET["text_dim"])})
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            os.path.abspath(__file__), "--worker", folder, "--code", os.path.abspath(args.code)],
-                           env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"the torchrun workers failed:\n{r.stderr[-3000:]}")
+        for mode in (("save", "resume") if args.resume else ("build",)):
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                os.path.abspath(__file__), "--worker", folder, "--code", os.path.abspath(args.code),
+                                "--mode", mode], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"the torchrun workers failed ({mode}):\n{r.stderr[-3000:]}")
         ranks = [json.load(open(os.path.join(folder, f"rank{k}.json"))) for k in range(2)]
-    print(f"{args.code}: a {n / 1e6:.1f} M-parameter Wan, {net_bytes / 2**20:.0f} MiB in fp32 per network; "
-          "teacher, student and fake score built at 2 ranks")
+    what = ("teacher, student and fake score built and both optimizer states loaded by `train --resume`" if args.resume
+            else "teacher, student and fake score built")
+    print(f"{args.code}: a {n / 1e6:.1f} M-parameter Wan, {net_bytes / 2**20:.0f} MiB in fp32 per network; {what} "
+          "at 2 ranks")
     print("| rank | peak RSS above the start of `train` | - own shards | = loading cost | / one network's fp32 bytes |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     worst = 0.0
@@ -112,7 +129,10 @@ def main() -> None:
         worst = max(worst, cost / net_bytes)
         print(f"| {k} | {(r['peak'] - r['base']) / 2**20:.0f} MiB | {shards / 2**20:.0f} MiB | {cost / 2**20:.0f} MiB | "
               f"{cost / net_bytes:.2f} |")
-    print(f"worst rank: {worst:.2f} x one network (goal <= 1.5): {'ok' if worst <= 1.5 else 'MISSED'}")
+    if args.resume:
+        print(f"worst rank: {worst:.2f} x one network")
+    else:
+        print(f"worst rank: {worst:.2f} x one network (goal <= 1.5): {'ok' if worst <= 1.5 else 'MISSED'}")
 
 
 if __name__ == "__main__":

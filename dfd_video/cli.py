@@ -435,7 +435,10 @@ def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> A
             raise
     run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
            "evaluate": run_evaluate, "plot": run_plot, "check": run_check, "plan": run_plan}[args.cmd]
+    finished = False
     try:
-        return run(adapter, args)
+        result = run(adapter, args)
+        finished = True
+        return result
     finally:
-        teardown_distributed()
+        teardown_distributed(finished)

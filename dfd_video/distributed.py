@@ -5,6 +5,7 @@ are the same with one process or many."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -60,10 +61,11 @@ def wait_for_rank0() -> None:
         time.sleep(10)
 
 
-def on_main_rank(d: Dist, work: Callable[[], Any]) -> Any:
-    """Runs `work` (filesystem work: moving, writing, cleaning) on rank 0 only. A collective: when it raises OSError
-    or ValueError every rank stops, rank 0 with the one-line error and the others quietly with the same exit code, so
-    no rank waits forever for a partner that has left."""
+def on_main_rank(d: Dist, work: Callable[[], Any], share: bool = False) -> Any:
+    """Runs `work` (filesystem work: moving, writing, cleaning, reading) on rank 0 only; its result is rank 0's (None
+    elsewhere), or every rank's with share=True (pickled and broadcast: for small results). A collective: when it
+    raises OSError or ValueError every rank stops, rank 0 with the one-line error and the others quietly with the same
+    exit code, so no rank waits forever for a partner that has left."""
     result, err = None, None
     if d.main:
         try:
@@ -71,9 +73,11 @@ def on_main_rank(d: Dist, work: Callable[[], Any]) -> Any:
         except (OSError, ValueError) as e:
             err = str(e)
     if d.world > 1:
-        box = [err]
+        box = [err, result if share and err is None else None]
         dist.broadcast_object_list(box, src=0)
         err = box[0]
+        if share:
+            result = box[1]
     if err is not None:
         if not d.main:
             wait_for_rank0()
@@ -81,9 +85,16 @@ def on_main_rank(d: Dist, work: Callable[[], Any]) -> Any:
     return result
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(finished: bool = False) -> None:
+    """Ends the process group. finished (every rank got here without an error): a barrier first, so no rank closes its
+    connections while a peer may still be in its last collective; then the groups are destroyed and collected while
+    the interpreter is fully alive (a process group left to the interpreter's own finalization can abort the process
+    with "terminate called without an active exception", seen rarely at the end of 2-rank CPU test runs)."""
     if dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------------

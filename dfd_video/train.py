@@ -70,7 +70,12 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
         resume, resumed_from = None, None
         if args.resume is not None:
             resumed_from = latest_checkpoint(args.out if args.resume == "latest" else args.resume)
-            resume = load_checkpoint(resumed_from, weights=bool(args.lora_rank))  # full weights: rank 0, one by one
+            # state.pt holds both optimizers' full states (16 bytes per trained parameter): rank 0 alone reads it and
+            # streams each rank its shards below; the other ranks get the rest (step, position, RNG, LoRA settings)
+            full_state = on_main_rank(d, lambda: load_checkpoint(resumed_from, weights=False)[1])
+            meta = on_main_rank(d, lambda: {k: v for k, v in full_state.items() if k != "optim"}, share=True)
+            # full weights: rank 0 reads them network by network in build(); LoRA: every rank reads the (small) adapters
+            resume = (load_checkpoint(resumed_from, state=False)[0] if args.lora_rank else {}, meta)
             lora.check_resume(args, resume[1], resumed_from, adapter)
         teacher_net = adapter.load_network(args.model_dir, meta=not args.lora_rank)
         adapter.check_data(data.shapes, teacher_net)
@@ -129,7 +134,9 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
                   "batch and data, but the sums run in another order, so the weights will be close to an unbroken "
                   "run's, not bit-identical", file=sys.stderr)
         for name, net, opt in (("student", student_net, opt_s), ("fake", fake_net, opt_f)):
-            set_optimizer_state_dict(net, opt, st["optim"][name], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(net, opt, full_state["optim"][name] if d.main else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full_state
         start, position = st["step"] + 1, st["position"]
         set_rng_state(st["rng"])
     if start >= args.steps:
