@@ -3,7 +3,7 @@
   python bench/bench_memory_plan.py                   # Wan: fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
   python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8 --ranks 1
   python bench/bench_memory_plan.py --model cosmos --dtype bf16   # Cosmos-Predict2.5's bench model
-  python bench/bench_memory_plan.py --model cosmos --count        # the counts its saved_for_backward holds
+  python bench/bench_memory_plan.py --model cosmos --count --dtype bf16   # the counts its saved_for_backward holds
 
 Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
 shards after a real student step and fake-score step, world of one), against the planner's exact part.
@@ -16,8 +16,9 @@ the tensors each checkpointed block keeps as its inputs (recorded where the mode
 and the largest block's own saved bytes from the same step without checkpointing (what backward recomputes).
 Then the exact parts again at --ranks ranks (torchrun, gloo), the largest rank's bytes against the planner.
 Printed: predicted / measured per part; the goal is within 10 % for activations, exact for the rest.
---count prints instead what one block and the root save, in the form of the adapter's saved_for_backward (bf16, the
-first size, no checkpointing; "checkpointed": what checkpointing keeps on top of each block's input).
+--count prints instead what one block and the root save, in the form of the adapter's saved_for_backward (the first
+size, no checkpointing; "checkpointed": what checkpointing keeps on top of each block's input); the adapters' tables
+are bf16's.
 """
 from __future__ import annotations
 
@@ -311,13 +312,14 @@ def _plain(name: str):
 
 
 def count(args) -> None:
-    """--count: the saved_for_backward table measured on the bench model (bf16, the first size), per step: "block" and
-    "root" from the step without checkpointing; "checkpointed": what the step with it keeps outside the blocks beyond
-    each block's input (S x D in the compute dtype) and the root's own saves."""
+    """--count: the saved_for_backward table measured on the bench model (each --dtype, the first size), per step:
+    "block" and "root" from the step without checkpointing; "checkpointed": what the step with it keeps outside the
+    blocks beyond each block's input (S x D in the compute dtype) and the root's own saves. In an fp32 run every tensor
+    is in the fp32 column."""
     from dfd_video import memory
     size = tuple(int(v) for v in args.sizes[0].split("x"))
-    for r in args.lora_rank:
-        runs = [run_case(args, size, ckpt, r, "bf16") for ckpt in (False, True)]
+    for dt, r in ((dt, r) for dt in args.dtype for r in args.lora_rank):
+        runs = [run_case(args, size, ckpt, r, dt) for ckpt in (False, True)]
         sizes = runs[0]["sizes"]
         elements = memory.shape_elements(sizes, runs[0]["cfg"])
         for step in ("student_step", "fake_step"):
@@ -328,8 +330,9 @@ def count(args) -> None:
                 for k, (n_c, n_32) in table.items():
                     extra[k][0] += sign * n_c
                     extra[k][1] += sign * n_32
-            table = {"block": plain["block"], "root": plain["root"], "checkpointed": {k: v for k, v in extra.items() if any(v)}}
-            print(f"{'lora' if r else 'full'} ({step}): "
+            table = {"block": plain["block"], "root": plain["root"],
+                     "checkpointed": {k: v for k, v in extra.items() if any(v)}}
+            print(f"{'lora' if r else 'full'} ({dt}, {step}): "
                   + str({part: {k: tuple(v) for k, v in t.items()} for part, t in table.items()}))
 
 
