@@ -133,7 +133,8 @@ def network_sizes(adapter, net) -> dict:
             "patch": tuple(cfg.patch_size), "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
             "text_dim": text_dim, "context_dim": getattr(cfg, "text_embed_dim", None) or hidden,
             "adaln_lora_dim": getattr(cfg, "adaln_lora_dim", None) or 0,
-            "patch_in": (cfg.in_channels + bool(getattr(cfg, "concat_padding_mask", False))) * math.prod(cfg.patch_size),
+            "patch_in": (cfg.in_channels + bool(getattr(cfg, "concat_padding_mask", False)))
+                        * math.prod(cfg.patch_size),
             "lora_targets": targets}
 
 
