@@ -410,8 +410,32 @@ class CosmosAdapter:
     lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
                     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
     lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
-    public_config = "cosmos_predict2.5_2b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/);
-    # no saved_for_backward yet: `plan` gives Cosmos's activations by the rough rule of `check`
+    public_config = "cosmos_predict2.5_2b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/)
+    text_len = TEXT_LEN  # `plan`: the prompt tokens the cross-attention reads
+    # `plan`: what autograd keeps for backward per clip while the network runs with grad, as {shape: (tensors in the
+    # compute dtype, fp32 tensors)}; the keys are dfd_video.memory.shape_elements' (A: adaLN-LoRA width, ctx: the text
+    # width after the Qwen projection, text: Qwen's concatenated width, patch: the patch embedding's input per token).
+    # Counted with saved_tensors_hooks in diffusers 0.42.1's CosmosTransformerBlock under FSDP2 bf16 on torch 2.13's
+    # CPU kernels (bench/bench_memory_plan.py --model cosmos: --count --dtype bf16 prints it, without --count the
+    # check): per block the three adaLN modulations, per token since the timestep is per latent frame (each an [S, 3D]
+    # shift / scale / gate, 9 of S x D, and an S x A hidden state), the LayerNorms' inputs and statistics, q / k / v
+    # before and after RMSNorm (with its fp32 copies and statistics), SDPA's output and log-sum-exp, the FFN's hidden
+    # state and GELU; the root: the patch embedding's input, the Qwen projection's input and output, the per-frame time
+    # embedding, the per-token embedded timestep, the RoPE tables, the head's norm. "checkpointed": the [S, 3D] time
+    # embedding every block reads, which checkpointing keeps (with LoRA the embedded timestep too, which the frozen
+    # modulation does not save). With LoRA the frozen base saves less and each target layer adds its rank-r hidden
+    # state.
+    saved_for_backward = {
+        "full": {"block": {"S*D": (39, 3), "S*F": (2, 0), "S*H": (0, 5), "S": (6, 0), "S*A": (3, 0), "T*D": (4, 1),
+                           "T*H": (0, 1)},
+                 "root": {"latent": (0, 1), "frames": (0, 2), "frames*D": (4, 0), "S*patch": (1, 0), "T*text": (1, 0),
+                          "T*ctx": (2, 0), "S*D": (6, 0), "S": (2, 0), "S*A": (1, 0), "S*head_dim": (0, 2)},
+                 "checkpointed": {"S*D": (3, 0)}},
+        "lora": {"block": {"S*D": (27, 3), "S*F": (2, 0), "S*H": (0, 5), "S": (6, 0), "T*D": (3, 1), "T*H": (0, 1),
+                           "S*r": (8, 0), "T*r": (2, 0)},
+                 "root": {"latent": (0, 1), "frames": (0, 2), "T*ctx": (1, 0), "S*D": (2, 0), "S": (2, 0),
+                          "S*head_dim": (0, 2)},
+                 "checkpointed": {"S*D": (4, 0)}}}
 
     def __init__(self):
         self.compute_dtype: torch.dtype | None = None

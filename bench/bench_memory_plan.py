@@ -1,7 +1,9 @@
-"""The memory planner (dfd_video/memory.py, `wan_dfd.py plan`) checked against measurement on the bench model (CPU).
+"""The memory planner (dfd_video/memory.py, `plan`) checked against measurement on the bench models (CPU).
 
-  python bench/bench_memory_plan.py                   # fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
+  python bench/bench_memory_plan.py                   # Wan: fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
   python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8 --ranks 1
+  python bench/bench_memory_plan.py --model cosmos --dtype bf16   # Cosmos-Predict2.5's bench model
+  python bench/bench_memory_plan.py --model cosmos --count --dtype bf16   # the counts its saved_for_backward holds
 
 Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
 shards after a real student step and fake-score step, world of one), against the planner's exact part.
@@ -14,6 +16,9 @@ the tensors each checkpointed block keeps as its inputs (recorded where the mode
 and the largest block's own saved bytes from the same step without checkpointing (what backward recomputes).
 Then the exact parts again at --ranks ranks (torchrun, gloo), the largest rank's bytes against the planner.
 Printed: predicted / measured per part; the goal is within 10 % for activations, exact for the rest.
+--count prints instead what one block and the root save, in the form of the adapter's saved_for_backward (the first
+size, no checkpointing; "checkpointed": what checkpointing keeps on top of each block's input); the adapters' tables
+are bf16's.
 """
 from __future__ import annotations
 
@@ -34,6 +39,15 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_wan_memory import BENCH_NET  # noqa: E402
 
 TEXT_LEN = 512
+# Cosmos-Predict2.5-2B's structure (tests/tiny_cosmos.py: the condition mask as a 17th input channel, the padding mask
+# concatenated, adaLN-LoRA, the projection of the concatenated Qwen layers), 1.59 M parameters, with widths chosen so
+# that every symbolic shape of dfd_video.memory.shape_elements has its own element count at each of the default
+# --sizes (H 5, head dim 30, D 150, F 600, adaLN-LoRA 20, text context 48, text 80, patch input 72; r = 8):
+# --count names each saved tensor by it
+COSMOS_NET = dict(in_channels=17, out_channels=16, num_attention_heads=5, attention_head_dim=30, num_layers=4,
+                  mlp_ratio=4.0, text_embed_dim=48, adaln_lora_dim=20, max_size=(32, 64, 64), patch_size=(1, 2, 2),
+                  rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
+                  use_crossattn_projection=True, crossattn_proj_in_channels=80, encoder_hidden_states_channels=48)
 
 
 class SavedBytes:
@@ -47,8 +61,12 @@ class SavedBytes:
         self.tag = "root"
         self.first: dict[int, tuple[str, int]] = {}  # every storage ever saved -> (tag, bytes)
         self.exclude: set[int] = set()  # storages counted elsewhere (checkpointed block inputs)
+        self.what: dict[int, list] = {}  # live storage -> [tags that saved it, tensor elements, fp32, storage elements]
+        self.freed: list[list] = []  # the same for the storages released
 
-    def hold(self, key: int, nbytes: int, tag: str) -> None:
+    def hold(self, key: int, nbytes: int, tag: str, t: torch.Tensor) -> None:
+        what = self.what.setdefault(key, [set(), t.numel(), t.dtype == torch.float32, nbytes // t.element_size()])
+        what[0].add(tag)
         if key in self.live:
             self.live[key][1] += 1
             return
@@ -63,6 +81,7 @@ class SavedBytes:
         if entry[1] == 0:
             del self.live[key]
             self.now -= entry[0]
+            self.freed.append(self.what.pop(key))
 
     def pack(self, t: torch.Tensor):
         base = t._base if t._base is not None else t
@@ -71,7 +90,7 @@ class SavedBytes:
         st = t.untyped_storage()
         if st.nbytes() == 0:
             return t
-        self.hold(st.data_ptr(), st.nbytes(), self.tag)
+        self.hold(st.data_ptr(), st.nbytes(), self.tag, t)
         return _Held(self, st.data_ptr(), t)
 
     @staticmethod
@@ -125,7 +144,7 @@ def instrument(net: nn.Module, blocks, meter_box: list) -> None:
         if meter is not None and torch.is_grad_enabled():
             for t in tensors_in(args):  # kept by the checkpoint until this block's backward: held to the step's end
                 st = t.untyped_storage()
-                meter.hold(st.data_ptr(), st.nbytes(), "checkpointed inputs")
+                meter.hold(st.data_ptr(), st.nbytes(), "checkpointed inputs", t)
                 meter.pinned.append(st.data_ptr())
         return orig(block, *args)
     net._gradient_checkpointing_func = counted
@@ -152,19 +171,76 @@ def block_own(meter: SavedBytes) -> int:
     return max(per.values(), default=0)
 
 
+def tally(meter: SavedBytes, elements: dict[str, int], block: str) -> dict:
+    """The storages one step saved, in the terms of the adapter's saved_for_backward: {"block": `block`'s own saves,
+    "root": what the root saves and what several blocks save once (RoPE tables, text), "checkpointed": inputs only the
+    checkpoint keeps}, each {shape: [compute-dtype tensors, fp32 tensors]}. A storage is named by the element count of
+    the tensor saved on it (the bench model's widths make that unambiguous); a storage holding m such tensors (the
+    chunks of Cosmos's [S, 3D] modulation) counts m, and an expanded view counts its storage. Scalars are left out."""
+    names = collections.defaultdict(list)
+    for name, n in elements.items():
+        names[n].append(name)
+    out = {part: collections.defaultdict(lambda: [0, 0]) for part in ("block", "root", "checkpointed")}
+    for tags, numel, fp32, stored in meter.freed + list(meter.what.values()):
+        numel = min(numel, stored)  # an expanded view is named by what its storage holds
+        if numel <= 1:
+            continue
+        # a shape of its own, else one multiple of one (the [S, 3D] modulation saved whole: 3 of S x D)
+        found = [(m, k) for m in (1, 2, 3, 4, 6) if numel % m == 0 for k in names[numel // m]]
+        found = [f for f in found if f[0] == 1] or found
+        if len(found) != 1 or stored % (numel // found[0][0]):
+            raise SystemExit(f"--count: a saved tensor of {numel} elements on a storage of {stored} is "
+                             f"{' or '.join(f'{m} x {k}' for m, k in found) or 'no known shape'}; pick widths that "
+                             "tell them apart")
+        numel //= found[0][0]
+        if tags == {"checkpointed inputs"}:
+            part = "checkpointed"
+        elif tags == {block}:
+            part = "block"
+        elif "root" in tags or len(tags) > 1:
+            part = "root"
+        else:
+            continue  # another block's own
+        out[part][found[0][1]][fp32] += stored // numel
+    return out
+
+
+def model(name: str):
+    """(adapter, network class, bench config, CFG guidance of the teacher) of --model."""
+    if name == "wan":
+        from diffusers import WanTransformer3DModel
+
+        import wan_dfd
+        return wan_dfd.WanAdapter(), WanTransformer3DModel, BENCH_NET, 5.0
+    from diffusers import CosmosTransformer3DModel
+
+    import cosmos_dfd
+    cosmos_dfd.ensure_padding_mask_resize()
+    return cosmos_dfd.CosmosAdapter(), CosmosTransformer3DModel, COSMOS_NET, 3.0
+
+
+def make_batch(name: str, n: int, size: tuple[int, int, int], g: torch.Generator) -> tuple[tuple, dict]:
+    """n clips for dfd's steps and the negative prompt: Wan's (latents, text); Cosmos's (latents, its condition: a
+    prompt and the first latent frame as the image, the loss mask of the generated frames)."""
+    x = torch.randn(n, 16, *size, generator=g)
+    if name == "wan":
+        return (x, torch.randn(n, TEXT_LEN, 64, generator=g)), {"text": torch.randn(TEXT_LEN, 64, generator=g)}
+    import cosmos_dfd
+    width = COSMOS_NET["crossattn_proj_in_channels"]
+    cond = cosmos_dfd.CosmosCond(torch.randn(n, TEXT_LEN, width, generator=g), x[:, :, :1].clone())
+    return (x, cond, cosmos_dfd.generated_mask(x, 1)), {"text": torch.randn(TEXT_LEN, width, generator=g)}
+
+
 def build(args, ckpt: bool, lora_rank: int, dtype):
     """Student, fake score and teacher of the bench model sharded as dfd_video.train shards them (world of one)."""
-    from diffusers import WanTransformer3DModel
-
-    import wan_dfd
     from dfd_video import distributed, lora
-    adapter = wan_dfd.WanAdapter()
+    adapter, cls, config, _ = model(args.model)
     adapter.compute_dtype = dtype
     d = distributed.setup_distributed("cpu")
     nets = []
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
-        nets.append(WanTransformer3DModel(**BENCH_NET))
+        nets.append(cls(**config))
     teacher_net, student_net, fake_net = nets
     info = {"rank": lora_rank, "alpha": float(lora_rank), "targets": adapter.lora_targets}
     if lora_rank:  # the fake score on the teacher's base (no critic): dfd_video.lora.build_networks' shared case
@@ -187,11 +263,8 @@ def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype
     box = [None]
     for net in {id(n): n for n in (student_net, fake_net)}.values():
         instrument(net, adapter.blocks(net), box)
-    g = torch.Generator().manual_seed(0)
-    T, h, w = size
-    batch = (torch.randn(args.batch, 16, T, h, w, generator=g), torch.randn(args.batch, TEXT_LEN, 64, generator=g))
-    uncond = {"text": torch.randn(TEXT_LEN, 64, generator=g)}
-    teacher = adapter.denoiser(teacher_net, 5.0, uncond)
+    batch, uncond = make_batch(args.model, args.batch, size, torch.Generator().manual_seed(0))
+    teacher = adapter.denoiser(teacher_net, model(args.model)[3], uncond)
     student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
     if lora_rank:
         teacher = lora.AdaptersOff(teacher, teacher_net)
@@ -203,7 +276,7 @@ def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype
     with metered(box) as m_student:
         dfd.student_step(student, teacher, fake, opt_s, [batch], c, 0)
     # exact parts after both updates, with gradients as they stand at an optimizer step (dfd zeroes them after it)
-    x, cond = batch
+    x, cond = batch[:2]
     for net in (student, fake):
         net(x, torch.full((args.batch,), 0.5), cond).float().square().mean().backward()
     # FSDP2 leaves the root of a network run without grad (the teacher) gathered, in the compute dtype, after its
@@ -219,22 +292,48 @@ def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype
         per_rank = [None] * d.world
         dist.all_gather_object(per_rank, everything)
         everything = max(per_rank)
-    sizes = memory.network_sizes(adapter, _plain(BENCH_NET))
+    sizes = memory.network_sizes(adapter, _plain(args.model))
     cfg = memory.PlanConfig(world=d.world, lora_rank=lora_rank, shared_fake=bool(lora_rank), compute_bytes=2 if dtype else 4,
-                            ema=False, batch_per_gpu=args.batch, latent=(16, T, h, w), text_len=TEXT_LEN,
+                            ema=False, batch_per_gpu=args.batch, latent=(16, *size), text_len=TEXT_LEN,
                             checkpointing=ckpt)
-    plan = memory.plan_memory(sizes, cfg, adapter.saved_for_backward)
+    plan = memory.plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
     if not args.worker:  # under torchrun the process group is kept for the next case (a second init would hang)
         distributed.teardown_distributed()
     measured = {"state": everything, "student_step": m_student.peak, "fake_step": m_fake.peak,
                 "block_own": max(block_own(m_student), block_own(m_fake))}
-    return {"plan": plan, "measured": measured, "trained": trained}
+    return {"plan": plan, "measured": measured, "trained": trained, "sizes": sizes, "cfg": cfg,
+            "meters": {"student_step": m_student, "fake_step": m_fake}}
 
 
-def _plain(cfg: dict):
-    from diffusers import WanTransformer3DModel
+def _plain(name: str):
+    _, cls, config, _ = model(name)
     with torch.device("meta"):
-        return WanTransformer3DModel(**cfg)
+        return cls(**config)
+
+
+def count(args) -> None:
+    """--count: the saved_for_backward table measured on the bench model (each --dtype, the first size), per step:
+    "block" and "root" from the step without checkpointing; "checkpointed": what the step with it keeps outside the
+    blocks beyond each block's input (S x D in the compute dtype) and the root's own saves. In an fp32 run every tensor
+    is in the fp32 column."""
+    from dfd_video import memory
+    size = tuple(int(v) for v in args.sizes[0].split("x"))
+    for dt, r in ((dt, r) for dt in args.dtype for r in args.lora_rank):
+        runs = [run_case(args, size, ckpt, r, dt) for ckpt in (False, True)]
+        sizes = runs[0]["sizes"]
+        elements = memory.shape_elements(sizes, runs[0]["cfg"])
+        for step in ("student_step", "fake_step"):
+            plain, ckpt = (tally(res["meters"][step], elements, f"block{sizes['n_blocks'] // 2}") for res in runs)
+            extra = collections.defaultdict(lambda: [0, 0])
+            for table, sign in ((ckpt["root"], 1), (ckpt["checkpointed"], 1), (plain["root"], -1),
+                                ({"S*D": (sizes["n_blocks"], 0)}, -1)):
+                for k, (n_c, n_32) in table.items():
+                    extra[k][0] += sign * n_c
+                    extra[k][1] += sign * n_32
+            table = {"block": plain["block"], "root": plain["root"],
+                     "checkpointed": {k: v for k, v in extra.items() if any(v)}}
+            print(f"{'lora' if r else 'full'} ({dt}, {step}): "
+                  + str({part: {k: tuple(v) for k, v in t.items()} for part, t in table.items()}))
 
 
 def ranks_worker(args) -> None:
@@ -261,7 +360,8 @@ def check_ranks(args, world: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               os.path.abspath(__file__), "--worker", out, "--sizes", args.sizes[0], "--batch", str(args.batch),
+               os.path.abspath(__file__), "--worker", out, "--model", args.model, "--sizes", args.sizes[0],
+               "--batch", str(args.batch),
                "--lora-rank", *map(str, args.lora_rank)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
@@ -277,6 +377,10 @@ def check_ranks(args, world: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="wan", choices=("wan", "cosmos"),
+                    help="the bench model: Wan2.1's (bench/bench_wan_memory.py) or Cosmos-Predict2.5's (COSMOS_NET)")
+    ap.add_argument("--count", action="store_true", help="print what one block and the root save (the adapter's "
+                    "saved_for_backward) instead of checking it")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
                     help="compute dtypes to measure")
     ap.add_argument("--sizes", nargs="+", default=["2x8x8", "3x16x16", "5x24x32"],
@@ -293,6 +397,8 @@ def main() -> None:
         return ranks_worker(args)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(1)
+    if args.count:
+        return count(args)
     print("| dtype | weights | latent | tokens | checkpointing | activations predicted / measured (student step, "
           "fake step) | measured MiB | params + grads + AdamW predicted / measured |")
     print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |")

@@ -17,7 +17,7 @@ An ESTIMATE, in two parts of different quality:
 `plan` and `check` (plan_memory) refine this: the exact part with LoRA (frozen bases stored fp32 without gradients
 or AdamW state, adapter weights trained; the fake score on the teacher's base when it starts from the teacher), and
 activations counted from what autograd actually saves for backward in the model's blocks (the adapter's
-`saved_per_block`, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
+`saved_for_backward`, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
 measurement on the bench model. See docs/memory.md.
 """
 from __future__ import annotations
@@ -113,7 +113,9 @@ def training_state(param_shapes: Sequence[Sequence[int]], world: int, *, ema: bo
 
 def network_sizes(adapter, net) -> dict:
     """What the memory model needs from a network (real or on the meta device): parameter shapes, the largest block,
-    widths, patch size, heads, text width, and the (in, out) of every linear layer --lora-rank targets."""
+    widths, patch size, heads, the text width the network reads (text_dim) and the one its cross-attention reads
+    (context_dim: D for Wan, whose text embedder maps to D; Cosmos's text_embed_dim), Cosmos's adaLN-LoRA width, the
+    patch embedding's input per token, and the (in, out) of every linear layer --lora-rank targets."""
     import torch.nn as nn
     cfg = net.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
@@ -121,12 +123,18 @@ def network_sizes(adapter, net) -> dict:
     per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
     targets = [(m.in_features, m.out_features) for n, m in net.named_modules()
                if isinstance(m, nn.Linear) and re.fullmatch(adapter.lora_targets, n)]
+    text_dim = getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None) or hidden
+    if getattr(cfg, "use_crossattn_projection", False):  # Cosmos-Predict2.5: Qwen's 100352 channels -> text_embed_dim
+        text_dim = cfg.crossattn_proj_in_channels
     return {"shapes": [tuple(p.shape) for p in net.parameters()], "n_blocks": len(blocks),
             "block_params": max(per_block, default=0),
             "root_params": sum(p.numel() for p in net.parameters()) - sum(per_block),
             "hidden": hidden, "mlp": getattr(cfg, "ffn_dim", None) or int(getattr(cfg, "mlp_ratio", 4.0) * hidden),
             "patch": tuple(cfg.patch_size), "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
-            "text_dim": getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None) or hidden,
+            "text_dim": text_dim, "context_dim": getattr(cfg, "text_embed_dim", None) or hidden,
+            "adaln_lora_dim": getattr(cfg, "adaln_lora_dim", None) or 0,
+            "patch_in": (cfg.in_channels + bool(getattr(cfg, "concat_padding_mask", False)))
+                        * math.prod(cfg.patch_size),
             "lora_targets": targets}
 
 
@@ -180,22 +188,37 @@ class PlanConfig:
     checkpointing: bool = True      # activation checkpointing of every block of the trained networks
 
 
-def activation_bytes(sizes: dict, saved: dict, cfg: PlanConfig) -> dict:
-    """Bytes autograd keeps for backward while the trained network (student or fake score) runs with grad, per clip
-    and for cfg.batch_per_gpu clips, from `saved` (the adapter's saved_per_block: how many tensors of each shape one
-    block saves, counted by bench/bench_memory_plan.py) and its root (embeddings, rope, head).
-
-    Without checkpointing every block's saves are alive at the end of the forward. With it, each block keeps only its
-    inputs (the hidden states, tokens x D in the compute dtype) and backward recomputes one block at a time."""
+def shape_elements(sizes: dict, cfg: PlanConfig) -> dict[str, int]:
+    """Elements of each symbolic shape the saved_for_backward tables count, for one clip of cfg.latent."""
     S = math.prod(cfg.latent[1:]) // math.prod(sizes["patch"])  # video tokens
     T, D, F, H, r = cfg.text_len, sizes["hidden"], sizes["mlp"], sizes["heads"], cfg.lora_rank
-    c = cfg.compute_bytes
-    k = saved["lora" if r else "full"]
-    size = {"S*D": S * D, "S*F": S * F, "S*H": S * H, "S": S, "T*D": T * D, "T": T, "S*r": S * r, "T*r": T * r,
-            "D": D, "latent": math.prod(cfg.latent), "T*text": T * sizes["text_dim"], "S*head_dim": S * sizes["head_dim"]}
+    frames = cfg.latent[1] // sizes["patch"][0]
+    return {"S*D": S * D, "S*F": S * F, "S*H": S * H, "S": S, "T*D": T * D, "T": T, "S*r": S * r, "T*r": T * r,
+            "D": D, "latent": math.prod(cfg.latent), "T*text": T * sizes["text_dim"], "S*head_dim": S * sizes["head_dim"],
+            # Cosmos: its adaLN-LoRA modulation runs per token (timestep per latent frame), S x adaln_lora_dim; its
+            # cross-attention reads text of width context_dim != D and normalises the keys per head (T x H); its
+            # patch embedding is a linear layer on patch_in channels per token (latent, condition and padding masks);
+            # its time embedding runs once per latent frame
+            "S*A": S * sizes["adaln_lora_dim"], "T*ctx": T * sizes["context_dim"], "T*H": T * H,
+            "S*patch": S * sizes["patch_in"], "frames": frames, "frames*D": frames * D}
+
+
+def activation_bytes(sizes: dict, saved: dict, cfg: PlanConfig) -> dict:
+    """Bytes autograd keeps for backward while the trained network (student or fake score) runs with grad, per clip
+    and for cfg.batch_per_gpu clips, from `saved` (the adapter's saved_for_backward: how many tensors of each shape
+    one block saves, counted by bench/bench_memory_plan.py) and its root (embeddings, rope, head, and what every
+    block reads and saves once: the RoPE tables, the text).
+
+    Without checkpointing every block's saves are alive at the end of the forward. With it, each block keeps only its
+    inputs (the hidden states, tokens x D in the compute dtype; and, once for all blocks, the shared inputs no
+    backward needs without checkpointing, the table's optional "checkpointed": Cosmos's per-token time embedding) and
+    backward recomputes one block at a time."""
+    size = shape_elements(sizes, cfg)
+    S, D, c = size["S"], sizes["hidden"], cfg.compute_bytes
+    k = saved["lora" if cfg.lora_rank else "full"]
     count = lambda table: sum(size[shape] * (n_c * c + n_32 * 4) for shape, (n_c, n_32) in table.items())
     block, root = count(k["block"]), count(k["root"])
-    inputs = sizes["n_blocks"] * S * D * c
+    inputs = sizes["n_blocks"] * S * D * c + count(k.get("checkpointed", {}))
     per_clip = (inputs + block if cfg.checkpointing else sizes["n_blocks"] * block) + root
     return {"per_clip": per_clip, "block": block, "root": root, "checkpointed_inputs": inputs if cfg.checkpointing else 0,
             "tokens": S, "total": per_clip * cfg.batch_per_gpu}

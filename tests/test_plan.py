@@ -1,7 +1,7 @@
 """The memory planner (dfd_video/memory.py, `plan`): its exact parts equal the bytes FSDP2 + AdamW hold after a real
 step, full weights and LoRA (fake score on the teacher's base, the EMA of the adapter), at one rank and, from the
-shapes, at three; the subcommand's report, tables and refusals. The activation model is checked against
-saved_tensors_hooks in bench/bench_memory_plan.py (minutes on CPU), not here."""
+shapes, at three; the subcommand's report, tables and refusals; the activation model of Wan and Cosmos against
+saved_tensors_hooks on their bench models at one clip size (bench/bench_memory_plan.py checks three)."""
 import math
 
 import pytest
@@ -132,16 +132,17 @@ def test_plan_reads_a_model_dir(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
-def test_activation_model_within_10_percent_of_what_autograd_saves():
-    """The counted activations (WanAdapter.saved_for_backward) against saved_tensors_hooks during one student step and
-    one fake-score step on the bench model, bf16, full weights and LoRA, with and without checkpointing
-    (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows up here)."""
+@pytest.mark.parametrize("model", ["wan", "cosmos"])
+def test_activation_model_within_10_percent_of_what_autograd_saves(model):
+    """The counted activations (WanAdapter's and CosmosAdapter's saved_for_backward) against saved_tensors_hooks during
+    one student step and one fake-score step on the bench model, bf16, full weights and LoRA, with and without
+    checkpointing (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows up here)."""
     import argparse
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import bench_memory_plan
-    args = argparse.Namespace(batch=1, worker=None)
+    args = argparse.Namespace(batch=1, worker=None, model=model)
     for rank in (0, 8):
         runs = {ckpt: bench_memory_plan.run_case(args, (3, 16, 16), ckpt, rank, "bf16") for ckpt in (False, True)}
         for ckpt, res in runs.items():
