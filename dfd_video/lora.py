@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dfd_video.distributed import Dist, shard
+from dfd_video.distributed import Dist, on_main_rank, set_full_state_dict, shard
 from dfd_video.runs import latest_checkpoint, load_checkpoint
 from dfd_video.weights import describe_dmd2, load_weights, read_checkpoint
 
@@ -275,13 +275,15 @@ class LoraNets:
         return AdaptersOff(teacher, self.teacher) if self.fake is self.teacher else teacher
 
 
-def build_networks(adapter, args: argparse.Namespace, teacher_net: nn.Module, resume: tuple | None, d: Dist,
-                   dtype, checkpointing: bool, desc: dict | None = None) -> LoraNets:
-    """The networks of a LoRA run, built one at a time (base weights, then the adapter, then sharded; teacher, fake
-    score, student) so the host holds one full fp32 copy and one state dict at a time. teacher_net: the loaded
-    (unsharded) base model. A resumed run reads the bases again (the DMD2 checkpoint recorded in state.pt, or the
-    --dmd2-ckpt given, checksum-checked) and the adapters from the checkpoint. desc: describe_dmd2's answer for a
-    fresh run (where the student's and the critic's weights are)."""
+def build_networks(adapter, args: argparse.Namespace, resume: tuple | None, d: Dist, dtype, checkpointing: bool,
+                   desc: dict | None = None) -> LoraNets:
+    """The networks of a LoRA run (teacher, fake score, student), one at a time. Every rank builds each on the meta
+    device with its adapter attached and shards it before it holds any weight; rank 0 alone builds it on the host as
+    well (base weights, the adapter drawn from its seed, on resume the trained adapter) and streams that state dict
+    to the shards tensor by tensor. So rank 0 holds one full fp32 network at a time and the other ranks about one
+    tensor (bench/bench_host_memory.py --lora). A resumed run reads the bases again (the DMD2 checkpoint recorded in
+    state.pt, or the --dmd2-ckpt given, checksum-checked) and the adapters from the checkpoint. desc:
+    describe_dmd2's answer for a fresh run (where the student's and the critic's weights are)."""
     w = resume[0] if resume is not None else {}
     if resume is None:
         desc = desc or describe_dmd2(args.dmd2_ckpt, args.init_from, getattr(args, "fake_init", None),
@@ -296,37 +298,54 @@ def build_networks(adapter, args: argparse.Namespace, teacher_net: nn.Module, re
         info = dict(resume[1]["lora"])
     base = base_path(info, args.dmd2_ckpt if resume is not None else None)
     src = f"--dmd2-ckpt {base}"
-    critic = None
-    if info["fake_base"] == "critic":  # the fake score starts from the critic when there is one (and --fake-init allows)
-        where = info.get("critic")
-        if where is None or base != info["base"] or not os.path.exists(where[0]):
-            where = list(network_source(base, "critic"))
-        critic = read_checkpoint(*where)
-        if critic is None:
-            raise ValueError(f"{src}: holds no critic, but the fake score of this LoRA run was built on one")
-    shared = info["fake_base"] == "teacher"
-    if shared:  # one network for both: the teacher's base + the fake score's adapter
-        attach(teacher_net, info, args.seed + 1)
-        if w.get("fake") is not None:
-            load_adapter(teacher_net, w["fake"], "--resume (fake)")
-    teacher_net = shard_lora(teacher_net, adapter, d, dtype, checkpointing and shared)  # all frozen if not shared
 
-    def with_lora(weights: dict, source: str, seed: int, trained: dict | None) -> nn.Module:
-        net = adapter.load_network(args.model_dir)
-        load_weights(net, weights, source, adapter.convert_state_dict)
-        attach(net, info, seed)
-        if trained is not None:
-            load_adapter(net, trained, f"--resume {source}")
-        return shard_lora(net, adapter, d, dtype, checkpointing)
+    def streamed(weights, source: str, seed: int | None, trained: dict | None, name: str) -> nn.Module:
+        """weights(): the base state dict (called on rank 0; None: the base model's own); seed: the adapter's (None:
+        no adapter, the plain frozen teacher); trained: the adapter's weights from --resume."""
+        def host() -> dict[str, torch.Tensor]:
+            net = adapter.load_network(args.model_dir)
+            if weights is not None:
+                load_weights(net, weights(), source, adapter.convert_state_dict)
+            if seed is not None:
+                attach(net, info, seed)
+                if trained is not None:
+                    load_adapter(net, trained, f"--resume ({name})")
+            return net.state_dict()
+        net = adapter.load_network(args.model_dir, meta=True)
+        if seed is not None:
+            attach(net, info, seed)  # the rank check, on every rank alike
+        full = on_main_rank(d, host)
+        net = shard_lora(net, adapter, d, dtype, checkpointing and seed is not None)
+        net.to_empty(device=d.device)
+        adapter.init_buffers(net, d.device)
+        set_full_state_dict(net, full or {}, from_rank0=True)
+        return net
 
-    fake_net = teacher_net if shared else with_lora(critic, f"{src} (critic base)", args.seed + 1, w.get("fake"))
-    del critic
-    sd, source, role = read_base(info, base)
-    info["base"], info["base_role"] = os.path.abspath(source), role  # where it is now, if it moved
-    if info.get("checksum") is None:  # a fresh run records its base; a resumed one was checked against it
-        info["checksum"] = checksum(sd)
-    student_net = with_lora(sd, f"{src} (student base)", args.seed, w.get("student"))
-    del sd
+    shared = info["fake_base"] == "teacher"  # one network for both: the teacher's base + the fake score's adapter
+    teacher_net = streamed(None, f"--model-dir {args.model_dir}", args.seed + 1 if shared else None,
+                           w.get("fake") if shared else None, "fake")
+    if shared:
+        fake_net = teacher_net
+    else:  # the fake score starts from the critic when there is one (and --fake-init allows)
+        def critic() -> dict[str, torch.Tensor]:
+            where = info.get("critic")
+            if where is None or base != info["base"] or not os.path.exists(where[0]):
+                where = list(network_source(base, "critic"))
+            sd = read_checkpoint(*where)
+            if sd is None:
+                raise ValueError(f"{src}: holds no critic, but the fake score of this LoRA run was built on one")
+            return sd
+        fake_net = streamed(critic, f"{src} (critic base)", args.seed + 1, w.get("fake"), "fake")
+    found = {}
+
+    def student_base() -> dict[str, torch.Tensor]:
+        sd, source, role = read_base(info, base)
+        found.update(base=os.path.abspath(source), base_role=role,  # where it is now, if it moved
+                     checksum=checksum(sd) if info.get("checksum") is None else info["checksum"])
+        return sd  # a fresh run records its base's checksum; a resumed one was checked against it
+
+    student_net = streamed(student_base, f"{src} (student base)", args.seed, w.get("student"), "student")
+    info.update(on_main_rank(d, lambda: found, share=True))
     ema = None
     if args.ema > 0:  # a run that turns the EMA on at resume starts it from the student
         ema = LoraEMA(student_net, w.get("ema"), "--resume (ema)")

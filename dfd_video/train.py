@@ -77,7 +77,7 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             # full weights: rank 0 reads them network by network in build(); LoRA: every rank reads the (small) adapters
             resume = (load_checkpoint(resumed_from, state=False)[0] if args.lora_rank else {}, meta)
             lora.check_resume(args, resume[1], resumed_from, adapter)
-        teacher_net = adapter.load_network(args.model_dir, meta=not args.lora_rank)
+        teacher_net = adapter.load_network(args.model_dir, meta=True)  # for check_data; built below
         adapter.check_data(data.shapes, teacher_net)
         desc = None
         if resume is None:  # student from the DMD2 generator, fake score from its critic (else the teacher)
@@ -88,11 +88,11 @@ def run_train(adapter, args: argparse.Namespace) -> dict:
             if d.main:
                 lines = describe_lines(desc) + (["  EMA        <- the student's starting weights"] if args.ema > 0 else [])
                 print("\n".join(lines), file=sys.stderr)
-        # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py (each rank
-        # reads its bases itself); otherwise build() streams every network from rank 0
+        # --lora-rank: frozen bases + trainable LoRA adapters, all four networks built in dfd_video/lora.py; either way
+        # rank 0 alone reads weights and streams them to the other ranks
         if not args.lora_rank:
             teacher_net = build(None, f"--model-dir {args.model_dir}", False)
-        lora_nets = lora.build_networks(adapter, args, teacher_net, resume, d, dtype, ckpt, desc) if args.lora_rank else None
+        lora_nets = lora.build_networks(adapter, args, resume, d, dtype, ckpt, desc) if args.lora_rank else None
         if lora_nets:
             teacher_net, student_net, fake_net, ema_net = lora_nets.teacher, lora_nets.student, lora_nets.fake, lora_nets.ema
         elif resume is None:

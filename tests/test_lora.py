@@ -80,7 +80,7 @@ def test_two_bases_in_memory_and_only_adapters_train(setup, tmp_path):
     args = parse(train_argv(setup, str(tmp_path / "r"), "--ema", "0.9"))
     d = setup_distributed("cpu")
     try:
-        nets = lora.build_networks(adapter, args, adapter.load_network(setup["pipe"]), None, d, None, True)
+        nets = lora.build_networks(adapter, args, None, d, None, True)
         assert nets.fake is nets.teacher and nets.ema.shadow.keys() == {
             n for n, _ in nets.student.named_parameters() if lora.is_lora_param(n)}
         assert nets.info["fake_base"] == "teacher" and nets.info["rank"] == 4 and nets.info["alpha"] == 8.0
