@@ -280,8 +280,8 @@ def build_networks(adapter, args: argparse.Namespace, resume: tuple | None, d: D
     """The networks of a LoRA run (teacher, fake score, student), one at a time. Every rank builds each on the meta
     device with its adapter attached and shards it before it holds any weight; rank 0 alone builds it on the host as
     well (base weights, the adapter drawn from its seed, on resume the trained adapter) and streams that state dict
-    to the shards tensor by tensor. So rank 0 holds one full fp32 network at a time and the other ranks about one
-    tensor (bench/bench_host_memory.py --lora). A resumed run reads the bases again (the DMD2 checkpoint recorded in
+    to the shards tensor by tensor. So rank 0 holds one full fp32 network (and the file's state dict it is loaded
+    from) at a time and the other ranks about one tensor (bench/bench_host_memory.py --lora). A resumed run reads the bases again (the DMD2 checkpoint recorded in
     state.pt, or the --dmd2-ckpt given, checksum-checked) and the adapters from the checkpoint. desc:
     describe_dmd2's answer for a fresh run (where the student's and the critic's weights are)."""
     w = resume[0] if resume is not None else {}
