@@ -212,10 +212,13 @@ def activation_bytes(sizes: dict, saved: dict, cfg: PlanConfig) -> dict:
     Without checkpointing every block's saves are alive at the end of the forward. With it, each block keeps only its
     inputs (the hidden states, tokens x D in the compute dtype; and, once for all blocks, the shared inputs no
     backward needs without checkpointing, the table's optional "checkpointed": Cosmos's per-token time embedding) and
-    backward recomputes one block at a time."""
+    backward recomputes one block at a time. The tables are counted under bf16 compute; under fp32 compute an
+    optional "full_fp32" / "lora_fp32" table takes their place (where a bf16 block's fp32 copies are the tensors
+    themselves, e.g. Cosmos's q / k RMSNorm inputs)."""
     size = shape_elements(sizes, cfg)
     S, D, c = size["S"], sizes["hidden"], cfg.compute_bytes
-    k = saved["lora" if cfg.lora_rank else "full"]
+    k = "lora" if cfg.lora_rank else "full"
+    k = saved.get(f"{k}_fp32", saved[k]) if c == 4 else saved[k]
     count = lambda table: sum(size[shape] * (n_c * c + n_32 * 4) for shape, (n_c, n_32) in table.items())
     block, root = count(k["block"]), count(k["root"])
     inputs = sizes["n_blocks"] * S * D * c + count(k.get("checkpointed", {}))

@@ -132,11 +132,12 @@ def test_plan_reads_a_model_dir(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
-@pytest.mark.parametrize("model", ["wan", "cosmos"])
-def test_activation_model_within_10_percent_of_what_autograd_saves(model):
-    """The counted activations (WanAdapter's and CosmosAdapter's saved_for_backward) against saved_tensors_hooks during
-    one student step and one fake-score step on the bench model, bf16, full weights and LoRA, with and without
-    checkpointing (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows up here)."""
+@pytest.mark.parametrize("model, dtype", [("wan", "bf16"), ("cosmos", "bf16"), ("cosmos", "fp32")])
+def test_activation_model_within_10_percent_of_what_autograd_saves(model, dtype):
+    """The counted activations (WanAdapter's and CosmosAdapter's saved_for_backward; Cosmos's fp32 tables too) against
+    saved_tensors_hooks during one student step and one fake-score step on the bench model, full weights and LoRA,
+    with and without checkpointing (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows
+    up here)."""
     import argparse
     import os
     import sys
@@ -144,7 +145,7 @@ def test_activation_model_within_10_percent_of_what_autograd_saves(model):
     import bench_memory_plan
     args = argparse.Namespace(batch=1, worker=None, model=model)
     for rank in (0, 8):
-        runs = {ckpt: bench_memory_plan.run_case(args, (3, 16, 16), ckpt, rank, "bf16") for ckpt in (False, True)}
+        runs = {ckpt: bench_memory_plan.run_case(args, (3, 16, 16), ckpt, rank, dtype) for ckpt in (False, True)}
         for ckpt, res in runs.items():
             assert res["plan"]["state"] == res["measured"]["state"]
             recompute = runs[False]["measured"]["block_own"] if ckpt else 0
