@@ -191,8 +191,9 @@ def test_preprocess_i2v_is_antialiased_like_pil():
 
 def test_preprocess_i2v_background_sizes_values_and_pil():
     """I2V background (dreamsim_transform): any frame size to 224 x 224 without cropping, 0..1, no mean / std; the
-    antialiased bicubic within half a grey level on average of PIL's (which VBench-I2V applies to the image: its
-    kernel is a = -0.5, torch's a = -0.75, so they part at sharp edges), the plain bicubic much further off."""
+    antialiased bicubic within half a grey level on average of PIL's (which VBench-I2V applies to the image: the same
+    kernel, but PIL clamps and rounds to uint8 after each pass, so they part at sharp edges), the plain bicubic much
+    further off."""
     from PIL import Image
     for hw in ((32, 48), (480, 832), (224, 224)):
         x = i2v_background.preprocess(np.full((2, *hw, 3), 51, np.uint8))
