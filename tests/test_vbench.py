@@ -549,6 +549,12 @@ def test_dreamsim_load_errors(models, tmp_path):
         json.dump({**cfg, "use_dora": True}, open(path, "w"))
     assert "use_dora" in err(broken(dora))
 
+    def no_rank(d):
+        path = d / dreamsim.LORA_DIR / "adapter_config.json"
+        cfg = json.load(open(path))
+        json.dump({k: v for k, v in cfg.items() if k != "r"}, open(path, "w"))
+    assert "no LoRA rank r" in err(broken(no_rank))
+
 
 def test_i2v_background_static_and_changing_clips(models):
     dim = vbench.build("cpu", dreamsim=models["dreamsim"], i2v=True)

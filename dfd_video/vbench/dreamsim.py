@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,9 @@ def merge_lora(model: nn.Module, folder: str, where: str) -> int:
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out") if cfg.get(k)]
     if unsupported or cfg.get("bias", "none") != "none":
         raise ValueError(f"{where}/adapter_config.json: {unsupported or ['bias']} set; DreamSim's adapter has none")
-    r, alpha = cfg["r"], cfg["lora_alpha"]
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{where}/adapter_config.json: no LoRA rank r / lora_alpha (got {r!r}, {alpha!r})")
     scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
     path = os.path.join(folder, "adapter_model.safetensors")
     if os.path.isfile(path):
@@ -188,11 +191,13 @@ def merge_lora(model: nn.Module, folder: str, where: str) -> int:
         pairs.setdefault(name, {})[part[0]] = value
     modules = dict(model.named_modules())
     targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
-    wanted = {n for n, m in modules.items() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets}
+    # peft: a list names modules by their last name(s); a string is a regular expression over the full name
+    hit = ((lambda n: re.fullmatch(targets, n) is not None) if isinstance(targets, str) else
+           (lambda n: any(n == t or n.endswith("." + t) for t in targets)))
+    wanted = {n for n, m in modules.items() if isinstance(m, nn.Linear) and hit(n)}
     if set(pairs) != wanted:
         extra, missing = sorted(set(pairs) - wanted), sorted(wanted - set(pairs))
-        raise ValueError(f"{path}: LoRA entries do not match the model's {sorted(targets)} layers "
+        raise ValueError(f"{path}: LoRA entries do not match the model's {targets!r} layers "
                          f"({len(missing)} without one, e.g. {missing[:1]}; {len(extra)} unknown, e.g. {extra[:1]})")
     for name, ab in pairs.items():
         weight = modules[name].weight
