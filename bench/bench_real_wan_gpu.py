@@ -98,13 +98,12 @@ def run(config: dict, rank: int, args, device: torch.device) -> dict:
 
 def predicted(config: dict, rank: int, args) -> dict:
     import wan_dfd
-    from dfd_video.memory import PlanConfig, meta_network, network_sizes, plan_memory
+    from dfd_video.memory import meta_network, network_sizes, plan_adapter
     adapter = wan_dfd.WanAdapter()
     sizes = network_sizes(adapter, meta_network(config))
     T, H, W = (int(v) for v in args.latent.split("x"))
-    cfg = PlanConfig(world=1, lora_rank=rank, shared_fake=True, compute_bytes=2, batch_per_gpu=args.batch,
-                     latent=(16, T, H, W), checkpointing=True)
-    return plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+    return plan_adapter(adapter, sizes, world=1, lora_rank=rank, shared_fake=True, compute_bytes=2,
+                        batch_per_gpu=args.batch, latent=(16, T, H, W), checkpointing=True)
 
 
 def main() -> None:

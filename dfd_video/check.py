@@ -29,7 +29,7 @@ from dfd_video.data import LatentShards
 from dfd_video.distributed import cast_keeping_fp32
 from dfd_video.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
-from dfd_video.memory import GiB, PlanConfig, largest_batch, network_sizes, part_rows, plan_memory
+from dfd_video.memory import GiB, largest_batch, network_sizes, part_rows, plan_adapter
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
@@ -319,10 +319,9 @@ def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentSh
         clip = f"{f} frames at {h}x{w} (the paper's; pass --data for yours)"
     compute = "fp32" if args.dtype == "fp32" else "bf16"  # train's auto is bf16 on the GPUs it plans for
     lora_rank = getattr(args, "lora_rank", 0)
-    cfg = PlanConfig(world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
-                     compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
-                     latent=lat, text_len=getattr(adapter, "text_len", 512), checkpointing=not args.no_checkpointing)
-    plan = plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+    plan = plan_adapter(adapter, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
+                        compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
+                        latent=lat, checkpointing=not args.no_checkpointing)
     out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],
                fixed=plan["fixed"], activations_counted=plan["counted"],
                rows=part_rows(plan, lora_rank > 0, args.ema > 0, per_rank), per_rank_batch=per_rank,

@@ -258,6 +258,13 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
             "adapter_params": sum(math.prod(s) for s in lshapes)}
 
 
+def plan_adapter(adapter, sizes: dict, **cfg) -> dict:
+    """plan_memory for a model adapter's network: PlanConfig(**cfg) with the adapter's text length, and its
+    saved_for_backward table (an adapter without one gets the rough rule)."""
+    return plan_memory(sizes, PlanConfig(text_len=getattr(adapter, "text_len", 512), **cfg),
+                       getattr(adapter, "saved_for_backward", None))
+
+
 def part_rows(plan: dict, lora: bool, ema: bool, batch: int) -> list[tuple[str, float, str]]:
     """plan_memory's parts as (what, bytes per GPU, exact / counted / rough) rows, as `plan` and `check` print them."""
     parts = plan["parts"]

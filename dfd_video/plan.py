@@ -13,8 +13,7 @@ import argparse
 import math
 import os
 
-from dfd_video.memory import (GiB, PlanConfig, largest_batch, meta_network, network_sizes, part_rows, plan_memory,
-                              read_config)
+from dfd_video.memory import GiB, largest_batch, meta_network, network_sizes, part_rows, plan_adapter, read_config
 
 TABLE_WORLDS = (1, 2, 4, 8)
 TABLE_GPUS = (24, 48, 80)
@@ -33,10 +32,9 @@ def check_plan_args(args: argparse.Namespace) -> list[str]:
 def plan_for(adapter, sizes: dict, args: argparse.Namespace, world: int, rank: int, batch: int) -> dict:
     lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=args.num_frames, height=args.height,
                                                        width=args.width)))
-    cfg = PlanConfig(world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
-                     compute_bytes=2 if args.dtype == "bf16" else 4, ema=args.ema > 0, batch_per_gpu=batch,
-                     latent=lat, text_len=getattr(adapter, "text_len", 512), checkpointing=not args.no_checkpointing)
-    return plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+    return plan_adapter(adapter, sizes, world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
+                        compute_bytes=2 if args.dtype == "bf16" else 4, ema=args.ema > 0, batch_per_gpu=batch,
+                        latent=lat, checkpointing=not args.no_checkpointing)
 
 
 def _g(b: float) -> str:
