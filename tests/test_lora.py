@@ -7,10 +7,8 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -28,18 +26,10 @@ SCRIPT = os.path.join(ROOT, "wan_dfd.py")
 LR = 1e-3
 
 
-def random_data(folder, n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = dfd_video.data.ShardWriter(str(folder), per_shard=3)
-    for _ in range(n):
-        w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
-    w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    random_data(root / "data")
+    tiny_wan.random_data(root / "data")
     # the .safetensors holds the generator alone: the fake score starts from the teacher and shares its network
     dmd2 = tiny_wan.write_dmd2_checkpoints(str(root / "dmd2"), tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6))
     return {"root": root, "pipe": tiny_wan.cached_pipeline(), "data": str(root / "data"), "dmd2": dmd2}
@@ -129,14 +119,7 @@ def test_kill_resume_export_and_pipeline_lora(setup):
             "--dtype", "bf16"]
     run_a, run_b = str(root / "run_a"), str(root / "run_b")
     run(train_argv(s, run_a, *more))
-    proc = subprocess.Popen([sys.executable, SCRIPT, *train_argv(s, run_b, *more)], env=tiny_wan.quiet_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = os.path.join(run_b, "checkpoints", "latest")
-    t0 = time.time()
-    while not os.path.exists(latest) and proc.poll() is None and time.time() - t0 < 600:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    latest = tiny_wan.kill_at_first_checkpoint([sys.executable, SCRIPT, *train_argv(s, run_b, *more)], run_b, 600)
     assert open(latest).read().strip() == "step-000000"
     assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000003"))
     run([*train_argv(s, run_b, *more), "--resume"])

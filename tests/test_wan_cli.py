@@ -8,10 +8,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -81,14 +79,7 @@ def test_train_kill_resume_sample_export(setup, capsys):
     assert {r["dfd"] for r in logs} == {0.0, 1.0}  # both branches of the p = 0.5 coin were taken
     assert "teacher_gap" in logs[0] and "teacher_gap" not in logs[1]
     # the same run, killed (SIGKILL) right after its first checkpoint, then resumed
-    proc = subprocess.Popen([sys.executable, SCRIPT, "train", *train_args(s, run_b)], env=tiny_wan.quiet_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = os.path.join(run_b, "checkpoints", "latest")
-    t0 = time.time()
-    while not os.path.exists(latest) and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    latest = tiny_wan.kill_at_first_checkpoint([sys.executable, SCRIPT, "train", *train_args(s, run_b)], run_b, 300)
     assert open(latest).read().strip() == "step-000001"
     assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
     leftovers = [os.path.join(run_b, "checkpoints", "step-000003.tmp99999"), os.path.join(run_b, "args.json.tmp99999")]

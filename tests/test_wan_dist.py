@@ -22,17 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, LR = 2, 1e-4
 
 
-def random_data(folder, n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = dfd_video.data.ShardWriter(str(folder), per_shard=3)
-    for _ in range(n):
-        w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
-    w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
-
-
 def test_two_ranks_match_single_process(tmp_path, capfd):
     pipe = tiny_wan.cached_pipeline()
-    random_data(tmp_path / "data")
+    tiny_wan.random_data(tmp_path / "data")
     paths = tiny_wan.write_dmd2_checkpoints(str(tmp_path / "dmd2"), tiny_wan.tiny_transformer(5),
                                             tiny_wan.tiny_transformer(6))
     argv = ["train", "--model-dir", pipe, "--data", str(tmp_path / "data"), "--dmd2-ckpt", paths["pt"], "--bidirectional-ckpt",

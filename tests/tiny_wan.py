@@ -7,6 +7,8 @@ make_videos(dir, ...)      synthetic mp4s with captions (sidecar .txt, or a CSV 
 to_original_keys(sd)       a diffusers transformer state dict renamed to the original Wan key names
                            (the inverse of diffusers' convert_wan_transformer_to_diffusers).
 write_dmd2_checkpoints     one DMD2 checkpoint in every format --dmd2-ckpt accepts.
+random_data(dir)           a prepared data folder of random latents [16, 3, 4, 6] and text embeddings [512, 32].
+kill_at_first_checkpoint   runs a command and SIGKILLs it once its first training checkpoint exists.
 """
 from __future__ import annotations
 
@@ -211,6 +213,32 @@ def cached_pipeline() -> str:
         atexit.register(shutil.rmtree, root, True)
         _CACHE["pipe"] = build_pipeline(os.path.join(root, "wan"))
     return _CACHE["pipe"]
+
+
+def random_data(folder, n: int = 4, seed: int = 0) -> None:
+    """A prepared Wan data folder (3 samples per shard) of n random latents and text embeddings, and the negative."""
+    import dfd_video.data
+    g = torch.Generator().manual_seed(seed)
+    w = dfd_video.data.ShardWriter(str(folder), per_shard=3)
+    for _ in range(n):
+        w.add({"latents": torch.randn(16, 3, 4, 6, generator=g), "text": torch.randn(512, 32, generator=g)})
+    w.close({"adapter": "wan"}, {"text": torch.randn(512, 32, generator=g)})
+
+
+def kill_at_first_checkpoint(cmd: list[str], run_dir: str, timeout: float) -> str:
+    """Starts `cmd` and SIGKILLs it as soon as the run's checkpoints/latest pointer exists (what a crash or a
+    preempted job leaves), or after `timeout` s or when it ends first; returns the pointer's path."""
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    t0 = time.time()
+    while not os.path.exists(latest) and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return latest
 
 
 def quiet_env() -> dict:
