@@ -36,6 +36,7 @@ from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match
 # the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
 # order. A convention error (timestep scale, guidance form, velocity sign) moves x0 by O(1) of its scale.
 PARITY_REL = {"fp32": 1e-4, "bf16": 2e-2}  # fp32 with TF32 off (see run_check)
+FAKE_FROM_TEACHER = "teacher (--model-dir)"  # the fake score's source when the checkpoint gives it none
 PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips: the memory estimate without --data
 RESERVE_GB = 6.0  # GiB per GPU left for what the estimate does not model (plan's --reserve-gb default)
 
@@ -64,7 +65,7 @@ def checkpoint_report(args: argparse.Namespace, adapter, net: nn.Module) -> dict
     for name in ("student", "fake_score", "ema"):
         src = desc["networks"][name]
         if src is None:
-            out["networks"][name] = ({"source": "teacher (--model-dir)"} if name == "fake_score" else
+            out["networks"][name] = ({"source": FAKE_FROM_TEACHER} if name == "fake_score" else
                                      {"source": None} if name == "student" else None)
             continue
         try:
@@ -277,7 +278,7 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
 
     # 4. memory
     fake_source = (ck["networks"].get("fake_score") or {}).get("source")
-    from_teacher = fake_source in (None, "teacher (--model-dir)")
+    from_teacher = fake_source in (None, FAKE_FROM_TEACHER)
     rep["memory"] = memory_report(adapter, args, sizes, data, from_teacher, device)
     if rep["memory"].get("problem"):
         rep["problems"].append(rep["memory"]["problem"])
