@@ -50,7 +50,7 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                and guidance only when s > 1. The paper (and every flag here) uses  uncond + g (cond - uncond),
                so g = s + 1: the paper's g = 3.0 is guidance_scale = 2.0, the pipeline's default 7.0 is g = 8.0.
                The unconditional branch keeps the image condition and swaps the prompt for the negative prompt.
-               Default: FastGen's English Wan negative prompt (dfd_video.adapter.FASTGEN_NEGATIVE_PROMPT) encoded
+               Default: FastGen's English Wan negative prompt (dfd_video.spec.FASTGEN_NEGATIVE_PROMPT) encoded
                by Qwen2.5-VL, because FastGen's Cosmos DMD2 config reuses the Wan video loader and so guided the
                teacher with it; `prepare --negative-prompt ""` stores the pipeline's DEFAULT_NEGATIVE_PROMPT
                instead. Guiding v or x0 is the same.
@@ -68,12 +68,9 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import types
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,13 +79,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
-from dfd_video.distributed import Islands, fp32_islands, setup_distributed, shard
-from dfd_video.files import atomic_write
-from dfd_video.runs import latest_checkpoint
+from dfd_video.spec import GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
 from dfd_video.vae import WanVAE
-from dfd_video.video import read_prompts, read_video_frames
+from dfd_video.video import read_video_frames
 
 COND_T = 1e-4  # timestep of conditioning frames: the pipeline's conditional_frame_timestep ("t = 0")
 TEXT_LEN = 512  # prompt tokens, padded: the pipeline's max_sequence_length
@@ -215,7 +209,7 @@ def pipeline_scheduler(ts) -> tuple[Any, float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Text: the pipeline's Qwen2.5-VL encoding, a per-unique-prompt store, and online encoding.
+# Text: the pipeline's Qwen2.5-VL encoding (the per-caption store is dfd_video.data.PromptStore).
 
 
 def load_text_encoder(model_dir: str, dtype: torch.dtype = torch.bfloat16):
@@ -248,104 +242,21 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> 
                                                             device=device, dtype=text_encoder.dtype)
 
 
-def default_negative_prompt() -> str:
-    """The pipeline's DEFAULT_NEGATIVE_PROMPT, the unconditional branch with `prepare --negative-prompt ""`."""
-    from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
-
-    return DEFAULT_NEGATIVE_PROMPT
-
-
-PROMPTS = "prompts"  # data sub-folder: <key>.txt (the caption) and, with --text cache, <key>.safetensors
-
-
-def prompt_key(caption: str) -> torch.Tensor:
-    """The first 8 bytes of sha256(caption) as 8 integers in [0, 255]: exact in every storage dtype (bf16
-    included), so shards can carry it as an ordinary tensor. [8] float32."""
-    return torch.tensor(list(hashlib.sha256(caption.encode()).digest()[:8]), dtype=torch.float32)
-
-
-def key_name(key: torch.Tensor) -> str:
-    return bytes(int(b) for b in key.round().tolist()).hex()
-
-
-class PromptStore:
-    """The data folder's prompts/: one caption file per unique prompt and, when cached, its embedding.
-
-    get(keys [B, 8]) -> [B, 512, D]: the cached embedding (read once, kept while it is in use) or, when the
-    data were prepared with --text online, the caption encoded now by `encoder` (tokenizer, text encoder)."""
-
-    MEMO = 16  # 16 x 103 MB for the real encoder
-
-    def __init__(self, folder: str, encoder=None):
-        self.folder, self.encoder = os.path.join(folder, PROMPTS), encoder
-        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # the last MEMO embeddings read
-
-    def path(self, caption: str, ext: str) -> str:
-        return os.path.join(self.folder, key_name(prompt_key(caption)) + ext)
-
-    def put(self, caption: str, embedding: torch.Tensor | None) -> torch.Tensor:
-        """Writes the caption (and its embedding) once; returns its key. Files are written atomically, so
-        ranks that meet the same caption at the same time both write it harmlessly."""
-        from safetensors.torch import save_file
-
-        os.makedirs(self.folder, exist_ok=True)
-        if not os.path.exists(self.path(caption, ".txt")):
-            atomic_write(self.path(caption, ".txt"), lambda p: open(p, "w").write(caption))
-        if embedding is not None and not os.path.exists(self.path(caption, ".safetensors")):
-            atomic_write(self.path(caption, ".safetensors"),
-                            lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
-        return prompt_key(caption)
-
-    def get(self, keys: torch.Tensor, device) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        names = [key_name(k) for k in keys.cpu()]
-        if self.encoder is not None:  # online: encode the batch's captions now
-            captions = []
-            for n in names:
-                path = os.path.join(self.folder, n + ".txt")
-                if not os.path.exists(path):
-                    raise ValueError(f"{path}: caption missing (data prepared without it?)")
-                captions.append(open(path).read())
-            return encode_prompts(*self.encoder, captions, device).float()
-        out = []
-        for n in names:
-            if n not in self.memo:
-                path = os.path.join(self.folder, n + ".safetensors")
-                if not os.path.exists(path):
-                    raise ValueError(f"{path}: cached prompt embedding missing (prepare with --text cache, "
-                                     "or train on data prepared with --text online)")
-                self.memo[n] = load_file(path)["text"]
-                if len(self.memo) > self.MEMO:
-                    self.memo.popitem(last=False)
-            self.memo.move_to_end(n)
-            out.append(self.memo[n])
-        return torch.stack(out).to(device).float()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Encoders for prepare / sample: the Wan 2.1 VAE (dfd_video.vae, the same class and normalisation as Wan)
 # and Qwen2.5-VL.
 
 
-def encoder_dtype(args, device: torch.device) -> torch.dtype:
-    """--dtype for the text encoder: bf16 when asked or on CUDA (auto), else fp32."""
-    return torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
-
-
 class CosmosEncoders:
-    """encode_video(frames) -> latents of the clip and of its first frame alone; encode_text(captions) ->
-    prompt keys (the captions, and with --text cache their embeddings, go to <out>/prompts/); negative()."""
+    """The Wan 2.1 VAE and Qwen2.5-VL: encode_video(frames) -> latents of the clip and of its first frame alone;
+    encode_text(captions) -> {"text": [N, 512, D]} as the pipeline encodes them."""
 
-    def __init__(self, args, device: torch.device):
-        dtype = encoder_dtype(args, device)
-        self.vae = WanVAE(args.model_dir, device)
-        self.tokenizer, self.text_encoder = load_text_encoder(args.model_dir, dtype)
-        self.text_encoder.to(device)
-        self.device, self.cache = device, args.text == "cache"
-        self.store = PromptStore(args.out)
-        self.store_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.store_dtype]
-        self.negative_prompt = negative_prompt(args.negative_prompt, default_negative_prompt())
+    def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype, text: bool = True, vae: bool = True):
+        self.device = device
+        self.vae = WanVAE(model_dir, device) if vae else None
+        self.tokenizer, self.text_encoder = load_text_encoder(model_dir, dtype) if text else (None, None)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -357,24 +268,7 @@ class CosmosEncoders:
                 "image": self.vae.encode_video(frames[:1])["latents"]}
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """{"text_key": [N, 8]}; with --text cache, captions not seen before are encoded and stored."""
-        new = [c for c in dict.fromkeys(captions) if self.cache and not os.path.exists(self.store.path(c, ".safetensors"))]
-        emb = encode_prompts(self.tokenizer, self.text_encoder, new, self.device).to(self.store_dtype) if new else []
-        for c, e in zip(new, emb):
-            self.store.put(c, e)
-        return {"text_key": torch.stack([self.store.put(c, None) for c in captions])}
-
-    def negative(self) -> dict[str, torch.Tensor]:
-        return {"text": encode_prompts(self.tokenizer, self.text_encoder, [self.negative_prompt], self.device)[0]}
-
-
-def read_tensors(path: str, flag: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except Exception as e:
-        raise ValueError(f"{flag} {path}: not a readable safetensors file ({type(e).__name__})") from None
+        return {"text": encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)}
 
 
 def read_image(path: str, height: int, width: int) -> torch.Tensor:
@@ -398,87 +292,30 @@ def read_image(path: str, height: int, width: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The adapter dfd_video's drivers call (the interface: dfd_video.adapter.Adapter).
+# The spec dfd_video's drivers read (dfd_video/spec.py).
 
 
-class CosmosAdapter:
-    """Cosmos-Predict2.5 image-to-video. Data: latents [16, T, h, w], image [16, 1, h, w], text_key [8]."""
+class CosmosAdapter(ModelSpec):
+    """Cosmos-Predict2.5 image-to-video. Data: latents [16, T, h, w], image [16, 1, h, w], text_key [8] (the
+    caption's key in the data folder's prompts/ store: 103 MB per embedding, so one per unique caption)."""
 
-    name = "cosmos"
+    name, family = "cosmos", "Cosmos-Predict2.5"
     data_keys = ("latents", "image", "text_key")
+    defaults = {"guidance": 3.0, "steps": 300}  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
+    text_len = TEXT_LEN
+    text_store = True
+    image_conditioned = True
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
                     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
     lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
-    public_config = "cosmos_predict2.5_2b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/)
-    text_len = TEXT_LEN  # `plan`: the prompt tokens the cross-attention reads
-    # `plan`: what autograd keeps for backward per clip while the network runs with grad, as {shape: (tensors in the
-    # compute dtype, fp32 tensors)}; the keys are dfd_video.memory.shape_elements' (A: adaLN-LoRA width, ctx: the text
-    # width after the Qwen projection, text: Qwen's concatenated width, patch: the patch embedding's input per token).
-    # Counted with saved_tensors_hooks in diffusers 0.42.1's CosmosTransformerBlock under FSDP2 bf16 on torch 2.13's
-    # CPU kernels (bench/bench_memory_plan.py --model cosmos: --count --dtype bf16 prints it, without --count the
-    # check): per block the three adaLN modulations, per token since the timestep is per latent frame (each an [S, 3D]
-    # shift / scale / gate, 9 of S x D, and an S x A hidden state), the LayerNorms' inputs and statistics, q / k / v
-    # before and after RMSNorm (with its fp32 copies and statistics), SDPA's output and log-sum-exp, the FFN's hidden
-    # state and GELU; the root: the patch embedding's input, the Qwen projection's input and output, the per-frame time
-    # embedding, the per-token embedded timestep, the RoPE tables, the head's norm. "checkpointed": the [S, 3D] time
-    # embedding every block reads, which checkpointing keeps (with LoRA the embedded timestep too, which the frozen
-    # modulation does not save). With LoRA the frozen base saves less and each target layer adds its rank-r hidden
-    # state.
-    saved_for_backward = {
-        "full": {"block": {"S*D": (39, 3), "S*F": (2, 0), "S*H": (0, 5), "S": (6, 0), "S*A": (3, 0), "T*D": (4, 1),
-                           "T*H": (0, 1)},
-                 "root": {"latent": (0, 1), "frames": (0, 2), "frames*D": (4, 0), "S*patch": (1, 0), "T*text": (1, 0),
-                          "T*ctx": (2, 0), "S*D": (6, 0), "S": (2, 0), "S*A": (1, 0), "S*head_dim": (0, 2)},
-                 "checkpointed": {"S*D": (3, 0)}},
-        "lora": {"block": {"S*D": (27, 3), "S*F": (2, 0), "S*H": (0, 5), "S": (6, 0), "T*D": (3, 1), "T*H": (0, 1),
-                           "S*r": (8, 0), "T*r": (2, 0)},
-                 "root": {"latent": (0, 1), "frames": (0, 2), "T*ctx": (1, 0), "S*D": (2, 0), "S": (2, 0),
-                          "S*head_dim": (0, 2)},
-                 "checkpointed": {"S*D": (4, 0)}}}
-    # under fp32 compute the RMSNorms' fp32 copies of q / k (3 of S x D and 1 of T x D per block) are the tensors
-    # themselves: the same tables without them (--count --dtype fp32 counts 39 / 4, LoRA 27 / 3)
-    for _k in ("full", "lora"):
-        _b = saved_for_backward[_k]["block"]
-        saved_for_backward[f"{_k}_fp32"] = {**saved_for_backward[_k],
-                                            "block": {**_b, "S*D": (_b["S*D"][0], 0), "T*D": (_b["T*D"][0], 0)}}
-    del _k, _b
-
-    def __init__(self):
-        self.compute_dtype: torch.dtype | None = None
-        self.args = None
-        self._vae = None
-        self._prompts: PromptStore | None = None
-
-    def configure(self, args) -> None:
-        self.args = args
-
-    def add_args(self, cmd: str, p) -> None:
-        """Cosmos's flags and defaults on top of the shared ones."""
-        if cmd == "prepare":
-            self.add_prepare_args(p)
-        elif cmd == "check":
-            p.set_defaults(guidance=3.0, steps=300)  # as train
-        elif cmd == "train":
-            p.set_defaults(guidance=3.0, steps=300)  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
-            p.description = "DFD post-training (default); --guidance is g in uncond + g (cond - uncond), 3.0"
-        elif cmd == "sample":
-            p.add_argument("--images", nargs="+", help="conditioning image per prompt (or one for all prompts); "
-                           "resized to cover --height x --width and centre-cropped like the training frames")
-        elif cmd == "export":
-            p.add_argument("--student-ts", type=float, nargs="+", default=None,
-                           help="the student's times, for the pipeline scheduler written to out/scheduler "
-                                "(default: the training run's, else the paper's)")
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32."""
         from diffusers import CosmosTransformer3DModel
 
         ensure_padding_mask_resize()
-        return load_transformer(CosmosTransformer3DModel, model_dir, "Cosmos-Predict2.5", meta=meta)
-
-    def init_buffers(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
-        pass  # no non-persistent buffers: RoPE is computed in forward
+        return load_transformer(CosmosTransformer3DModel, model_dir, self.family, meta=meta)
 
     def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Original Cosmos key names (FastGen / cosmos-predict2.5 checkpoints, `net.` stripped) -> diffusers',
@@ -492,23 +329,11 @@ class CosmosAdapter:
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.transformer_blocks)
 
-    def fp32_islands(self, net: nn.Module) -> Islands:
-        return fp32_islands(net)  # diffusers' list: learnable_pos_embed (absent from Predict2.5)
-
-    def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
-        return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), self.compute_dtype)
-
-    def _store(self, device) -> PromptStore:
-        if self._prompts is None:
-            folder = self.args.data
-            online = not any(f.endswith(".safetensors") for f in os.listdir(os.path.join(folder, PROMPTS)))
-            encoder = open_sharded_text_encoder(self.args, device) if online else None
-            self._prompts = PromptStore(folder, encoder)
-        return self._prompts
+    def denoiser(self, net, guidance=None, uncond=None, dtype=None) -> nn.Module:
+        return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype)
 
     def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> CosmosCond:
-        prompt = items["text"].float() if "text" in items else self._store(device).get(items["text_key"], device)
-        return CosmosCond(prompt.to(device), items["image"].float().to(device))
+        return CosmosCond(items["text"].float().to(device), items["image"].float().to(device))
 
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
         x_real = items["latents"].float()
@@ -524,82 +349,64 @@ class CosmosAdapter:
         if len(img) != 4 or img[0] != lat[0] or tuple(img[2:]) != tuple(lat[2:]) or not 1 <= img[1] < lat[1]:
             raise ValueError(f"data image latents have shape {img}; need [{lat[0]}, Tc, {lat[2]}, {lat[3]}] with "
                              f"1 <= Tc < {lat[1]} (conditioning frames, then at least one generated frame)")
-        if not os.path.isdir(os.path.join(self.args.data, PROMPTS)):
-            raise ValueError(f"--data {self.args.data}: no {PROMPTS}/ folder (prepare it with cosmos_dfd.py)")
 
-    # --- prepare / sample / export ------------------------------------------------------------------
+    def open_encoders(self, model_dir, device, dtype, text=True, vae=True) -> CosmosEncoders:
+        return CosmosEncoders(model_dir, device, dtype, text=text, vae=vae)
 
-    def add_prepare_args(self, p) -> None:
-        p.add_argument("--text", default="cache", choices=("cache", "online"),
-                       help="cache: store one embedding per unique caption (103 MB each for the real encoder); "
-                            "online: store captions only, `train` encodes them with the sharded text encoder")
+    def pipeline_negative_prompt(self) -> str:
+        """The pipeline's DEFAULT_NEGATIVE_PROMPT."""
+        from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
 
-    def open_encoders(self, args, device: torch.device) -> CosmosEncoders:
-        return CosmosEncoders(args, device)
+        return DEFAULT_NEGATIVE_PROMPT
 
-    def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """Per video: {"text": [512, D], "image": [16, 1, h, w]}; from --prompts + --images, or --embeddings
-        (tensors "text" [N, 512, D] and, unless --images is given, "image" [N, 16, 1, h, w])."""
-        if args.num_frames < 5:
-            raise ValueError(f"--num-frames {args.num_frames}: the first latent frame is the image; ask for at least "
-                             "5 frames (one generated latent frame)")
-        emb = read_tensors(args.embeddings, "--embeddings") if args.embeddings else {}
-        if args.prompts is not None:
-            prompts = read_prompts(args.prompts)
-            tokenizer, te = load_text_encoder(args.model_dir, self.compute_dtype or torch.float32)
-            text = encode_prompts(tokenizer, te.to(device), prompts, device).float() if prompts else None
-        else:
-            text = emb.get("text")
+    def text_encoder_blocks(self, text_encoder: nn.Module) -> list[nn.Module]:
+        """Qwen2.5-VL's decoder layers, and its vision tower as a unit of its own that is never gathered."""
+        return list(text_encoder.model.language_model.layers) + [text_encoder.model.visual]
+
+    def sample_items(self, encoders, prompts, embeddings, images, size) -> list[dict[str, torch.Tensor]]:
+        """Per video: {"text": [512, D], "image": [16, 1, h, w]}; from prompts + images, or embeddings (tensors
+        "text" [N, 512, D] and, unless images are given, "image" [N, 16, 1, h, w])."""
+        frames, height, width = size
+        if frames < 5:
+            raise ValueError(f"--num-frames {frames}: the first latent frame is the image; ask for at least 5 frames "
+                             "(one generated latent frame)")
+        embeddings = embeddings or {}
+        text = encoders.encode_text(prompts)["text"] if prompts else embeddings.get("text")
         if text is None or text.ndim != 3:
-            raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)" if args.prompts else
-                             f"--embeddings {args.embeddings}: need a tensor 'text' of shape [N, 512, D]")
+            raise ValueError("--embeddings: need a tensor 'text' of shape [N, 512, D]")
         text = text.float()
-        h, w = args.height // 8, args.width // 8
-        if args.images:
-            if len(args.images) not in (1, len(text)):
-                raise ValueError(f"--images: {len(args.images)} images for {len(text)} prompts (give one, or one "
-                                 "per prompt); every video needs its conditioning frame")
-            paths = args.images * len(text) if len(args.images) == 1 else args.images
-            vae = self._decoder(args, device)
-            image = torch.stack([vae.encode_video(read_image(p, args.height, args.width))["latents"] for p in paths])
-        elif "image" in emb:
-            image = emb["image"].float()
+        h, w = height // 8, width // 8
+        if images:
+            if len(images) not in (1, len(text)):
+                raise ValueError(f"--images: {len(images)} images for {len(text)} prompts (give one, or one per "
+                                 "prompt); every video needs its conditioning frame")
+            paths = images * len(text) if len(images) == 1 else images
+            image = torch.stack([encoders.vae.encode_video(read_image(p, height, width))["latents"] for p in paths])
+        elif "image" in embeddings:
+            image = embeddings["image"].float()
         else:
             raise ValueError("missing conditioning frame: give --images (one per prompt, or one for all) or "
                              "--embeddings with an 'image' tensor [N, 16, 1, h, w]")
-        if image.ndim != 5 or tuple(image.shape[1:2]) != (16,) or tuple(image.shape[3:]) != (h, w) or len(image) != len(text):
+        if image.ndim != 5 or image.shape[1] != 16 or tuple(image.shape[3:]) != (h, w) or len(image) != len(text):
             raise ValueError(f"conditioning image latents have shape {tuple(image.shape)}; need [{len(text)}, 16, 1, "
-                             f"{h}, {w}] for --height {args.height} --width {args.width}")
+                             f"{h}, {w}] for --height {height} --width {width}")
         return [{"text": t.cpu(), "image": i.cpu()} for t, i in zip(text, image)]
 
-    def noise_shape(self, args) -> tuple[int, int, int, int]:
-        return (16, (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-
-    def _decoder(self, args, device) -> WanVAE:
-        if self._vae is None:
-            self._vae = WanVAE(args.model_dir, device)
-        return self._vae
-
-    def decode(self, latents: torch.Tensor, args) -> torch.Tensor:
-        return self._decoder(args, latents.device).decode(latents)
-
-    def save_pretrained(self, net: nn.Module, out: str) -> None:
+    def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
         """The transformer folder (config.json + safetensors; CosmosTransformer3DModel.from_pretrained(out)) and
         out/scheduler/, the FlowMatchEulerDiscreteScheduler under which the pipeline runs
         dfd.sample(..., renoise=False)."""
         net.save_pretrained(out, safe_serialization=True)
-        ts = tuple(self.args.student_ts or trained_student_ts(self.args.ckpt))
-        scheduler, err = pipeline_scheduler(ts)
+        scheduler, err = pipeline_scheduler(student_ts)
         scheduler.save_pretrained(os.path.join(out, "scheduler"))
-        scheduler.set_timesteps(len(ts))
+        scheduler.set_timesteps(len(student_ts))
         if err > 0.01:
-            print(f"warning: no FlowMatchEulerDiscreteScheduler config reproduces the student times {list(ts)}; "
+            print(f"warning: no FlowMatchEulerDiscreteScheduler config reproduces the student times {list(student_ts)}; "
                   "the pipeline will run the nearest ones below", file=sys.stderr)
         print(f"pipeline scheduler: FlowMatchEulerDiscreteScheduler(shift={scheduler.config.shift}, "
-              f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(ts)} steps at "
-              f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(ts)}, max diff {err:.2g})",
-              file=sys.stderr)
-
+              f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(student_ts)} steps at "
+              f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(student_ts)}, max diff "
+              f"{err:.2g})", file=sys.stderr)
 
     # --- check ---------------------------------------------------------------------------------------
 
@@ -611,8 +418,7 @@ class CosmosAdapter:
         image = torch.randn(shape[0], 1, *shape[2:], generator=generator)
         return {"text": text(), "image": image}, {"text": text()}
 
-    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: CosmosCond, uncond: dict,
-                    guidance: float, args):
+    def pipeline_x0(self, net, x_t, t, cond, uncond, guidance, dtype, model_dir):
         """Cosmos2_5_PredictBasePipeline.__call__ itself for one Euler step to t = 0, conditioned on the image that
         cond.image decodes to (a one-frame `video=`; it re-encodes it with its VAE, so our side is given that
         latent), with guidance_scale = g - 1; compared on the generated frames only (the pipeline's conditioning
@@ -621,7 +427,7 @@ class CosmosAdapter:
 
         if 1.0 < guidance <= 2.0:
             raise ValueError(f"--guidance {guidance}: the pipeline guides only when g - 1 > 1; compare at g = 1 or g > 2")
-        vae = self._decoder(args, x_t.device)
+        vae = WanVAE(model_dir, x_t.device)
         frames = vae.decode(cond.image)  # uint8 [1, Tc', H, W, 3]
         image = torch.stack([vae.encode_video(f)["latents"] for f in frames])  # what the pipeline's VAE sees
         video = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [1, 3, 1, H, W] in [-1, 1]
@@ -629,7 +435,7 @@ class CosmosAdapter:
                                              scheduler=one_step_scheduler(t), safety_checker=_LatentsOnly())
         pipe.set_progress_bar_config(disable=True)
         _, _, T, h, w = x_t.shape
-        dt = self.compute_dtype or torch.float32  # as its text encoder would hand them over (the pipeline does not cast)
+        dt = dtype or torch.float32  # as its text encoder would hand them over (the pipeline does not cast)
         neg = uncond["text"][None].to(x_t.device, dt).expand(x_t.shape[0], -1, -1)
         x0 = pipe(video=video, prompt_embeds=cond.prompt.to(dt), negative_prompt_embeds=neg, height=8 * h, width=8 * w,
                   num_frames=4 * (T - 1) + 1, num_inference_steps=1, guidance_scale=guidance - 1.0, latents=x_t,
@@ -643,31 +449,6 @@ class _LatentsOnly:
 
     def to(self, *args, **kwargs):
         return self
-
-
-def trained_student_ts(ckpt: str) -> tuple[float, ...]:
-    """The --student-ts a training run used (its args.json, next to checkpoints/), else the paper's."""
-    try:
-        run = os.path.dirname(os.path.dirname(latest_checkpoint(ckpt)))
-        with open(os.path.join(run, "args.json")) as f:
-            return tuple(json.load(f)["student_ts"])
-    except (ValueError, OSError, KeyError, json.JSONDecodeError):
-        return dfd.STUDENT_TS
-
-
-def open_sharded_text_encoder(args, device: torch.device):
-    """(tokenizer, text encoder) for online prompt encoding during training: loaded in the compute dtype and,
-    under torchrun, sharded with FSDP2 per decoder layer (its vision tower is a unit of its own that is never
-    gathered), so each rank holds 1/world of the 8.3B parameters."""
-    d = setup_distributed(args.device)  # idempotent: the driver has already started the group
-    dtype = encoder_dtype(args, device)
-    tokenizer, te = load_text_encoder(args.model_dir, dtype)
-    if d.world > 1:
-        layers = list(te.model.language_model.layers) + [te.model.visual]
-        shard(te, layers, d, None, None, checkpointing=False, trainable=False)
-    else:
-        te.to(device)
-    return tokenizer, te
 
 
 def main(argv=None) -> Any:

@@ -22,24 +22,21 @@ g = 5.0; UMT5 embeddings are cut to the real token count and zero-padded to 512;
 
 Where the authors' recipe (FastGen's Wan DMD2 config, docs/recipe.md) and the diffusers pipeline differ, the defaults
 are the recipe's and a flag gives the pipeline's: the uncond of CFG is the embedding of FastGen's English negative
-prompt (dfd_video.adapter.FASTGEN_NEGATIVE_PROMPT; `prepare --negative-prompt ""` stores the pipeline's default, the
+prompt (dfd_video.spec.FASTGEN_NEGATIVE_PROMPT; `prepare --negative-prompt ""` stores the pipeline's default, the
 empty string), real videos are encoded with a seeded VAE posterior sample (`prepare --vae-latent mode`: the mode), and
 `sample` runs the deterministic ODE sampler (`--sampler renoise`: fresh noise between steps).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.nn as nn
 
 import dfd
-from dfd_video.adapter import GuidedDenoiser, load_transformer, negative_prompt, one_step_scheduler
 from dfd_video.cli import main as cli_main
-from dfd_video.distributed import Islands, fp32_islands
+from dfd_video.spec import GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
 from dfd_video.vae import WanVAE
-from dfd_video.video import read_prompts
 
 WAN_TEXT_LEN = 512  # the pipeline's max_sequence_length: UMT5 output cut to the real length, zero-padded to 512
 
@@ -68,17 +65,17 @@ class WanDenoiser(GuidedDenoiser):
 
 
 class WanEncoders:
-    """The base model's VAE (dfd_video.vae.WanVAE) and UMT5 text encoder, used by `prepare` and `sample`."""
+    """The base model's VAE (dfd_video.vae.WanVAE) and UMT5 text encoder, used by `prepare`, `sample` and probes."""
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                 text: bool = True, vae: bool = True, negative: str | None = None):
+                 text: bool = True, vae: bool = True):
         from transformers import AutoTokenizer, UMT5EncoderModel
-        self.device, self.dtype = device, dtype
-        self.negative_prompt = negative_prompt(negative, "")  # None: FastGen's; "": WanPipeline's default ""
+        self.device = device
         for sub in (["vae"] if vae else []) + (["text_encoder", "tokenizer"] if text else []):
             if not os.path.isdir(os.path.join(model_dir, sub)):
                 raise ValueError(f"--model-dir {model_dir}: no {sub}/ folder (expected a diffusers Wan pipeline)")
         self.vae = WanVAE(model_dir, device) if vae else None
+        self.text_encoder = None
         if text:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
@@ -103,48 +100,21 @@ class WanEncoders:
         keep = (torch.arange(WAN_TEXT_LEN, device=self.device)[None] < mask.gt(0).sum(1, keepdim=True))[..., None]
         return {"text": h * keep}
 
-    def negative(self) -> dict[str, torch.Tensor]:
-        """The negative prompt's embedding, the unconditional branch of CFG (default: FastGen's English Wan text)."""
-        return {k: v[0] for k, v in self.encode_text([self.negative_prompt]).items()}
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents)
+class WanAdapter(ModelSpec):
+    """Wan2.1 text-to-video: the ModelSpec (dfd_video/spec.py) of WanTransformer3DModel."""
 
-
-class WanAdapter:
-    """Wan2.1 text-to-video. See the module docstring for the adapter interface."""
-
-    name = "wan"
+    name, family = "wan", "Wan"
     data_keys = ("latents", "text")
+    text_len = WAN_TEXT_LEN
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
-    public_config = "wan2.1_t2v_1.3b_transformer.json"  # `plan` without --model-dir (dfd_video/configs/)
-    # `plan`: what autograd keeps for backward per clip while the network runs with grad, as {shape: (tensors in the
-    # compute dtype, fp32 tensors)}, S video tokens, T text tokens, D width, F ffn width, H heads, r LoRA rank.
-    # Counted with saved_tensors_hooks in diffusers 0.42.1's WanTransformerBlock under FSDP2 bf16 on torch 2.13's CPU
-    # kernels (bench/bench_memory_plan.py prints the check): per block the norms' fp32 inputs and outputs, q / k / v
-    # before and after RMSNorm and RoPE, SDPA's output and log-sum-exp, the projections' inputs, the FFN's hidden
-    # state and GELU output; the root: the text embedder, RoPE tables, the head's norm. With LoRA the frozen base
-    # saves less (no fp32 copies for weight gradients) and each target layer adds its rank-r hidden state.
-    saved_for_backward = {
-        "full": {"block": {"S*D": (10, 12), "S*F": (2, 0), "S*H": (0, 2), "S": (0, 9), "T*D": (2, 2), "T": (0, 1),
-                           "D": (0, 5)},
-                 "root": {"latent": (1, 2), "T*text": (1, 0), "T*D": (3, 0), "S*D": (1, 2), "S": (0, 2), "D": (3, 2),
-                          "S*head_dim": (2, 0)}},
-        "lora": {"block": {"S*D": (9, 6), "S*F": (2, 0), "S*H": (0, 2), "S": (0, 9), "T*D": (2, 1), "T": (0, 1),
-                           "D": (0, 5), "S*r": (8, 0), "T*r": (2, 0)},
-                 "root": {"latent": (0, 2), "T*D": (1, 0), "S*D": (0, 1), "S": (0, 2), "D": (1, 0),
-                          "S*head_dim": (2, 0)}}}
-
-    def __init__(self):
-        self._decoder: WanVAE | None = None
-        self.compute_dtype: torch.dtype | None = None
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """WanTransformer3DModel from model_dir/transformer (or model_dir itself) in fp32."""
         from diffusers import WanTransformer3DModel
-        return load_transformer(WanTransformer3DModel, model_dir, "Wan", fix=self.init_buffers, meta=meta)
+        return load_transformer(WanTransformer3DModel, model_dir, self.family, fix=self.init_buffers, meta=meta)
 
     def init_buffers(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
         """The RoPE tables are non-persistent buffers (not in the file): rebuilt after the weights are allocated."""
@@ -161,18 +131,14 @@ class WanAdapter:
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.blocks)
 
-    def fp32_islands(self, net: nn.Module) -> Islands:
-        """diffusers' _keep_in_fp32_modules: the time embedder, each block's norm2 and every scale_shift_table."""
-        return fp32_islands(net)
-
-    def denoiser(self, net: nn.Module | None, guidance: float | None, uncond: dict | None) -> nn.Module:
-        return WanDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), self.compute_dtype)
+    def denoiser(self, net, guidance=None, uncond=None, dtype=None) -> nn.Module:
+        return WanDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype)
 
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
         return items["latents"].float(), self.make_cond(items, device)
 
     def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        return items["text"].float()
+        return items["text"].float().to(device)
 
     def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
         cfg = net.config
@@ -184,52 +150,14 @@ class WanAdapter:
         if len(text) != 2 or text[1] != cfg.text_dim:
             raise ValueError(f"data text embeddings have shape {text}; the transformer wants [L, {cfg.text_dim}]")
 
-    # --- prepare / sample ---------------------------------------------------------------------------
+    def open_encoders(self, model_dir, device, dtype, text=True, vae=True) -> WanEncoders:
+        return WanEncoders(model_dir, device, dtype, text=text, vae=vae)
 
-    def add_args(self, cmd: str, p: argparse.ArgumentParser) -> None:
-        pass  # Wan needs nothing beyond the shared flags, and their defaults are Wan's
-
-    def open_encoders(self, args, device: torch.device) -> WanEncoders:
-        dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
-        return WanEncoders(args.model_dir, device, dtype, negative=args.negative_prompt)
-
-    def sample_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        if args.prompts is not None:
-            prompts = read_prompts(args.prompts)
-            if not prompts:
-                raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)")
-            text = WanEncoders(args.model_dir, device, self.compute_dtype or torch.float32, vae=False).encode_text(prompts)["text"]
-        else:
-            from safetensors.torch import load_file
-            try:
-                emb = load_file(args.embeddings)
-            except Exception as e:
-                raise ValueError(f"--embeddings {args.embeddings}: unreadable ({type(e).__name__})") from None
-            if "text" not in emb or emb["text"].ndim != 3:
-                raise ValueError(f"--embeddings {args.embeddings}: need a tensor 'text' of shape [N, 512, D]")
-            text = emb["text"]
+    def sample_items(self, encoders, prompts, embeddings, images, size) -> list[dict[str, torch.Tensor]]:
+        text = encoders.encode_text(prompts)["text"] if prompts is not None else embeddings.get("text")
+        if text is None or text.ndim != 3:
+            raise ValueError("--embeddings: need a tensor 'text' of shape [N, 512, D]")
         return [{"text": t.float().cpu()} for t in text]
-
-    def probe_items(self, args, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """--probe-prompts for the training probes: encoded once, then the text encoder is freed."""
-        prompts = read_prompts(args.probe_prompts)
-        if not prompts:
-            raise ValueError(f"--probe-prompts {args.probe_prompts}: no prompts (one per line)")
-        enc = WanEncoders(args.model_dir, device, self.compute_dtype or torch.float32, vae=False)
-        text = enc.encode_text(prompts)["text"]
-        del enc
-        return [{"text": t.float().cpu()} for t in text]
-
-    def noise_shape(self, args) -> tuple[int, int, int, int]:
-        return (16, (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-
-    def decode(self, latents: torch.Tensor, args) -> torch.Tensor:
-        if self._decoder is None:
-            self._decoder = WanVAE(args.model_dir, latents.device)
-        return self._decoder.decode(latents)
-
-    def save_pretrained(self, net: nn.Module, out: str) -> None:
-        net.save_pretrained(out, safe_serialization=True)
 
     # --- check ---------------------------------------------------------------------------------------
 
@@ -238,8 +166,7 @@ class WanAdapter:
         text = lambda: torch.randn(WAN_TEXT_LEN, net.config.text_dim, generator=generator)
         return {"text": text()}, {"text": text()}
 
-    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: torch.Tensor, uncond: dict,
-                    guidance: float, args):
+    def pipeline_x0(self, net, x_t, t, cond, uncond, guidance, dtype, model_dir):
         """WanPipeline.__call__ itself (prompt embeddings given, so no text encoder; latents out, so no VAE) for one
         Euler step to t = 0: its two transformer calls and noise_uncond + g (noise_pred - noise_uncond)."""
         from diffusers import WanPipeline

@@ -148,13 +148,13 @@ def one_step(mode: str, model: str, nets: dict, batch: dict, uncond: dict, d, co
     """One student step (p = 1) and one fake-score step of `mode` on copies of `nets` (the nets themselves with
     copy_nets=False); returns both losses and both networks' flattened gradients."""
     adapter, g = adapter_for(model)
-    adapter.compute_dtype = None if mode.startswith("fp32") else torch.bfloat16
+    dtype = None if mode.startswith("fp32") else torch.bfloat16
     own = (lambda n: copy.deepcopy(n)) if copy_nets else (lambda n: n)
     s_net = prepare(mode, model, own(nets["student"]), adapter, d, True)
     f_net = prepare(mode, model, own(nets["fake"]), adapter, d, True)
     t_net = prepare(mode, model, own(nets["teacher"]), adapter, d, False)
-    student, fake = adapter.denoiser(s_net, None, None), adapter.denoiser(f_net, None, None)
-    teacher = adapter.denoiser(t_net, g, uncond)
+    student, fake = adapter.denoiser(s_net, dtype=dtype), adapter.denoiser(f_net, dtype=dtype)
+    teacher = adapter.denoiser(t_net, g, uncond, dtype)
     c = dfd.DFDConfig(p=1.0, grad_clip=0.0)
     b = adapter.make_batch(batch, torch.device("cpu"))
     ps, pf = Probe(s_net), Probe(f_net)

@@ -95,7 +95,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from dfd_video.data import ShardWriter
-    from dfd_video.memory import lora_shapes, network_sizes, sharded_numel
+    from dfd_video.planning.memory import lora_shapes, network_sizes, sharded_numel
     from wan_dfd import WanAdapter
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)

@@ -9,7 +9,7 @@ teacher with CFG, the fake score), timed for full weights and for LoRA in altern
 medians, on this thread's CPU clock (other jobs on the machine barely move it; --clock wall on a quiet machine).
 Train state: parameters, gradients (as they stand at an optimizer step) and AdamW state, all networks (teacher, student,
 fake score; LoRA: the fake score's adapter on the teacher's base), from dfd_video.distributed.train_state_bytes,
-beside the planner's exact prediction (dfd_video.memory.training_state).
+beside the planner's exact prediction (dfd_video.planning.memory.training_state).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     import dfd
     import wan_dfd
-    from dfd_video import distributed, memory
+    from dfd_video import distributed
+    from dfd_video.planning import memory
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(1)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter

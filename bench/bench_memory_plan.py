@@ -3,7 +3,7 @@
   python bench/bench_memory_plan.py                   # Wan: fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
   python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8 --ranks 1
   python bench/bench_memory_plan.py --model cosmos --dtype bf16   # Cosmos-Predict2.5's bench model
-  python bench/bench_memory_plan.py --model cosmos --count --dtype bf16   # the counts its saved_for_backward holds
+  python bench/bench_memory_plan.py --model cosmos --count --dtype bf16   # the counts its table in planning/tables.py holds
 
 Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
 shards after a real student step and fake-score step, world of one), against the planner's exact part.
@@ -16,7 +16,7 @@ the tensors each checkpointed block keeps as its inputs (recorded where the mode
 and the largest block's own saved bytes from the same step without checkpointing (what backward recomputes).
 Then the exact parts again at --ranks ranks (torchrun, gloo), the largest rank's bytes against the planner.
 Printed: predicted / measured per part; the goal is within 10 % for activations, exact for the rest.
---count prints instead what one block and the root save, in the form of the adapter's saved_for_backward (the first
+--count prints instead what one block and the root save, in the form of the model's table in dfd_video/planning/tables.py (the first
 size, no checkpointing; "checkpointed": what checkpointing keeps on top of each block's input); the adapters' tables
 are bf16's.
 """
@@ -41,7 +41,7 @@ from bench_wan_memory import BENCH_NET  # noqa: E402
 TEXT_LEN = 512
 # Cosmos-Predict2.5-2B's structure (tests/tiny_cosmos.py: the condition mask as a 17th input channel, the padding mask
 # concatenated, adaLN-LoRA, the projection of the concatenated Qwen layers), 1.59 M parameters, with widths chosen so
-# that every symbolic shape of dfd_video.memory.shape_elements has its own element count at each of the default
+# that every symbolic shape of dfd_video.planning.memory.shape_elements has its own element count at each of the default
 # --sizes (H 5, head dim 30, D 150, F 600, adaLN-LoRA 20, text context 48, text 80, patch input 72; r = 8):
 # --count names each saved tensor by it
 COSMOS_NET = dict(in_channels=17, out_channels=16, num_attention_heads=5, attention_head_dim=30, num_layers=4,
@@ -172,7 +172,7 @@ def block_own(meter: SavedBytes) -> int:
 
 
 def tally(meter: SavedBytes, elements: dict[str, int], block: str) -> dict:
-    """The storages one step saved, in the terms of the adapter's saved_for_backward: {"block": `block`'s own saves,
+    """The storages one step saved, in the terms of the tables in dfd_video/planning/tables.py: {"block": `block`'s own saves,
     "root": what the root saves and what several blocks save once (RoPE tables, text), "checkpointed": inputs only the
     checkpoint keeps}, each {shape: [compute-dtype tensors, fp32 tensors]}. A storage is named by the element count of
     the tensor saved on it (the bench model's widths make that unambiguous); a storage holding m such tensors (the
@@ -235,7 +235,6 @@ def build(args, ckpt: bool, lora_rank: int, dtype):
     """Student, fake score and teacher of the bench model sharded as dfd_video.train shards them (world of one)."""
     from dfd_video import distributed, lora
     adapter, cls, config, _ = model(args.model)
-    adapter.compute_dtype = dtype
     d = distributed.setup_distributed("cpu")
     nets = []
     for seed in (0, 1, 2):
@@ -257,15 +256,16 @@ def build(args, ckpt: bool, lora_rank: int, dtype):
 
 def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype_name: str) -> dict:
     import dfd
-    from dfd_video import distributed, lora, memory
+    from dfd_video import distributed, lora
+    from dfd_video.planning import memory
     dtype = torch.bfloat16 if dtype_name == "bf16" else None
     adapter, d, teacher_net, student_net, fake_net = build(args, ckpt, lora_rank, dtype)
     box = [None]
     for net in {id(n): n for n in (student_net, fake_net)}.values():
         instrument(net, adapter.blocks(net), box)
     batch, uncond = make_batch(args.model, args.batch, size, torch.Generator().manual_seed(0))
-    teacher = adapter.denoiser(teacher_net, model(args.model)[3], uncond)
-    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
+    teacher = adapter.denoiser(teacher_net, model(args.model)[3], uncond, dtype)
+    student, fake = adapter.denoiser(student_net, dtype=dtype), adapter.denoiser(fake_net, dtype=dtype)
     if lora_rank:
         teacher = lora.AdaptersOff(teacher, teacher_net)
     adamw = lambda net: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-5)
@@ -296,7 +296,7 @@ def run_case(args, size: tuple[int, int, int], ckpt: bool, lora_rank: int, dtype
     cfg = memory.PlanConfig(world=d.world, lora_rank=lora_rank, shared_fake=bool(lora_rank), compute_bytes=2 if dtype else 4,
                             ema=False, batch_per_gpu=args.batch, latent=(16, *size), text_len=TEXT_LEN,
                             checkpointing=ckpt)
-    plan = memory.plan_memory(sizes, cfg, getattr(adapter, "saved_for_backward", None))
+    plan = memory.plan_memory(sizes, cfg, memory.SAVED_FOR_BACKWARD.get(adapter.name))
     if not args.worker:  # under torchrun the process group is kept for the next case (a second init would hang)
         distributed.teardown_distributed()
     measured = {"state": everything, "student_step": m_student.peak, "fake_step": m_fake.peak,
@@ -312,11 +312,11 @@ def _plain(name: str):
 
 
 def count(args) -> None:
-    """--count: the saved_for_backward table measured on the bench model (each --dtype, the first size), per step:
+    """--count: the table of planning/tables.py measured on the bench model (each --dtype, the first size), per step:
     "block" and "root" from the step without checkpointing; "checkpointed": what the step with it keeps outside the
     blocks beyond each block's input (S x D in the compute dtype) and the root's own saves. In an fp32 run every tensor
     is in the fp32 column."""
-    from dfd_video import memory
+    from dfd_video.planning import memory
     size = tuple(int(v) for v in args.sizes[0].split("x"))
     for dt, r in ((dt, r) for dt in args.dtype for r in args.lora_rank):
         runs = [run_case(args, size, ckpt, r, dt) for ckpt in (False, True)]
@@ -380,7 +380,7 @@ def main() -> None:
     ap.add_argument("--model", default="wan", choices=("wan", "cosmos"),
                     help="the bench model: Wan2.1's (bench/bench_wan_memory.py) or Cosmos-Predict2.5's (COSMOS_NET)")
     ap.add_argument("--count", action="store_true", help="print what one block and the root save (the adapter's "
-                    "saved_for_backward) instead of checking it")
+                    "planning/tables.py) instead of checking it")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
                     help="compute dtypes to measure")
     ap.add_argument("--sizes", nargs="+", default=["2x8x8", "3x16x16", "5x24x32"],

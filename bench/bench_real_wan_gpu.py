@@ -44,10 +44,9 @@ def run(config: dict, rank: int, args, device: torch.device) -> dict:
     import dfd
     import wan_dfd
     from dfd_video import distributed, lora
-    from dfd_video.memory import meta_network
+    from dfd_video.planning.memory import meta_network
     adapter = wan_dfd.WanAdapter()
     d = distributed.setup_distributed(device.type)
-    adapter.compute_dtype = torch.bfloat16 if device.type == "cuda" else None
     nets = []
     for seed in (0, 1, 2):  # teacher, student, fake score: random weights of the real architecture
         torch.manual_seed(seed)
@@ -58,7 +57,7 @@ def run(config: dict, rank: int, args, device: torch.device) -> dict:
         adapter.init_buffers(net, device)
         nets.append(net)
     teacher_net, student_net, fake_net = nets
-    dtype = adapter.compute_dtype
+    dtype = torch.bfloat16 if device.type == "cuda" else None
     text_dim = config["text_dim"]
     g = torch.Generator(device).manual_seed(0)
     uncond = {"text": torch.randn(512, text_dim, generator=g, device=device)}
@@ -67,14 +66,14 @@ def run(config: dict, rank: int, args, device: torch.device) -> dict:
         info = {"rank": rank, "alpha": float(rank), "targets": adapter.lora_targets}
         teacher_net = fake_net = lora.shard_lora(lora.attach(teacher_net, info, 1), adapter, d, dtype, True)
         student_net = lora.shard_lora(lora.attach(student_net, info, 0), adapter, d, dtype, True)
-        teacher = lora.AdaptersOff(adapter.denoiser(teacher_net, 5.0, uncond), teacher_net)
+        teacher = lora.AdaptersOff(adapter.denoiser(teacher_net, 5.0, uncond, dtype), teacher_net)
     else:
         for net, trainable in ((teacher_net, False), (student_net, True), (fake_net, True)):
             distributed.shard(net, adapter.blocks(net), d, dtype, adapter.fp32_islands(net), trainable, trainable)
-        teacher = adapter.denoiser(teacher_net, 5.0, uncond)
+        teacher = adapter.denoiser(teacher_net, 5.0, uncond, dtype)
     adamw = lambda net: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-5)
     opt_s, opt_f = adamw(student_net), adamw(fake_net)
-    student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
+    student, fake = adapter.denoiser(student_net, dtype=dtype), adapter.denoiser(fake_net, dtype=dtype)
     T, H, W = (int(v) for v in args.latent.split("x"))
     batch = (torch.randn(args.batch, 16, T, H, W, generator=g, device=device),
              torch.randn(args.batch, 512, text_dim, generator=g, device=device))
@@ -98,11 +97,11 @@ def run(config: dict, rank: int, args, device: torch.device) -> dict:
 
 def predicted(config: dict, rank: int, args) -> dict:
     import wan_dfd
-    from dfd_video.memory import meta_network, network_sizes, plan_adapter
+    from dfd_video.planning.memory import meta_network, network_sizes, plan_model
     adapter = wan_dfd.WanAdapter()
     sizes = network_sizes(adapter, meta_network(config))
     T, H, W = (int(v) for v in args.latent.split("x"))
-    return plan_adapter(adapter, sizes, world=1, lora_rank=rank, shared_fake=True, compute_bytes=2,
+    return plan_model(adapter, sizes, world=1, lora_rank=rank, shared_fake=True, compute_bytes=2,
                         batch_per_gpu=args.batch, latent=(16, T, H, W), checkpointing=True)
 
 

@@ -1,19 +1,21 @@
-"""The video machinery shared by wan_dfd.py and cosmos_dfd.py: one module per role, importing only downward
-(adapters -> this package -> dfd.py).
+"""The training package: the DFD loop (dfd.py) wired to video diffusion transformers, one module per role. A file
+imports only downward (wan_dfd.py / cosmos_dfd.py -> this package -> dfd.py).
 
-  adapter      the interface a model implements (Adapter), the guided-denoiser base, loading a transformer folder
-  vae          the Wan 2.1 VAE (Wan and Cosmos-Predict2.5 share it): videos <-> normalised latents
-  distributed  torchrun set-up, FSDP2 sharding, full state dicts, compute dtype
+The method path, what `train` runs:
+  spec         ModelSpec: every member a driver reads from a model, declared once; the guided-denoiser base
+  data         prepared latent shards + manifest, the caption store, the resumable training stream
   weights      --dmd2-ckpt and base-model weights in every known layout; exact loading with clear errors
-  data         prepared latent shards + manifest; the resumable training stream
-  video        PyAV decode / encode, prompts files, folders of captioned videos
-  files        atomic writes; one-line errors for unwritable paths and full disks
+  distributed  torchrun set-up, FSDP2 sharding with fp32 islands, full state dicts, the compute dtype rule
   runs         the run folder: training checkpoints, --resume, the metric log
+  train        the `train` driver: networks, optimizers, dfd.train with a logger and a checkpointer
   lora         --lora-rank: peft adapters on frozen bases; export --lora
-  memory       the estimated peak GPU memory per rank of a train run
-  vbench/      evaluate's VBench quality dimensions, one file each
-  prepare, train, sample, evaluate, plot, check
-               the subcommand drivers, each taking an adapter
-  probes       samples fixed conditions and seeds while a run trains (--probe-every)
-  cli          every subcommand's flags, the checks run before any model loads, main(adapter)
+  prepare, sample, export
+               the other drivers of the method path
+  vae, video, files
+               the Wan 2.1 VAE both models share; PyAV and captions; atomic writes and one-line write errors
+  cli          the subcommands and their flags, the checks before any model loads, main(spec)
+
+Optional layers, imported only by the subcommand that needs them:
+  evaluation/  evaluate, VBench dimensions, training probes, plot
+  planning/    plan (memory per rank), check (the preflight), the per-model memory tables
 """

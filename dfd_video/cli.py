@@ -1,24 +1,24 @@
-"""The command line shared by wan_dfd.py and cosmos_dfd.py: every subcommand's flags, the checks run before any
-model loads, and main(adapter)."""
+"""The command line shared by wan_dfd.py and cosmos_dfd.py: the subcommands, their flags, the checks run before any
+model loads, and main(spec).
+
+The method path's subcommands (prepare, train, sample, export) have their flags here. The optional layers'
+(evaluate, plot: dfd_video.evaluation; check, plan: dfd_video.planning) live with their drivers, and a layer is
+imported only when its subcommand runs: `train` never imports evaluation or planning code.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dfd
 from dfd_video import lora
-from dfd_video.check import run_check
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
-from dfd_video.evaluate import run_evaluate
 from dfd_video.files import check_writable
-from dfd_video.plan import check_plan_args, run_plan
-from dfd_video.plot import run_plot
-from dfd_video.prepare import run_prepare
 from dfd_video.runs import run_files
-from dfd_video.sample import run_export, run_sample
-from dfd_video.train import run_train
 from dfd_video.weights import fastgen_prefix_exists
 
 
@@ -39,9 +39,9 @@ def add_ckpt_trust_args(p: argparse.ArgumentParser) -> None:
                         "rectified-flow model; without this flag that path is refused")
 
 
-def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
-    """The train flags; check=True for `check`, which takes them all (so a train command line can be pasted) with
-    --data optional and --out the report file."""
+def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -> None:
+    """The train flags, with the spec's defaults; check=True for `check`, which takes them all (so a train command
+    line can be pasted) with --data optional and --out the report file."""
     add_common_args(p)
     p.add_argument("--dmd2-ckpt", help="the DMD2 checkpoint to start from: a FastGen FSDP checkpoint (any of its "
                    "<iter>.net_model/ .fake_score_model/ .ema_model/ folders, its <iter>.pth, the <dir>/<iter> prefix "
@@ -108,149 +108,82 @@ def add_train_args(p: argparse.ArgumentParser, check: bool = False) -> None:
                    "one (0: only after the last step)")
     p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
-    lora.add_train_args(p)
+    lora.add_lora_flags(p)
+    add_probe_args(p)
+    p.set_defaults(**(spec.defaults if spec is not None else {}))
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """One line per bad value, before any model is loaded."""
-    bad = []
-    if hasattr(args, "p") and not 0.0 <= args.p <= 1.0:
-        bad.append(f"--p {args.p}: must be in [0, 1]")
-    if hasattr(args, "p_t_min") and not 0.0 <= args.p_t_min <= 1.0:
-        bad.append(f"--p-t-min {args.p_t_min}: must be in [0, 1]")
-    for name in ("steps", "batch_size", "grad_accum"):
-        if hasattr(args, name) and getattr(args, name) < 1:
-            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+# One rule per flag: (holds(value), what it must be). check_args applies those whose flag the subcommand has and
+# the command line gives (None: not given).
+_between = lambda lo, hi: lambda v: lo <= v <= hi
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "p": (_between(0.0, 1.0), "must be in [0, 1]"),
+    "p_t_min": (_between(0.0, 1.0), "must be in [0, 1]"),
+    "steps": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "grad_accum": (lambda v: v >= 1, "must be >= 1"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+    "lr_fake": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+    "fake_updates": (lambda v: v >= 0, "must be >= 0"),
+    "guidance": (lambda v: v >= 0, "must be >= 0"),
+    "ema": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "per_shard": (lambda v: v >= 1, "must be >= 1"),
+    "keep": (lambda v: v >= 1, "must be >= 1"),
+    "probe_every": (lambda v: v >= 0, "must be >= 0 (0: off)"),
+    "stop_on_drift": (lambda v: v >= 0, "must be >= 0 (0: off)"),
+    "probe_count": (lambda v: v >= 1, "need at least one condition"),
+    "probe_seeds": (lambda v: len(v) >= 1, "need at least one seed"),
+    "monitor_every": (lambda v: v >= 0, "must be >= 0 (0: off)"),
+    "save_every": (lambda v: v >= 0, "must be >= 0"),
+    "student_ts": (lambda v: all(0 < t <= 1 for t in v) and all(a > b for a, b in zip(v, v[1:])),
+                   "must be strictly decreasing values in (0, 1]"),
+    "num_frames": (lambda v: v >= 1 and (v - 1) % 4 == 0, "must be 4k + 1 (the VAE compresses time 4x)"),
+    "height": (lambda v: v >= 16 and v % 16 == 0, "must be a positive multiple of 16"),
+    "width": (lambda v: v >= 16 and v % 16 == 0, "must be a positive multiple of 16"),
+    "fps": (lambda v: v > 0, "must be > 0"),
+    "world_size": (lambda v: v >= 1, "must be >= 1"),
+    "parity_t": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "check_batch": (lambda v: v >= 1, "must be >= 1"),
+    "seeds": (lambda v: len(v) >= 1, "give at least one seed"),
+    "model_dir": (os.path.isdir, "no such folder"),
+}
+PATH_FLAGS = ("dmd2_ckpt", "prompts", "embeddings", "ckpt", "probe_prompts", "probe_encoder")  # must exist if given
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """One line per bad value, before any model is loaded (the first is shown): the per-flag RULES, then what
+    depends on several flags or on the filesystem."""
+    given = vars(args)
+    bad = [f"{flag(k)} {given[k]}: {what}" for k, (holds, what) in RULES.items()
+           if given.get(k) is not None and not holds(given[k])]
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; checked here, before the process group starts
-    if hasattr(args, "batch_size") and args.grad_accum >= 1 and args.batch_size % (world * args.grad_accum):
+    if "batch_size" in given and args.grad_accum >= 1 and args.batch_size % (world * args.grad_accum):
         bad.append(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum "
                    f"= {world} x {args.grad_accum}")
-    for name in ("lr", "lr_fake"):
-        if hasattr(args, name) and not getattr(args, name) > 0:
-            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
-    if hasattr(args, "fake_updates") and args.fake_updates < 0:
-        bad.append(f"--fake-updates {args.fake_updates}: must be >= 0")
-    if hasattr(args, "guidance") and args.guidance < 0:
-        bad.append(f"--guidance {args.guidance}: must be >= 0")
-    if hasattr(args, "ema") and not 0.0 <= args.ema < 1.0:
-        bad.append(f"--ema {args.ema}: must be in [0, 1)")
-    for name in ("per_shard", "keep"):
-        if hasattr(args, name) and getattr(args, name) < 1:
-            bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if getattr(args, "probe_every", 0) < 0 or getattr(args, "stop_on_drift", 0) < 0:
-        bad.append("--probe-every / --stop-on-drift: must be >= 0 (0: off)")
-    if getattr(args, "stop_on_drift", 0) > 0 and not args.probe_every:
+    if given.get("stop_on_drift", 0) > 0 and not args.probe_every:
         bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
-    if getattr(args, "probe_count", 1) < 1 or getattr(args, "probe_seeds", [0]) == []:
-        bad.append("--probe-count / --probe-seeds: need at least one condition and one seed")
-    if hasattr(args, "monitor_every") and args.monitor_every < 0:
-        bad.append(f"--monitor-every {args.monitor_every}: must be >= 0 (0: off)")
-    if hasattr(args, "save_every") and args.save_every < 0:
-        bad.append(f"--save-every {args.save_every}: must be >= 0")
-    if hasattr(args, "t_min") and not 0.0 <= args.t_min < args.t_max <= 1.0:
+    if "t_min" in given and not 0.0 <= args.t_min < args.t_max <= 1.0:
         bad.append(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
-    ts = getattr(args, "student_ts", None)
-    if ts is not None and (not all(0 < t <= 1 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:]))):
-        bad.append(f"--student-ts {ts}: must be strictly decreasing values in (0, 1]")
-    if hasattr(args, "num_frames") and (args.num_frames < 1 or (args.num_frames - 1) % 4):
-        bad.append(f"--num-frames {args.num_frames}: must be 4k + 1 (the VAE compresses time 4x)")
-    for name in ("height", "width"):
-        if hasattr(args, name) and (getattr(args, name) < 16 or getattr(args, name) % 16):
-            bad.append(f"--{name} {getattr(args, name)}: must be a positive multiple of 16")
-    if hasattr(args, "fps") and not args.fps > 0:
-        bad.append(f"--fps {args.fps}: must be > 0")
-    if hasattr(args, "world_size") and args.world_size < 1:
-        bad.append(f"--world-size {args.world_size}: must be >= 1")
-    if hasattr(args, "parity_t") and not 0.0 < args.parity_t <= 1.0:
-        bad.append(f"--parity-t {args.parity_t}: must be in (0, 1]")
-    if hasattr(args, "check_batch") and args.check_batch < 1:
-        bad.append(f"--check-batch {args.check_batch}: must be >= 1")
-    if getattr(args, "seeds", None) is not None and not args.seeds:
-        bad.append("--seeds: give at least one seed")
-    for name in ("model_dir",):
-        v = getattr(args, name, None)
-        if v is not None and not os.path.isdir(v):
-            bad.append(f"--model-dir {v}: no such folder")
-    for name, flag in (("dmd2_ckpt", "--dmd2-ckpt"), ("prompts", "--prompts"), ("embeddings", "--embeddings"),
-                       ("ckpt", "--ckpt"), ("probe_prompts", "--probe-prompts"), ("probe_encoder", "--probe-encoder")):
-        v = getattr(args, name, None)
-        if v is not None and not os.path.exists(v) and not (flag != "--prompts" and fastgen_prefix_exists(v)):
-            bad.append(f"{flag} {v}: no such file or folder")
-    if getattr(args, "out", None) is not None:
+    for k in PATH_FLAGS:
+        v = given.get(k)
+        if v is not None and not os.path.exists(v) and not (k != "prompts" and fastgen_prefix_exists(v)):
+            bad.append(f"{flag(k)} {v}: no such file or folder")
+    if given.get("out") is not None:
         try:
             check_writable(args.out, "--out")
         except ValueError as e:
             bad.append(str(e))
-    held = run_files(args.out) if getattr(args, "cmd", None) == "train" else []  # check's --out is its report
+    held = run_files(args.out) if args.cmd == "train" else []  # check's --out is its report
     if held and args.resume is None and not args.overwrite:
         bad.append(f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
                    f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
     if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
         bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
-    bad += lora.check_args(args)
-    if getattr(args, "cmd", None) == "plan":
-        bad += check_plan_args(args)
-    if bad:
-        raise SystemExit("error: " + bad[0])
-
-
-def add_check_args(p: argparse.ArgumentParser) -> None:
-    add_train_args(p, check=True)
-    p.add_argument("--world-size", type=int, default=8, help="ranks of the planned train run, for the memory "
-                   "estimate (default 8: one node); check itself runs as one process")
-    add_clip_args(p, "frames of the low-resolution parity / sample clip (without --data; with --data the data's "
-                  "clip size is used)", None, (17, 240, 416))
-    p.add_argument("--sampler", default="ode", choices=("ode", "renoise"),
-                   help="the student sampler (as in `sample`): ode = the noise x_t implies (the authors' inference), "
-                        "renoise = fresh noise between steps")
-    p.add_argument("--parity-t", type=float, default=0.8, help="noise level t in (0, 1] of the teacher parity step")
-    p.add_argument("--check-batch", type=int, default=2, help="clips from --data for delta^2")
-
-
-def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", nargs="+", required=True, help="one folder of prompt<i>_seed<s>.mp4 per method "
-                   "(as `sample` writes them; >= 2 seeds per prompt, the paper uses 8)")
-    p.add_argument("--names", nargs="+", help="method names for the table (default: the folder names)")
-    p.add_argument("--clip", help="local CLIP folder (transformers format, e.g. clip-vit-large-patch14) for the "
-                   "CLIP diversity columns")
-    p.add_argument("--dino", help="local DINO folder (e.g. dinov2-large) for the DINO diversity columns")
-    p.add_argument("--encoder", action="append", metavar="NAME=FOLDER",
-                   help="any other transformers image model with a pooled output (repeatable)")
-    p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
-                   "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
-    p.add_argument("--relative-poses", action="store_true", help="express each video's poses in its first camera's "
-                   "frame (T_0^-1 T_t) before the cross-seed distances; default: as the estimator wrote them")
-    p.add_argument("--prompts", help="the prompts file given to `sample` (one per line): labels the report and figure")
-    p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
-    p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
-                   "(default: the first prompt; the flag alone: no figure)")
-    vbench_models = {  # the VBench dimensions' models (docs/evaluation.md): a dimension without its model is skipped
-        "--vbench-dino": ("DIR", "local DINO ViT-B/16 folder (transformers ViTModel, facebook/dino-vitb16) for VBench "
-                          "subject consistency (and I2V subject with --i2v-images)"),
-        "--vbench-clip": ("DIR", "local CLIP ViT-B/32 folder (openai/clip-vit-base-patch32) for VBench background "
-                          "consistency"),
-        "--aesthetic-head": ("FILE", "LAION aesthetic predictor linear head (sa_0_4_vit_l_14_linear.pth) for VBench "
-                             "aesthetic quality, on --aesthetic-clip's embeddings"),
-        "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
-                             "--aesthetic-head (default: --clip)"),
-        "--vbench-dreamsim": ("DIR", "local DreamSim cache folder (the ensemble checkpoint unpacked, and DINO's "
-                              "backbone in checkpoints/) for VBench I2V background, with --i2v-images"),
-        "--amt": ("FILE", "AMT-S weights (amt-s.pth, as VBench downloads it) for VBench motion smoothness"),
-        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
-        "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
-                    "imaging quality")}
-    for flag, (metavar, text) in vbench_models.items():
-        p.add_argument(flag, metavar=metavar, help=text)
-    p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "
-                   "every frame of every video is decoded)")
-    p.add_argument("--i2v-images", nargs="+", metavar="FILE", help="the conditioning image per prompt (in prompt "
-                   "order, or one for all) given to `sample --images`: adds VBench I2V subject (with --vbench-dino) "
-                   "and I2V background (with --vbench-dreamsim)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
-    p.add_argument("--out", default="eval", help="output folder")
-    p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "
-                   "<out>/cache (kept by default: a rerun, e.g. with one more --samples folder or after a kill, "
-                   "decodes and encodes only the videos it has not seen)")
+    return bad + lora.check_lora_flags(args)
 
 
 def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str | None,
@@ -262,29 +195,6 @@ def add_clip_args(p: argparse.ArgumentParser, frames_help: str, fps_help: str | 
     p.add_argument("--width", type=int, default=size[2], help="frame width in pixels (a multiple of 16)")
     if fps_help is not None:
         p.add_argument("--fps", type=float, default=16.0, help=fps_help)
-
-
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
-                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
-    p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
-                   "sharded over all of them")
-    p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")
-    p.add_argument("--fake-init", default="teacher", choices=("teacher", "critic"), help="where the fake score "
-                   "starts; with --lora-rank, teacher puts its adapter on the teacher's base (two bases in memory), "
-                   "critic gives it a frozen base of its own (three)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (weights, gradients and "
-                   "AdamW state are fp32 either way)")
-    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay of the planned run (> 0 adds the EMA)")
-    p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
-    add_clip_args(p, "frames per clip (4k + 1)", None)
-    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
-    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
-                   "has 80 GiB)")
-    p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
-                   "the CUDA context, NCCL buffers, the allocator's fragmentation")
-    p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
-                   "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -305,12 +215,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                    "(0: never)")
 
 
-def add_plot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="a training run folder (train's --out)")
-    p.add_argument("--out", help="the PNG to write (default: <run>/metrics.png)")
-
-
-def add_sample_args(p: argparse.ArgumentParser) -> None:
+def add_sample_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--ckpt", required=True, help="training checkpoint (step folder, run folder or `latest`) or any "
                    "--dmd2-ckpt format")
@@ -320,6 +225,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="text file, one prompt per line (encoded with the base text encoder)")
     src.add_argument("--embeddings", help="safetensors with precomputed conditioning (as `prepare` stores it, [N, ...])")
+    if spec.image_conditioned:
+        p.add_argument("--images", nargs="+", help="conditioning image per prompt (or one for all prompts); "
+                       "resized to cover --height x --width and centre-cropped like the training frames")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one video per prompt and seed")
     p.add_argument("--out", default="samples", help="output folder")
     add_clip_args(p, "frames per video (4k + 1)", "mp4 frame rate")
@@ -329,20 +237,25 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                         "its Wan and Cosmos DMD2 configs, and what a diffusers pipeline with an Euler scheduler "
                         "computes); renoise: fresh noise between steps (FastGen's 'sde', DMD2's original sampler)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
-    lora.add_sample_args(p)
+    lora.add_lora_base_flag(p)
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
+def add_export_args(p: argparse.ArgumentParser, spec) -> None:
     p.add_argument("--model-dir", required=True, help="base model folder (architecture config)")
     p.add_argument("--ckpt", required=True, help="training checkpoint or any --dmd2-ckpt format")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
                    help="auto: the EMA of a training checkpoint when it has one")
     add_ckpt_trust_args(p)
     p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
-    lora.add_export_args(p)
+    p.add_argument("--student-ts", type=float, nargs="+", default=None,
+                   help="the student's times, recorded with the export (Cosmos: its pipeline scheduler, out/scheduler; "
+                        "default: the training run's, else the paper's)")
+    lora.add_lora_base_flag(p)
+    p.add_argument("--lora", action="store_true", help="from a --lora-rank run: also write the LoRA alone, "
+                   "<out>/lora/" + lora.LORA_FILE + ", for Pipeline.load_lora_weights on the DMD2 student")
 
 
-def add_prepare_args(p: argparse.ArgumentParser) -> None:
+def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
                    "captions.jsonl (columns video, caption)")
@@ -359,6 +272,10 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                         "against (default: FastGen's English Wan negative prompt, which its Wan and Cosmos DMD2 "
                         "configs feed; \"\": the diffusers pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT "
                         "for Cosmos)")
+    if spec.text_store:
+        p.add_argument("--text", default="cache", choices=("cache", "online"),
+                       help="cache: store one embedding per unique caption (103 MB each for the real Cosmos encoder); "
+                            "online: store captions only, `train` encodes them with the sharded text encoder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prepare into the same --out "
                    "(after its last complete shard; same videos, settings and number of ranks)")
 
@@ -369,9 +286,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         wait_for_rank0()
         super().error(message)
-
-
-SUBCOMMANDS = ("prepare", "train", "sample", "export", "evaluate", "plot", "check", "plan")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -385,6 +299,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+# subcommand: (module of its driver `run(spec, args)`, flags (a function here, or None: the module's add_args), help)
+SUBCOMMANDS: dict[str, tuple[str, Any, str]] = {
+    "prepare": ("dfd_video.prepare", add_prepare_args, "videos + captions -> latent shards"),
+    "train": ("dfd_video.train", add_train_args, "DFD post-training (default)"),
+    "sample": ("dfd_video.sample", add_sample_args, "checkpoint + prompts -> mp4s"),
+    "export": ("dfd_video.export", add_export_args, "student -> diffusers transformer folder"),
+    "evaluate": ("dfd_video.evaluation.evaluate", None, "sample folders -> diversity / camera / saturation / VBench "
+                 "report"),
+    "plot": ("dfd_video.evaluation.plot", None, "a run's metrics over steps -> one PNG"),
+    "check": ("dfd_video.planning.check", None, "preflight before the first training job: checkpoint format and key "
+              "coverage, teacher parity with the diffusers pipeline, a student sample with saturation and delta^2, "
+              "estimated GPU memory per rank"),
+    "plan": ("dfd_video.planning.plan", None, "GPU memory per rank of a planned train run, by part, and the largest "
+             "batch per GPU that fits (no model loaded; docs/memory.md)"),
+}
+
 USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]    (no subcommand: train)
        torchrun --nproc_per_node=N %(prog)s --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags]
        %(prog)s check --model-dir DIR --dmd2-ckpt CKPT [--data DIR]    (preflight: run it first)
@@ -392,52 +322,35 @@ USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags] 
        %(prog)s {prepare,train,sample,export,evaluate,plot,check,plan} --help"""
 
 
-def build_parser(adapter, description: str = "") -> argparse.ArgumentParser:
-    """Every subcommand's flags, the adapter's own included. description: the adapter script's docstring (--help
-    shows its title and launch lines; from a line starting "Conventions" on it is left out)."""
+def build_parser(spec, description: str = "", cmd: str | None = None) -> argparse.ArgumentParser:
+    """The command line: every subcommand listed, and the flags of `cmd` (all subcommands' when None; the optional
+    layers' modules are imported only for theirs). description: the model script's docstring (--help shows its
+    title and launch lines; from a line starting "Conventions" on it is left out)."""
     description = description.split("\nConventions")[0].strip()
     parser = Parser(description=description, usage=USAGE, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, title="subcommands", prog=parser.prog)
-    for name, add, helptext in (("prepare", add_prepare_args, "videos + captions -> latent shards"),
-                                ("train", add_train_args, "DFD post-training (default)"),
-                                ("sample", add_sample_args, "checkpoint + prompts -> mp4s"),
-                                ("export", add_export_args, "student -> diffusers transformer folder"),
-                                ("evaluate", add_evaluate_args, "sample folders -> diversity / camera / saturation "
-                                 "report"),
-                                ("plot", add_plot_args, "a run's metrics over steps -> one PNG"),
-                                ("check", add_check_args, "preflight before the first training job: checkpoint "
-                                 "format and key coverage, teacher parity with the diffusers pipeline, a student "
-                                 "sample with saturation and delta^2, estimated GPU memory per rank"),
-                                ("plan", add_plan_args, "GPU memory per rank of a planned train run, by part, and the "
-                                 "largest batch per GPU that fits (no model loaded; docs/memory.md)")):
+    for name, (module, add, helptext) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
-        add(sp)
-        if name in ("train", "check"):  # check takes a pasted train command line
-            add_probe_args(sp)
-        if hasattr(adapter, "add_args"):  # the adapter's own flags and defaults
-            adapter.add_args(name, sp)
+        if cmd in (None, name):
+            (add or importlib.import_module(module).add_args)(sp, spec)
     return parser
 
 
-def main(adapter, argv: Sequence[str] | None = None, description: str = "") -> Any:
+def main(spec, argv: Sequence[str] | None = None, description: str = "") -> Any:
     """Parses argv (no subcommand means train), checks the flags, runs the subcommand's driver."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    args = build_parser(adapter, description).parse_args(argv)
-    if hasattr(adapter, "configure"):
-        adapter.configure(args)
-    if args.cmd not in ("evaluate", "plot"):  # these check their own flags
-        try:
-            check_args(args)
-        except SystemExit:
-            wait_for_rank0()
-            raise
-    run = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "export": run_export,
-           "evaluate": run_evaluate, "plot": run_plot, "check": run_check, "plan": run_plan}[args.cmd]
+    args = build_parser(spec, description, argv[0] if argv[0] in SUBCOMMANDS else "").parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.cmd][0])
+    bad = check_args(args) if args.cmd not in ("evaluate", "plot") else []  # those two check their own flags
+    bad += module.check_args(args) if hasattr(module, "check_args") else []
+    if bad:
+        wait_for_rank0()
+        raise SystemExit("error: " + bad[0])
     finished = False
     try:
-        result = run(adapter, args)
+        result = module.run(spec, args)
         finished = True
         return result
     finally:

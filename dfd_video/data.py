@@ -1,9 +1,11 @@
 """Prepared data: safetensors shards of per-sample tensors + manifest.json, and the training stream over them."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Iterator, Sequence
+from collections import OrderedDict
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -14,6 +16,8 @@ from dfd_video.files import atomic_write, write_text
 MANIFEST = "manifest.json"
 NEGATIVE = "negative.safetensors"
 DATA_FORMAT = "dfd-latent-shards"
+PROMPTS = "prompts"  # data sub-folder of text_store models: <key>.txt (the caption), <key>.safetensors (its embedding)
+TextEncoder = Callable[[list[str]], torch.Tensor]  # captions -> [N, L, D] embeddings
 
 
 class ShardWriter:
@@ -79,8 +83,100 @@ def read_manifest(folder: str) -> dict:
     return m
 
 
+# ---------------------------------------------------------------------------------------------------
+# The caption store of text_store models (Cosmos: 103 MB per embedding, so one per unique caption, not per clip).
+
+
+def prompt_key(caption: str) -> torch.Tensor:
+    """The first 8 bytes of sha256(caption) as 8 integers in [0, 255]: exact in every storage dtype (bf16
+    included), so shards can carry it as an ordinary tensor. [8] float32."""
+    return torch.tensor(list(hashlib.sha256(caption.encode()).digest()[:8]), dtype=torch.float32)
+
+
+def key_name(key: torch.Tensor) -> str:
+    return bytes(int(b) for b in key.round().tolist()).hex()
+
+
+class PromptStore:
+    """A data folder's prompts/: one caption file per unique caption and, when cached, its embedding.
+
+    get(keys [B, 8]) -> [B, L, D]: the cached embedding (read once, kept while it is in use) or, when the data were
+    prepared with --text online (no embedding stored), the captions encoded now by `encoder`."""
+
+    MEMO = 16  # embeddings kept in memory: 16 x 103 MB for the real Cosmos encoder
+
+    def __init__(self, data: str):
+        self.folder = os.path.join(data, PROMPTS)
+        self.encoder: TextEncoder | None = None
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def path(self, caption: str, ext: str) -> str:
+        return os.path.join(self.folder, key_name(prompt_key(caption)) + ext)
+
+    @property
+    def online(self) -> bool:
+        """True when no embedding is stored: `train` encodes the captions (set `encoder`)."""
+        return not any(f.endswith(".safetensors") for f in os.listdir(self.folder))
+
+    def put(self, caption: str, embedding: torch.Tensor | None) -> torch.Tensor:
+        """Writes the caption (and its embedding) once; returns its key. Files are written atomically, so
+        ranks that meet the same caption at the same time both write it harmlessly."""
+        from safetensors.torch import save_file
+
+        os.makedirs(self.folder, exist_ok=True)
+        if not os.path.exists(self.path(caption, ".txt")):
+            write_text(self.path(caption, ".txt"), caption)
+        if embedding is not None and not os.path.exists(self.path(caption, ".safetensors")):
+            atomic_write(self.path(caption, ".safetensors"), lambda p: save_file({"text": embedding.contiguous().cpu()}, p))
+        return prompt_key(caption)
+
+    def get(self, keys: torch.Tensor, device=None) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        names = [key_name(k) for k in keys.reshape(-1, 8).cpu()]
+        if self.encoder is not None:  # online: encode the batch's captions now
+            captions = []
+            for n in names:
+                path = os.path.join(self.folder, n + ".txt")
+                if not os.path.exists(path):
+                    raise ValueError(f"{path}: caption missing (data prepared without it?)")
+                captions.append(open(path, encoding="utf-8").read())
+            return self.encoder(captions).float().to(device)
+        out = []
+        for n in names:
+            if n not in self.memo:
+                path = os.path.join(self.folder, n + ".safetensors")
+                if not os.path.exists(path):
+                    raise ValueError(f"{path}: cached prompt embedding missing (prepare with --text cache, "
+                                     "or train on data prepared with --text online)")
+                self.memo[n] = load_file(path)["text"]
+                if len(self.memo) > self.MEMO:
+                    self.memo.popitem(last=False)
+            self.memo.move_to_end(n)
+            out.append(self.memo[n])
+        return torch.stack(out).to(device).float()
+
+
+def online_text_encoder(spec, model_dir: str, d, dtype: torch.dtype) -> TextEncoder:
+    """Captions -> embeddings while training, for data prepared with --text online: the spec's text encoder in the
+    compute dtype, under torchrun sharded with FSDP2 over spec.text_encoder_blocks (each rank holds 1/world of it)."""
+    from dfd_video.distributed import shard
+
+    enc = spec.open_encoders(model_dir, d.device if d.world == 1 else torch.device("cpu"), dtype, vae=False)
+    if d.world > 1:
+        shard(enc.text_encoder, spec.text_encoder_blocks(enc.text_encoder), d, None, None, checkpointing=False,
+              trainable=False)
+        enc.device = d.device
+    return lambda captions: enc.encode_text(captions)["text"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading prepared data: random access and the training stream.
+
+
 class LatentShards:
-    """Random access to prepared samples; every shard is checked against the manifest when opened.
+    """Random access to prepared samples; every shard is checked against the manifest when opened. A sample is a dict
+    of the stored tensors, with a text_store model's caption key ("text_key") replaced by its embedding ("text").
 
     batches(position, B, d) is the training stream: micro-batch k of rank r holds global positions
     (k * world + r) * B ... + B - 1 of an endless sequence of epochs, each a permutation seeded by (seed, epoch).
@@ -117,6 +213,11 @@ class LatentShards:
             self.index += [(si, i) for i in range(s["count"])]
         if not self.index:
             raise ValueError(f"--data {folder}: the manifest lists no samples")
+        self.prompts = None
+        if "text_key" in self.keys:
+            if not os.path.isdir(os.path.join(folder, PROMPTS)):
+                raise ValueError(f"--data {folder}: no {PROMPTS}/ folder (the captions of its text keys)")
+            self.prompts = PromptStore(folder)
         self.negative: dict[str, torch.Tensor] | None = None
         if need_negative:
             neg = os.path.join(folder, self.manifest.get("negative", NEGATIVE))
@@ -130,7 +231,17 @@ class LatentShards:
 
     def __getitem__(self, n: int) -> dict[str, torch.Tensor]:
         si, i = self.index[n]
-        return {k: self.handles[si].get_slice(k)[i] for k in self.keys}
+        return self.with_text({k: self.handles[si].get_slice(k)[i] for k in self.keys})
+
+    def with_text(self, items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """items (one sample, or stacked) with "text_key" looked up in the caption store as "text"."""
+        if self.prompts is None:
+            return items
+        items = dict(items)
+        key = items.pop("text_key")
+        text = self.prompts.get(key)
+        items["text"] = text if key.ndim > 1 else text[0]
+        return items
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
         return torch.randperm(len(self), generator=torch.Generator().manual_seed(dfd._seed(seed, epoch, 0xDA)))
@@ -146,6 +257,7 @@ class LatentShards:
                 if epoch not in cache:
                     cache.clear()
                     cache[epoch] = self.order(epoch, seed)
-                items.append(self[int(cache[epoch][j])])
-            yield {key: torch.stack([it[key] for it in items]) for key in self.keys}
+                si, i = self.index[int(cache[epoch][j])]
+                items.append({key: self.handles[si].get_slice(key)[i] for key in self.keys})
+            yield self.with_text({key: torch.stack([it[key] for it in items]) for key in self.keys})
             k += 1

@@ -4,7 +4,6 @@ A plain `python script.py` (no torchrun) runs as a world of one with an in-proce
 are the same with one process or many."""
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import time
@@ -225,8 +224,9 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def compute_dtype(args: argparse.Namespace, d: Dist) -> torch.dtype | None:
-    """None (fp32, no casting) or bf16 for FSDP2's mixed precision."""
-    if args.dtype == "bf16" or (args.dtype == "auto" and d.device.type == "cuda"):
+def compute_dtype(flag: str, device: torch.device) -> torch.dtype | None:
+    """--dtype: bf16 when asked, or on CUDA with auto; else None (fp32: nothing is cast). The one place this rule
+    lives: networks under FSDP2 mixed precision, encoders (`compute_dtype(...) or torch.float32`) and `check`."""
+    if flag == "bf16" or (flag == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

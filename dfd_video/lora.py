@@ -30,7 +30,7 @@ from dfd_video.weights import describe_dmd2, load_weights, read_checkpoint
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights / load_lora_weights use
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA", "train low-rank adapters on frozen bases instead of all weights (docs/lora.md)")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r of the student and the fake score on the "
                    "attention q/k/v/out and FFN linears of every transformer block (0: train all weights)")
@@ -38,18 +38,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "(default: alpha = r, a scale of 1)")
 
 
-def add_sample_args(p: argparse.ArgumentParser) -> None:
+def add_lora_base_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-base", help="for a --lora-rank run's checkpoint: the DMD2 checkpoint under the adapter, "
                    "when it has moved since training (default: the path the checkpoint records; checksum-checked)")
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
-    add_sample_args(p)
-    p.add_argument("--lora", action="store_true", help="from a --lora-rank run: also write the LoRA alone, "
-                   "<out>/lora/" + LORA_FILE + ", for Pipeline.load_lora_weights on the DMD2 student")
-
-
-def check_args(args: argparse.Namespace) -> list[str]:
+def check_lora_flags(args: argparse.Namespace) -> list[str]:
     """One line per bad LoRA flag (dfd_video.cli.check_args shows the first)."""
     bad = []
     rank, alpha = getattr(args, "lora_rank", 0), getattr(args, "lora_alpha", None)
@@ -230,16 +224,16 @@ class LoraEMA(nn.Module):
         with self.swapped_in():
             return self._net[0](*args, **kwargs)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
         """A collective (every rank, same order): the unsharded EMA values on CPU."""
         full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
         return {n: full(s).cpu() for n, s in self.shadow.items()}
 
 
-def full_state_dict(obj: nn.Module | LoraEMA) -> dict[str, torch.Tensor]:
+def adapter_state_dict(obj: nn.Module | LoraEMA) -> dict[str, torch.Tensor]:
     """runs.save_checkpoint's `weights_of` for LoRA runs: the adapter weights alone (a collective)."""
     if isinstance(obj, LoraEMA):
-        return obj.full_state_dict()
+        return obj.shadow_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(obj, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                             ignore_frozen_params=True))
@@ -373,7 +367,7 @@ def training_checkpoint(path: str) -> str | None:
     return folder
 
 
-def load_student(adapter, args: argparse.Namespace, merge: bool = True) -> nn.Module | None:
+def load_lora_student(adapter, args: argparse.Namespace, merge: bool = True) -> nn.Module | None:
     """The student of a LoRA training checkpoint: its DMD2 base with the adapter (the EMA's when there is one and
     --weights is auto/ema), merged into the base weights (merge=True: a plain transformer) or kept as an adapter.
     None when --ckpt is not a LoRA training checkpoint."""
@@ -427,7 +421,7 @@ def save_lora(adapter, net: nn.Module, out: str) -> nn.Module:
 
 def load_for_export(adapter, args: argparse.Namespace) -> nn.Module:
     """export --lora: the student with its adapter unmerged; a ValueError for a checkpoint that holds no LoRA."""
-    net = load_student(adapter, args, merge=False)
+    net = load_lora_student(adapter, args, merge=False)
     if net is None:
         raise ValueError(f"--ckpt {args.ckpt}: not a LoRA training checkpoint (export --lora needs a run trained "
                          "with --lora-rank; drop --lora to export full weights)")

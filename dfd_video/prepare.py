@@ -11,8 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dfd_video.data import MANIFEST, ShardWriter, write_manifest
-from dfd_video.distributed import setup_distributed
+from dfd_video.data import MANIFEST, PromptStore, ShardWriter, write_manifest
+from dfd_video.distributed import compute_dtype, setup_distributed
+from dfd_video.spec import negative_prompt
 from dfd_video.files import fail, write_text
 from dfd_video.video import VIDEO_EXT, list_videos, read_video_frames
 
@@ -25,7 +26,25 @@ def earlier_prepare(out: str) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def run_prepare(adapter, args: argparse.Namespace) -> dict:
+class TextStorer:
+    """encode_text for the shards: the embedding itself per sample, or for text_store models (Cosmos) the caption's
+    key, with the caption (and with --text cache its embedding, once per unique caption) in <out>/prompts/."""
+
+    def __init__(self, spec, encoders, out: str, store_dtype: torch.dtype, cache: bool):
+        self.encoders, self.store_dtype, self.cache = encoders, store_dtype, cache
+        self.store = PromptStore(out) if spec.text_store else None
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.store is None:
+            return self.encoders.encode_text(captions)
+        new = [c for c in dict.fromkeys(captions) if self.cache and not os.path.exists(self.store.path(c, ".safetensors"))]
+        emb = self.encoders.encode_text(new)["text"].to(self.store_dtype) if new else []
+        for c, e in zip(new, emb):
+            self.store.put(c, e)
+        return {"text_key": torch.stack([self.store.put(c, None) for c in captions])}
+
+
+def run(spec, args: argparse.Namespace) -> dict:
     """Videos + captions -> shards of latents and text embeddings, plus the negative-prompt embedding.
     Under torchrun each rank encodes every world-th video into its own shards; rank 0 merges the manifests."""
     try:
@@ -40,15 +59,17 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
                          "continue an interrupted prepare, or give an empty --out")
     d = setup_distributed(args.device)
     try:
-        enc = adapter.open_encoders(args, d.device)
+        enc = spec.open_encoders(args.model_dir, d.device, compute_dtype(args.dtype, d.device) or torch.float32)
     except ValueError as e:
         raise fail(e)
+    encode_text = TextStorer(spec, enc, args.out, storage_dtype(args), getattr(args, "text", "cache") == "cache")
+    negative_text = negative_prompt(args.negative_prompt, spec.pipeline_negative_prompt())
     writer = ShardWriter(args.out, args.per_shard, prefix=f"shard-r{d.rank:02d}")
     skipped: list[dict] = []
     mine = videos[d.rank::d.world]
     # progress of this rank, rewritten after every shard, so that --resume continues after the last full shard
     progress = os.path.join(args.out, f"progress-r{d.rank:02d}.json")
-    settings = {"world": d.world, "videos": len(videos), "adapter": adapter.name, "num_frames": args.num_frames,
+    settings = {"world": d.world, "videos": len(videos), "adapter": spec.name, "num_frames": args.num_frames,
                 "fps": args.fps, "height": args.height, "width": args.width, "store_dtype": args.store_dtype,
                 "vae_latent": args.vae_latent}
     done = 0
@@ -71,37 +92,43 @@ def run_prepare(adapter, args: argparse.Namespace) -> dict:
             continue
         with torch.no_grad():
             seed = video_seed(path, args.videos) if args.vae_latent == "sample" else None
-            item = {**enc.encode_video(frames, seed), **{k: v[0] for k, v in enc.encode_text([caption]).items()}}
+            item = {**enc.encode_video(frames, seed), **{k: v[0] for k, v in encode_text([caption]).items()}}
         writer.add({k: v.to(storage_dtype(args)) for k, v in item.items()})
         if not writer.pending:  # a shard was just written
             write_text(progress, json.dumps({"settings": settings, "done": i + 1, "skipped": skipped,
                                              "shards": writer.shards, "shapes": writer.shapes}))
     with torch.no_grad():
-        negative = {k: v.to(storage_dtype(args)) for k, v in enc.negative().items()}
-    info = {"adapter": adapter.name, "num_frames": args.num_frames, "fps": args.fps, "height": args.height,
-            "width": args.width, "vae_latent": args.vae_latent, "negative_prompt": enc.negative_prompt,
+        negative = {k: v[0].to(storage_dtype(args)) for k, v in enc.encode_text([negative_text]).items()}
+    info = {"adapter": spec.name, "num_frames": args.num_frames, "fps": args.fps, "height": args.height,
+            "width": args.width, "vae_latent": args.vae_latent, "negative_prompt": negative_text,
             "skipped": skipped}
     part = writer.close(info, negative if d.main else None)
+    manifest = merge_manifests(part, d, args, len(videos))
+    dist.barrier()
+    if os.path.exists(progress):  # the manifest is complete: nothing left to resume
+        os.remove(progress)
+    return manifest
+
+
+def merge_manifests(part: dict, d, args: argparse.Namespace, n_videos: int) -> dict:
+    """Rank 0 merges every rank's shards and skips into the data set's manifest (a collective)."""
     parts = [None] * d.world
     dist.all_gather_object(parts, part)
     if sum(p["count"] for p in parts) == 0:  # every rank sees this, so all stop together
         first = next((sk["reason"] for p in parts for sk in p["skipped"]), "?")
-        raise SystemExit(f"error: --videos {args.videos}: none of the {len(videos)} videos was usable ({first})")
-    manifest = part
-    if d.main:
-        shapes = [p["shapes"] for p in parts if p["shapes"]]
-        if any(s != shapes[0] for s in shapes):
-            raise SystemExit("error: ranks produced samples of different shapes")
-        manifest = {**part, "shapes": shapes[0] if shapes else {}, "shards": [s for p in parts for s in p["shards"]],
-                    "skipped": [s for p in parts for s in p["skipped"]], "count": sum(p["count"] for p in parts)}
-        write_manifest(args.out, manifest)
-        for s in manifest["skipped"]:
-            print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
-        print(f"prepared {manifest['count']} samples in {len(manifest['shards'])} shards -> {args.out} "
-              f"({len(manifest['skipped'])} skipped)", file=sys.stderr)
-    dist.barrier()
-    if os.path.exists(progress):  # the manifest is complete: nothing left to resume
-        os.remove(progress)
+        raise SystemExit(f"error: --videos {args.videos}: none of the {n_videos} videos was usable ({first})")
+    if not d.main:
+        return part
+    shapes = [p["shapes"] for p in parts if p["shapes"]]
+    if any(s != shapes[0] for s in shapes):
+        raise SystemExit("error: ranks produced samples of different shapes")
+    manifest = {**part, "shapes": shapes[0] if shapes else {}, "shards": [s for p in parts for s in p["shards"]],
+                "skipped": [s for p in parts for s in p["skipped"]], "count": sum(p["count"] for p in parts)}
+    write_manifest(args.out, manifest)
+    for s in manifest["skipped"]:
+        print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
+    print(f"prepared {manifest['count']} samples in {len(manifest['shards'])} shards -> {args.out} "
+          f"({len(manifest['skipped'])} skipped)", file=sys.stderr)
     return manifest
 
 

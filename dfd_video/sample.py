@@ -1,4 +1,4 @@
-"""The `sample` and `export` subcommands: the few-step student to mp4s, or to a diffusers transformer folder."""
+"""The `sample` subcommand: the few-step student (dfd.sample) to mp4s, prompt{i:03d}_seed{s}.mp4."""
 from __future__ import annotations
 
 import argparse
@@ -13,42 +13,63 @@ import dfd
 from dfd_video import lora
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype, setup_distributed
 from dfd_video.files import fail
-from dfd_video.video import write_mp4
+from dfd_video.video import read_prompts, write_mp4
 from dfd_video.weights import load_student_weights, load_weights
 
 
-def load_student(adapter, args) -> nn.Module:
-    net = lora.load_student(adapter, args)  # a --lora-rank run: its DMD2 base with the adapter merged in
+def load_student(spec, args: argparse.Namespace) -> nn.Module:
+    """The student of --ckpt (a training checkpoint, a LoRA run's with its base merged in, or any --dmd2-ckpt
+    format) in the base architecture, fp32 on CPU."""
+    net = lora.load_lora_student(spec, args)
     if net is not None:
         return net
-    net = adapter.load_network(args.model_dir)
+    net = spec.load_network(args.model_dir)
     sd = load_student_weights(args.ckpt, args.weights, args.bidirectional_ckpt, args.rectified_flow_ckpt)
-    load_weights(net, sd, f"--ckpt {args.ckpt}", adapter.convert_state_dict)
+    load_weights(net, sd, f"--ckpt {args.ckpt}", spec.convert_state_dict)
     return net
 
 
-def run_sample(adapter, args: argparse.Namespace) -> list[str]:
-    """Prompts -> mp4s with the few-step sampler (dfd.sample); files prompt{i:03d}_seed{s}.mp4."""
+def conditions(spec, args: argparse.Namespace, encoders) -> list[dict[str, torch.Tensor]]:
+    """Per-video conditioning from --prompts (encoded) or --embeddings, and --images for image-conditioned models."""
+    prompts = embeddings = None
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)")
+    else:
+        from safetensors.torch import load_file
+        try:
+            embeddings = load_file(args.embeddings)
+        except Exception as e:
+            raise ValueError(f"--embeddings {args.embeddings}: not a readable safetensors file ({type(e).__name__})") from None
+    return spec.sample_items(encoders, prompts, embeddings, getattr(args, "images", None),
+                             (args.num_frames, args.height, args.width))
+
+
+def run(spec, args: argparse.Namespace) -> list[str]:
+    """Prompts -> mp4s with the few-step sampler (dfd.sample); each rank renders every world-th video."""
     d = setup_distributed(args.device)
-    adapter.compute_dtype = compute_dtype(args, d)
+    dtype = compute_dtype(args.dtype, d.device)
     try:
-        net = load_student(adapter, args).to(d.device).eval()
-        items = adapter.sample_items(args, d.device)
+        net = load_student(spec, args).to(d.device).eval()
+        encoders = spec.open_encoders(args.model_dir, d.device, dtype or torch.float32, text=args.prompts is not None)
+        items = conditions(spec, args, encoders)
     except ValueError as e:
         raise fail(e)
-    if adapter.compute_dtype is not None:
-        cast_keeping_fp32(net, adapter.compute_dtype)
-    student = adapter.denoiser(net, None, None)
+    if dtype is not None:
+        cast_keeping_fp32(net, dtype)
+    student = spec.denoiser(net, dtype=dtype)
     os.makedirs(args.out, exist_ok=True)
     jobs = [(i, s) for i in range(len(items)) for s in args.seeds][d.rank::d.world]
     written = []
     for i, seed in jobs:
         g = torch.Generator(d.device).manual_seed(seed)
-        noise = torch.randn((1, *adapter.noise_shape(args)), generator=g, device=d.device)
-        cond = adapter.make_cond({k: v[None].to(d.device) for k, v in items[i].items()}, d.device)
+        noise = torch.randn((1, *spec.latent_shape(args.num_frames, args.height, args.width)), generator=g,
+                            device=d.device)
+        cond = spec.make_cond({k: v[None].to(d.device) for k, v in items[i].items()}, d.device)
         with torch.no_grad():
             x0 = dfd.sample(student, noise, cond, tuple(args.student_ts), generator=g, renoise=args.sampler == "renoise")
-            frames = adapter.decode(x0, args)[0]
+            frames = encoders.vae.decode(x0)[0]
         path = os.path.join(args.out, f"prompt{i:03d}_seed{seed}.mp4")
         write_mp4(path, frames, args.fps)
         written.append(path)
@@ -60,17 +81,3 @@ def run_sample(adapter, args: argparse.Namespace) -> list[str]:
         print(f"wrote {len(items) * len(args.seeds)} videos ({len(items)} prompts x {len(args.seeds)} seeds) to "
               f"{args.out}", file=sys.stderr)
     return written
-
-
-def run_export(adapter, args: argparse.Namespace) -> str:
-    d = setup_distributed("cpu")
-    try:
-        net = lora.load_for_export(adapter, args) if args.lora else load_student(adapter, args)
-    except ValueError as e:
-        raise fail(e)
-    if d.main:
-        if args.lora:  # <out>/lora/: the adapter alone, in diffusers' LoRA format; then merged for the folder
-            net = lora.save_lora(adapter, net, args.out)
-        adapter.save_pretrained(net, args.out)
-        print(f"exported the student to {args.out}", file=sys.stderr)
-    return args.out

@@ -356,109 +356,140 @@ def describe_dmd2(path: str, init_from: str = "generator", fake_init: str | None
     each naming the flag or command that resolves it."""
     out: dict[str, Any] = {"path": path, "format": None, "summary": "", "warnings": [], "refusals": [],
                            "networks": {"student": None, "fake_score": None, "ema": None}}
-    warn, refuse = out["warnings"].append, out["refusals"].append
     if any(TRIGFLOW_PATH.search(p.replace(os.sep, "/")) for p in (path, os.path.realpath(path))):
-        (warn if rectified_flow else refuse)(
+        (out["warnings"] if rectified_flow else out["refusals"]).append(
             f"{path}: the path of NVIDIA's distilled Cosmos-Predict2.5-2B (base/distilled, 575edf0f-...): a 4-step "
             "student distilled with TrigFlow (experiment dmd2_trigflow_distill_cosmos_predict2_2B_bidirectional_TnI2V), "
             "whose output is not the rectified-flow velocity this code turns into x0, so training or sampling it "
             "would be silently wrong. Its keys are the same as the rectified-flow checkpoints'; only the path marks "
             "it. Pass --rectified-flow-ckpt if this file is a rectified-flow student (e.g. a FastGen DMD2 one)")
-    found: dict[str, tuple[str, str, int]] = {}  # role -> (source, role to read it with, tensor count)
     fg = _fastgen_prefix(path)
     if fg is not None:
-        prefix, note = fg
-        if note:
-            warn(note)
-        sib = _fastgen_siblings(prefix)
-        emas = sorted(n for n in sib if n.startswith("ema"))
-        out["format"] = "fastgen-fsdp"
-        out["summary"] = (f"FastGen FSDP checkpoint, iteration {int(os.path.basename(prefix))}: one DCP folder per "
-                          f"network ({', '.join(os.path.basename(f) for f in sib.values()) or 'none found'})")
-        if len(emas) > 1:
-            warn(f"{prefix}: several EMA networks ({', '.join(emas)}); --init-from generator_ema uses {emas[0]}")
-        need = {"generator": True, "critic": fake_init != "teacher", "generator_ema": init_from == "generator_ema"}
-        for role, name in (("generator", "net"), ("critic", "fake_score"), ("generator_ema", emas[0] if emas else "")):
-            f = sib.get(name)
-            if f is None:
-                continue
-            if f.endswith(".zip"):
-                if need[role]:
-                    refuse(_zip_refusal(f, {"generator": "the student", "critic": "the critic (fake score; "
-                                            "or pass --fake-init teacher)", "generator_ema": "the EMA"}[role]))
-                continue
-            found[role] = (f, "generator", len(_by_role(dict.fromkeys(_tensor_names(f)[0])).get("generator", {})))
-        if "net" not in sib:
-            refuse(f"{path}: no {os.path.basename(prefix)}.net_model/ folder next to {prefix}.* (the student); "
-                   f"found {', '.join(os.path.basename(f) for f in glob.glob(glob.escape(prefix) + '.*')) or 'nothing'}")
+        found = _describe_fastgen(fg, path, init_from, fake_init, out)
     elif path.endswith(".zip"):
         out["format"] = "zip"
-        refuse(_zip_refusal(path, "the checkpoint"))
+        out["refusals"].append(_zip_refusal(path, "the checkpoint"))
+        found = {}
     elif not os.path.exists(path):
-        refuse(f"{path}: no such file or folder")
+        out["refusals"].append(f"{path}: no such file or folder")
+        found = {}
     else:
-        try:
-            names, top = _tensor_names(path)
-        except ValueError as e:
-            if not path.endswith(".pth"):
-                refuse(str(e))
-                return out
-            names, top = [], set()  # e.g. a FastGen <iteration>.pth whose callback state is not plain data
-        groups = _by_role(dict.fromkeys(names))
-        for role, keys in groups.items():
-            if keys:
-                found[role] = (path, role, len(keys))
-        if os.path.isdir(path):
-            out["format"] = "dcp" if _is_dcp(path) else "diffusers"
-        elif path.endswith(".safetensors"):
-            out["format"] = "safetensors"
-        elif _causal_wan(names, top):
-            out["format"] = "self-forcing"
-        elif "model" in top and set(groups) - {"generator"}:
-            out["format"] = "fastgen-pth"
-        else:
-            out["format"] = "pt"
-        out["summary"] = {
-            "dcp": "a torch.distributed.checkpoint folder (networks under net.* / fake_score.* keys)",
-            "diffusers": "a diffusers transformer (or pipeline) folder: the student alone",
-            "safetensors": "a .safetensors state dict: the student alone",
-            "self-forcing": "a Self-Forcing / CausVid model.pt ({generator, critic[, generator_ema]}, original Wan names)",
-            "fastgen-pth": "a FastGen .pth from its non-FSDP checkpointer ({model: {net, fake_score[, ema]}})",
-            "pt": "a .pt / .pth state dict" + (f" (networks: {', '.join(sorted(groups))})" if set(groups) - {"generator"} else ""),
-        }[out["format"]]
-        if not names and path.endswith(".pth"):
-            prefix = path[:-4]
-            refuse(f"{path}: holds no readable weights. FastGen's FSDP checkpointer keeps only the scheduler state in "
-                   f"<iteration>.pth and writes each network to a folder next to it: {prefix}.net_model/, "
-                   f"{prefix}.fake_score_model/ (and {prefix}.ema_model/ with an EMA). None is there; copy them next "
-                   f"to it, or pass the {os.path.basename(prefix)}.net_model folder")
-        if out["format"] == "self-forcing":
-            (warn if bidirectional else refuse)(
-                f"{path}: a Self-Forcing / CausVid checkpoint. Their released students are block-causal (3 latent "
-                "frames per block, generated autoregressively with a KV cache), and the file cannot tell: the causal "
-                "and bidirectional Wan share every key name. Run as a full-sequence student, a causal one is "
-                "meaningless and nothing fails. Pass --bidirectional-ckpt if it is a bidirectional student (e.g. "
-                "CausVid's bidirectional_checkpoint1/2)")
-    nets = out["networks"]
+        found = _describe_file(path, bidirectional, out)
+        if found is None:
+            return out
+    _assign_networks(out, found, init_from, fake_init)
+    return out
+
+
+def _describe_fastgen(fg: tuple[str, str | None], path: str, init_from: str, fake_init: str | None,
+                      out: dict) -> dict[str, tuple[str, str, int]]:
+    """describe_dmd2 for a FastGen FSDP checkpoint (one DCP folder per network): {role: (source, role, tensors)}."""
+    prefix, note = fg
+    if note:
+        out["warnings"].append(note)
+    sib = _fastgen_siblings(prefix)
+    emas = sorted(n for n in sib if n.startswith("ema"))
+    out["format"] = "fastgen-fsdp"
+    out["summary"] = (f"FastGen FSDP checkpoint, iteration {int(os.path.basename(prefix))}: one DCP folder per "
+                      f"network ({', '.join(os.path.basename(f) for f in sib.values()) or 'none found'})")
+    if len(emas) > 1:
+        out["warnings"].append(f"{prefix}: several EMA networks ({', '.join(emas)}); --init-from generator_ema uses "
+                               f"{emas[0]}")
+    need = {"generator": True, "critic": fake_init != "teacher", "generator_ema": init_from == "generator_ema"}
+    what = {"generator": "the student", "critic": "the critic (fake score; or pass --fake-init teacher)",
+            "generator_ema": "the EMA"}
+    found = {}
+    for role, name in (("generator", "net"), ("critic", "fake_score"), ("generator_ema", emas[0] if emas else "")):
+        f = sib.get(name)
+        if f is None:
+            continue
+        if f.endswith(".zip"):
+            if need[role]:
+                out["refusals"].append(_zip_refusal(f, what[role]))
+            continue
+        found[role] = (f, "generator", len(_by_role(dict.fromkeys(_tensor_names(f)[0])).get("generator", {})))
+    if "net" not in sib:
+        out["refusals"].append(
+            f"{path}: no {os.path.basename(prefix)}.net_model/ folder next to {prefix}.* (the student); found "
+            f"{', '.join(os.path.basename(f) for f in glob.glob(glob.escape(prefix) + '.*')) or 'nothing'}")
+    return found
+
+
+SUMMARIES = {
+    "dcp": "a torch.distributed.checkpoint folder (networks under net.* / fake_score.* keys)",
+    "diffusers": "a diffusers transformer (or pipeline) folder: the student alone",
+    "safetensors": "a .safetensors state dict: the student alone",
+    "self-forcing": "a Self-Forcing / CausVid model.pt ({generator, critic[, generator_ema]}, original Wan names)",
+    "fastgen-pth": "a FastGen .pth from its non-FSDP checkpointer ({model: {net, fake_score[, ema]}})",
+    "pt": "a .pt / .pth state dict",
+}
+
+
+def _describe_file(path: str, bidirectional: bool, out: dict) -> dict[str, tuple[str, str, int]] | None:
+    """describe_dmd2 for one file or folder that holds every network: {role: (source, role, tensors)}, or None when it
+    cannot be read at all (the refusal says why)."""
+    try:
+        names, top = _tensor_names(path)
+    except ValueError as e:
+        if not path.endswith(".pth"):
+            out["refusals"].append(str(e))
+            return None
+        names, top = [], set()  # e.g. a FastGen <iteration>.pth whose callback state is not plain data
+    groups = _by_role(dict.fromkeys(names))
+    found = {role: (path, role, len(keys)) for role, keys in groups.items() if keys}
+    if os.path.isdir(path):
+        fmt = "dcp" if _is_dcp(path) else "diffusers"
+    elif path.endswith(".safetensors"):
+        fmt = "safetensors"
+    elif _causal_wan(names, top):
+        fmt = "self-forcing"
+    elif "model" in top and set(groups) - {"generator"}:
+        fmt = "fastgen-pth"
+    else:
+        fmt = "pt"
+    out["format"] = fmt
+    out["summary"] = SUMMARIES[fmt] + (f" (networks: {', '.join(sorted(groups))})" if fmt == "pt" and
+                                       set(groups) - {"generator"} else "")
+    if not names and path.endswith(".pth"):
+        prefix = path[:-4]
+        out["refusals"].append(
+            f"{path}: holds no readable weights. FastGen's FSDP checkpointer keeps only the scheduler state in "
+            f"<iteration>.pth and writes each network to a folder next to it: {prefix}.net_model/, "
+            f"{prefix}.fake_score_model/ (and {prefix}.ema_model/ with an EMA). None is there; copy them next "
+            f"to it, or pass the {os.path.basename(prefix)}.net_model folder")
+    if fmt == "self-forcing":
+        (out["warnings"] if bidirectional else out["refusals"]).append(
+            f"{path}: a Self-Forcing / CausVid checkpoint. Their released students are block-causal (3 latent "
+            "frames per block, generated autoregressively with a KV cache), and the file cannot tell: the causal "
+            "and bidirectional Wan share every key name. Run as a full-sequence student, a causal one is "
+            "meaningless and nothing fails. Pass --bidirectional-ckpt if it is a bidirectional student (e.g. "
+            "CausVid's bidirectional_checkpoint1/2)")
+    return found
+
+
+def _assign_networks(out: dict, found: dict[str, tuple[str, str, int]], init_from: str,
+                     fake_init: str | None) -> None:
+    """Where the student, the fake score and the checkpoint's EMA come from, given what the checkpoint holds."""
+    nets, warn, refuse = out["networks"], out["warnings"].append, out["refusals"].append
+    entry = lambda role: dict(zip(("source", "role", "tensors"), found[role]))
     role = init_from
     if role == "generator_ema" and "generator_ema" not in found and "generator" in found:
         warn("--init-from generator_ema: the checkpoint holds no EMA; the student starts from its generator")
         role = "generator"
     if role in found:
-        nets["student"] = dict(zip(("source", "role", "tensors"), found[role]))
+        nets["student"] = entry(role)
     elif not out["refusals"]:
-        refuse(f"{path}: holds no student ({role}) weights")
+        refuse(f"{out['path']}: holds no student ({role}) weights")
     if "generator_ema" in found:
-        nets["ema"] = dict(zip(("source", "role", "tensors"), found["generator_ema"]))
+        nets["ema"] = entry("generator_ema")
     if fake_init != "teacher" and "critic" in found:
-        nets["fake_score"] = dict(zip(("source", "role", "tensors"), found["critic"]))
+        nets["fake_score"] = entry("critic")
     elif fake_init == "critic" and not out["refusals"]:
-        refuse(f"--fake-init critic: {path} holds no critic (fake score); pass --fake-init teacher to start it "
+        refuse(f"--fake-init critic: {out['path']} holds no critic (fake score); pass --fake-init teacher to start it "
                "from the teacher")
     elif fake_init is None and nets["student"] is not None:
         warn("the checkpoint holds no critic: the fake score starts from the teacher, as in a fresh DMD2 run, not "
              "from the critic the DMD2 student was trained against")
-    return out
 
 
 def describe_lines(desc: dict[str, Any]) -> list[str]:

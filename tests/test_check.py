@@ -17,11 +17,11 @@ import dfd
 import tiny_cosmos
 import tiny_wan
 import wan_dfd
-import dfd_video.check
+import dfd_video.planning.check
 import dfd_video.cli
 import dfd_video.data
 import dfd_video.distributed
-import dfd_video.memory
+import dfd_video.planning.memory
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def cosmos_data(path: str, n: int = 3) -> str:
     """A prepared Cosmos data folder: latents, image latents (the first latent frame), prompt keys with cached
     embeddings in prompts/, and the negative embedding."""
     g = torch.Generator().manual_seed(0)
-    w, store = dfd_video.data.ShardWriter(path), C.PromptStore(path)
+    w, store = dfd_video.data.ShardWriter(path), dfd_video.data.PromptStore(path)
     for i in range(n):
         lat = torch.randn(16, 3, 4, 4, generator=g)
         key = store.put(f"caption {i}", torch.randn(512, tiny_cosmos.PROMPT_DIM, generator=g))
@@ -137,15 +137,15 @@ def test_first_step_delta2_by_hand():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 2, 2, generator=g)
     zero = lambda x_t, t, c: torch.zeros_like(x_t)
-    assert dfd_video.check.first_step_delta2(zero, (x, None), 0.9, g) == pytest.approx(float((x ** 2).mean()), rel=1e-6)
+    assert dfd_video.planning.check.first_step_delta2(zero, (x, None), 0.9, g) == pytest.approx(float((x ** 2).mean()), rel=1e-6)
     mask = torch.zeros(1, 1, 4, 1, 1)
     mask[:, :, 1:] = 1  # only frames 1..3 count (Cosmos' generated frames)
     want = float((x[:, :, 1:] ** 2).mean())
-    assert dfd_video.check.first_step_delta2(zero, (x, None, mask), 0.9, g) == pytest.approx(want, rel=1e-6)
+    assert dfd_video.planning.check.first_step_delta2(zero, (x, None, mask), 0.9, g) == pytest.approx(want, rel=1e-6)
     same = lambda x_t, t, c: x_t
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     want = float(((x - (0.1 * x + 0.9 * eps)) ** 2).mean())
-    got = dfd_video.check.first_step_delta2(same, (x, None), 0.9, torch.Generator().manual_seed(5))
+    got = dfd_video.planning.check.first_step_delta2(same, (x, None), 0.9, torch.Generator().manual_seed(5))
     assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -178,8 +178,8 @@ def test_parity_fails_for_a_wrong_convention(wan, capsys):
     """A teacher that guides with g + 1 (the pipeline-vs-paper off-by-one) fails parity: one problem line, exit 1."""
 
     class WrongGuidance(wan_dfd.WanAdapter):
-        def denoiser(self, net, guidance, uncond):
-            return super().denoiser(net, None if guidance is None else guidance + 1, uncond)
+        def denoiser(self, net, guidance=None, uncond=None, dtype=None):
+            return super().denoiser(net, None if guidance is None else guidance + 1, uncond, dtype)
 
     with pytest.raises(SystemExit) as e:
         dfd_video.cli.main(WrongGuidance(), ["check", "--model-dir", wan["pipe"], "--dmd2-ckpt",
@@ -208,8 +208,13 @@ def test_a_stage_that_cannot_run_is_one_problem_line(wan, capsys):
     problem line; the report still comes, with the memory estimate."""
 
     class BrokenDecoder(wan_dfd.WanAdapter):
-        def decode(self, latents, args):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+        def open_encoders(self, *args, **kwargs):
+            enc = super().open_encoders(*args, **kwargs)
+
+            def decode(latents):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+            enc.vae.decode = decode
+            return enc
 
     with pytest.raises(SystemExit) as e:
         dfd_video.cli.main(BrokenDecoder(), ["check", "--model-dir", wan["pipe"], "--dmd2-ckpt",
@@ -262,7 +267,7 @@ def test_memory_estimate_is_exact_for_the_training_state():
     net = tiny_wan.tiny_transformer()
     shapes = [tuple(p.shape) for p in net.parameters()]
     n = sum(p.numel() for p in net.parameters())
-    est = dfd_video.memory.estimate_memory(shapes, 1, ema=True)
+    est = dfd_video.planning.memory.estimate_memory(shapes, 1, ema=True)
     assert est["params_per_network"] == n
     adam_steps = 4 * len(shapes)  # AdamW's fp32 `step` per parameter tensor
     assert est["exact"]["student"] == {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + adam_steps}
@@ -277,7 +282,7 @@ def test_memory_estimate_is_exact_for_the_training_state():
         assert dfd_video.distributed.train_state_bytes(sharded, opt) == sum(est["exact"]["student"].values())
     finally:
         dfd_video.distributed.teardown_distributed()
-    three = dfd_video.memory.estimate_memory(shapes, 3)
+    three = dfd_video.planning.memory.estimate_memory(shapes, 3)
     per_rank = sum(-(-s[0] // 3) * (torch.Size(s[1:]).numel()) for s in shapes)
     assert three["exact"]["fake_score"]["params"] == 4 * per_rank and three["exact"]["student"]["optimizer"] == 8 * per_rank + adam_steps
     assert per_rank * 3 >= n and per_rank < n / 2
@@ -322,14 +327,14 @@ def test_memory_section_is_what_plan_prints(wan, capsys):
 
 def test_flags_out_path_and_refusals(tmp_path, capsys, monkeypatch):
     p = argparse.ArgumentParser()
-    dfd_video.cli.add_check_args(p)
+    dfd_video.planning.check.add_args(p, wan_dfd.WanAdapter())
     assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
     with pytest.raises(SystemExit):
         wan_dfd.main(["--help"])
     assert "check" in capsys.readouterr().out
-    assert dfd_video.check.report_path(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
-    assert dfd_video.check.report_path(str(tmp_path)) == str(tmp_path / "check.json")  # a run folder
-    assert dfd_video.check.report_path("runs/dfd") == os.path.join("runs/dfd", "check.json")
+    assert dfd_video.planning.check.report_path(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    assert dfd_video.planning.check.report_path(str(tmp_path)) == str(tmp_path / "check.json")  # a run folder
+    assert dfd_video.planning.check.report_path("runs/dfd") == os.path.join("runs/dfd", "check.json")
     with pytest.raises(SystemExit) as e:
         wan_dfd.main(["check", "--model-dir", str(tmp_path), "--world-size", "0"])
     assert str(e.value.code) == "error: --world-size 0: must be >= 1"
@@ -353,8 +358,8 @@ def test_memory_estimate_of_the_real_wan_matches_the_training_md_table():
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
     with torch.device("meta"):
         net = WanTransformer3DModel(**real)
-    sizes = dfd_video.check.network_sizes(wan_dfd.WanAdapter(), net)
-    est = dfd_video.memory.estimate_memory(sizes["shapes"], 8, ema=True, block_params=sizes["block_params"],
+    sizes = dfd_video.planning.check.network_sizes(wan_dfd.WanAdapter(), net)
+    est = dfd_video.planning.memory.estimate_memory(sizes["shapes"], 8, ema=True, block_params=sizes["block_params"],
                                            root_params=sizes["root_params"], tokens=21 * 30 * 52, hidden=sizes["hidden"],
                                            mlp=sizes["mlp"], n_blocks=sizes["n_blocks"])
     fixed = sum(sum(v.values()) for v in est["exact"].values()) + est["rough"]["fsdp_buffers"]

@@ -1,4 +1,4 @@
-"""dfd_video/vbench/dreamsim.py and i2v_background.py against the `dreamsim` package and torchvision themselves.
+"""dfd_video/evaluation/vbench/dreamsim.py and i2v_background.py against the `dreamsim` package and torchvision themselves.
 
 Opt-in: skipped unless `dreamsim` (0.2.1), torchvision, open_clip and timm import, which they do not beside this
 project's pins. In a separate environment (docs/evaluation.md, "Checking DreamSim"):
@@ -21,7 +21,7 @@ dreamsim_pkg = pytest.importorskip("dreamsim")
 pytest.importorskip("torchvision")
 pytest.importorskip("open_clip")
 
-from dfd_video.vbench import dreamsim as ours, i2v_background  # noqa: E402
+from dfd_video.evaluation.vbench import dreamsim as ours, i2v_background  # noqa: E402
 
 
 def random_vit_state_dict(gen: torch.Generator, clip: bool) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny_vision as tv
-import dfd_video.evaluate
+import dfd_video.evaluation.evaluate
 import wan_dfd
 
 torch.set_num_threads(1)
@@ -68,10 +68,10 @@ def even_indices(n: int, k: int) -> np.ndarray:
 
 def test_pairwise_diversity_identical_orthogonal_and_opposite():
     v = torch.tensor([0.3, -1.2, 2.0, 0.5])
-    d = dfd_video.evaluate.pairwise_diversity(v.repeat(5, 1))
+    d = dfd_video.evaluation.evaluate.pairwise_diversity(v.repeat(5, 1))
     assert isinstance(d, float) and abs(d) < 1e-6
-    assert dfd_video.evaluate.pairwise_diversity(torch.eye(4)) == pytest.approx(1.0, abs=1e-6)  # every cosine is 0
-    assert dfd_video.evaluate.pairwise_diversity(torch.stack([v, -v])) == pytest.approx(2.0, abs=1e-6)  # cosine -1
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(torch.eye(4)) == pytest.approx(1.0, abs=1e-6)  # every cosine is 0
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(torch.stack([v, -v])) == pytest.approx(2.0, abs=1e-6)  # cosine -1
 
 
 def test_pairwise_diversity_hand_example():
@@ -79,9 +79,9 @@ def test_pairwise_diversity_hand_example():
     # 3 pairs -> 1 - (2 / sqrt(2)) / 3 = 1 - sqrt(2) / 3. (Counting ordered pairs with the diagonal would give
     # 1 - (3 + 2 sqrt(2)) / 9, a different number.)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert dfd_video.evaluate.pairwise_diversity(x) == pytest.approx(1 - math.sqrt(2) / 3, abs=1e-6)
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(x) == pytest.approx(1 - math.sqrt(2) / 3, abs=1e-6)
     # cosine ignores each vector's length
-    assert dfd_video.evaluate.pairwise_diversity(x * torch.tensor([[3.0], [0.01], [250.0]])) == pytest.approx(1 - math.sqrt(2) / 3,
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(x * torch.tensor([[3.0], [0.01], [250.0]])) == pytest.approx(1 - math.sqrt(2) / 3,
                                                                                                       abs=1e-6)
 
 
@@ -89,16 +89,16 @@ def test_pairwise_diversity_random_against_loop_and_scale_invariance():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 12, generator=g) + 0.5
     want = ref_diversity(x.numpy())
-    assert dfd_video.evaluate.pairwise_diversity(x) == pytest.approx(want, abs=1e-6)
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(x) == pytest.approx(want, abs=1e-6)
     scale = torch.rand(8, 1, generator=g) * 100 + 0.01
-    assert dfd_video.evaluate.pairwise_diversity(x * scale) == pytest.approx(want, abs=1e-6)
+    assert dfd_video.evaluation.evaluate.pairwise_diversity(x * scale) == pytest.approx(want, abs=1e-6)
 
 
 def test_per_frame_diversity_against_loop():
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(5, 4, 7, generator=g) + torch.randn(1, 4, 7, generator=g)  # [L, F, D]
     want = float(np.mean([ref_diversity(feats[:, f].numpy()) for f in range(4)]))
-    got = dfd_video.evaluate.per_frame_diversity(feats)
+    got = dfd_video.evaluation.evaluate.per_frame_diversity(feats)
     assert isinstance(got, float) and got == pytest.approx(want, abs=1e-6)
     # the per-frame number is not the pooled one (so the two summary keys carry different information)
     assert abs(want - ref_diversity(feats.mean(1).numpy())) > 1e-2
@@ -113,7 +113,7 @@ def test_rotation_angle_deg_generic_axes_and_batch_shape():
     axes = g.normal(size=(2, 3, 3))
     degs = g.uniform(0, 180, (2, 3))
     R = np.stack([np.stack([tv.rodrigues(axes[i, j], degs[i, j]) for j in range(3)]) for i in range(2)])
-    got = dfd_video.evaluate.rotation_angle_deg(R)
+    got = dfd_video.evaluation.evaluate.rotation_angle_deg(R)
     assert got.shape == (2, 3)
     np.testing.assert_allclose(got, degs, atol=1e-8)
 
@@ -122,7 +122,7 @@ def test_rotation_angle_deg_generic_axes_and_batch_shape():
                                  180 - 1e-7, 180.0])
 def test_rotation_angle_deg_near_0_and_180(deg):
     R = tv.rodrigues([0.3, -0.5, 0.8], deg)
-    got = np.asarray(dfd_video.evaluate.rotation_angle_deg(R[None]))
+    got = np.asarray(dfd_video.evaluation.evaluate.rotation_angle_deg(R[None]))
     assert np.isfinite(got).all() and abs(float(got[0]) - deg) < 1e-6
 
 
@@ -130,7 +130,7 @@ def test_rotation_angle_deg_rounding_past_the_ends_is_not_nan():
     # float rounding can push (trace - 1) / 2 just past +-1; the angle must stay finite and at the end
     up = np.eye(3) * (1 + 4e-16)
     down = np.diag([-1.0, -1.0, 1.0]) * (1 + 4e-16)  # 180 degrees about z
-    got = np.asarray(dfd_video.evaluate.rotation_angle_deg(np.stack([up, down])))
+    got = np.asarray(dfd_video.evaluation.evaluate.rotation_angle_deg(np.stack([up, down])))
     assert np.isfinite(got).all()
     assert abs(got[0]) < 1e-6 and abs(got[1] - 180.0) < 1e-6
 
@@ -139,7 +139,7 @@ def test_camera_motion_line_and_yaw_past_90_degrees():
     # p_t = p0 + t (0.3, 0.4, 0): |v| = 0.5 per step, N = 10 -> path 9 * 0.5 = 4.5, farthest 4.5 (the end);
     # R_t = Rz(15 t) R0: each step turns 15 deg -> total 135; R_t R0^T = Rz(15 t) -> max 135 (past 90).
     T = tv.pose_trajectory(10, (0.3, 0.4, 0.0), 15.0, p0=(1.0, -2.0, 0.5))
-    m = dfd_video.evaluate.camera_motion(T)
+    m = dfd_video.evaluation.evaluate.camera_motion(T)
     assert set(m) == {"path_length", "max_translation", "rotation_total", "max_rotation"}
     assert all(isinstance(v, float) for v in m.values())
     assert m["path_length"] == pytest.approx(4.5, abs=1e-9)
@@ -152,7 +152,7 @@ def test_camera_motion_yaw_past_180_wraps_and_there_and_back():
     # 25 deg per step, N = 10: the total keeps adding (9 * 25 = 225), but the deviation from the start is an
     # angle in [0, 180]: 25 t for t <= 7 is at most 175, and t = 8, 9 (200, 225) are 160, 135 away -> max 175.
     T = tv.pose_trajectory(10, (0.0, 0.0, 0.0), 25.0)
-    m = dfd_video.evaluate.camera_motion(T)
+    m = dfd_video.evaluation.evaluate.camera_motion(T)
     assert m["rotation_total"] == pytest.approx(225.0, abs=1e-6)
     assert m["max_rotation"] == pytest.approx(175.0, abs=1e-6)
     assert m["path_length"] == pytest.approx(0.0, abs=1e-12) and m["max_translation"] == pytest.approx(0.0, abs=1e-12)
@@ -160,7 +160,7 @@ def test_camera_motion_yaw_past_180_wraps_and_there_and_back():
     xs = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (1, 0, 0), (0, 0, 0), (0, 1, 0)]
     T = tv.pose_trajectory(len(xs), (0.0, 0.0, 0.0), 0.0)
     T[:, :3, 3] = np.asarray(xs, np.float64) + (5.0, 5.0, 5.0)
-    m = dfd_video.evaluate.camera_motion(T)
+    m = dfd_video.evaluation.evaluate.camera_motion(T)
     assert m["path_length"] == pytest.approx(5.0, abs=1e-9)
     assert m["max_translation"] == pytest.approx(2.0, abs=1e-9)
     assert m["rotation_total"] == pytest.approx(0.0, abs=1e-6) and m["max_rotation"] == pytest.approx(0.0, abs=1e-6)
@@ -174,7 +174,7 @@ def test_camera_spread_hand_example():
     e = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
     offset = np.array([1.0, 2.0, -3.0])
     trajs = offset + e[:, None] * np.array([0.0, 0.5, 1.0])[None, :, None]  # [3, 3, 3]
-    s = dfd_video.evaluate.camera_spread(trajs)
+    s = dfd_video.evaluation.evaluate.camera_spread(trajs)
     assert set(s) == {"endpoint_spread", "endpoint_distance", "trajectory_distance"}
     assert all(isinstance(v, float) for v in s.values())
     assert s["endpoint_spread"] == pytest.approx(5 * math.sqrt(2) / 3, abs=1e-9)
@@ -184,7 +184,7 @@ def test_camera_spread_hand_example():
 
 def test_camera_spread_random_against_loop():
     trajs = np.random.default_rng(3).normal(size=(4, 6, 3))
-    got, want = dfd_video.evaluate.camera_spread(trajs), ref_spread(trajs)
+    got, want = dfd_video.evaluation.evaluate.camera_spread(trajs), ref_spread(trajs)
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
 
@@ -198,7 +198,7 @@ def test_camera_spread_random_against_loop():
                                            ((255, 255, 255), 0.0, 1.0), ((40, 30, 10), 0.75, 0.0)])
 def test_saturation_single_colours(rgb, s, clipped):
     frames = np.broadcast_to(np.array(rgb, np.uint8), (2, 3, 4, 3)).copy()
-    got = dfd_video.evaluate.saturation_stats(frames)
+    got = dfd_video.evaluation.evaluate.saturation_stats(frames)
     assert got["saturation"] == pytest.approx(s, abs=1e-6)
     assert got["clipped"] == pytest.approx(clipped, abs=1e-12)
 
@@ -207,11 +207,11 @@ def test_saturation_mixed_pixels():
     # red (S 1, clipped), grey (0, no), black (0, clipped), (200, 100, 50) (0.75, no) -> S 0.4375, clipped 0.5;
     # uint8 arithmetic (255 - 0 wrapping, integer division) would get these wrong.
     px = np.array([[[255, 0, 0], [128, 128, 128]], [[0, 0, 0], [200, 100, 50]]], np.uint8)[None]  # [1, 2, 2, 3]
-    got = dfd_video.evaluate.saturation_stats(px)
+    got = dfd_video.evaluation.evaluate.saturation_stats(px)
     assert got["saturation"] == pytest.approx(1.75 / 4, abs=1e-6)
     assert got["clipped"] == pytest.approx(0.5, abs=1e-12)
     frames = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
-    got = dfd_video.evaluate.saturation_stats(frames)
+    got = dfd_video.evaluation.evaluate.saturation_stats(frames)
     s, c = ref_saturation(frames)
     assert got["saturation"] == pytest.approx(s, abs=1e-6) and got["clipped"] == pytest.approx(c, abs=1e-12)
 
@@ -234,7 +234,7 @@ def left_level(frames: np.ndarray) -> np.ndarray:
 
 
 def test_read_eval_video_picks_evenly_spaced_frames(counter_clip):
-    frames, middle, sat = dfd_video.evaluate.read_eval_video(counter_clip, 16)
+    frames, middle, sat = dfd_video.evaluation.evaluate.read_eval_video(counter_clip, 16)
     assert frames.dtype == np.uint8 and frames.shape == (16, 32, 48, 3)
     assert middle.dtype == np.uint8 and middle.shape == (32, 48, 3)
     idx = even_indices(20, 16)
@@ -257,21 +257,21 @@ def test_read_eval_video_picks_evenly_spaced_frames(counter_clip):
 
 
 def test_read_eval_video_other_counts(counter_clip):
-    frames, _, _ = dfd_video.evaluate.read_eval_video(counter_clip, 20)  # every frame
+    frames, _, _ = dfd_video.evaluation.evaluate.read_eval_video(counter_clip, 20)  # every frame
     np.testing.assert_array_less(np.abs(left_level(frames) - [tv.counter_value(k) for k in range(20)]), 4.0)
-    frames, _, _ = dfd_video.evaluate.read_eval_video(counter_clip, 4)  # 0, 6.33, 12.67, 19 -> 0, 6, 13, 19
+    frames, _, _ = dfd_video.evaluation.evaluate.read_eval_video(counter_clip, 4)  # 0, 6.33, 12.67, 19 -> 0, 6, 13, 19
     np.testing.assert_array_less(np.abs(left_level(frames) - [tv.counter_value(k) for k in (0, 6, 13, 19)]), 4.0)
 
 
 def test_read_eval_video_errors(counter_clip, tmp_path):
     with pytest.raises(ValueError, match=re.escape(counter_clip)):
-        dfd_video.evaluate.read_eval_video(counter_clip, 21)  # 20 frames < 21
+        dfd_video.evaluation.evaluate.read_eval_video(counter_clip, 21)  # 20 frames < 21
     bad = tmp_path / "prompt000_seed0.mp4"
     bad.write_text("not a video\n")
     with pytest.raises(ValueError, match=re.escape(str(bad))):
-        dfd_video.evaluate.read_eval_video(str(bad), 4)
+        dfd_video.evaluation.evaluate.read_eval_video(str(bad), 4)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "missing.mp4"))):
-        dfd_video.evaluate.read_eval_video(str(tmp_path / "missing.mp4"), 4)
+        dfd_video.evaluation.evaluate.read_eval_video(str(tmp_path / "missing.mp4"), 4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_sample_index_groups_by_prompt_and_seed(tmp_path):
     touch(d, "prompt000_seed0.mp4", "prompt000_seed1.mp4", "prompt000_seed7.mp4", "prompt002_seed3.mp4",
           "prompt002_seed4.mp4", "prompt12_seed0.mp4", "prompt12_seed1.mp4",
           "notes.txt", "prompt001_seed0.png", "prompt000_seed2.txt", "other.mp4", "prompt001.mp4")
-    idx = dfd_video.evaluate.sample_index(d)
+    idx = dfd_video.evaluation.evaluate.sample_index(d)
     assert sorted(idx) == [0, 2, 12]
     assert {i: sorted(v) for i, v in idx.items()} == {0: [0, 1, 7], 2: [3, 4], 12: [0, 1]}
     assert os.path.samefile(idx[2][4], os.path.join(d, "prompt002_seed4.mp4"))
@@ -299,15 +299,15 @@ def test_sample_index_groups_by_prompt_and_seed(tmp_path):
 def test_sample_index_errors(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=re.escape(missing)):
-        dfd_video.evaluate.sample_index(missing)
+        dfd_video.evaluation.evaluate.sample_index(missing)
     empty = str(tmp_path / "empty")
     touch(empty, "notes.txt", "clip.mp4")
     with pytest.raises(ValueError, match=re.escape(empty)):
-        dfd_video.evaluate.sample_index(empty)
+        dfd_video.evaluation.evaluate.sample_index(empty)
     lonely = str(tmp_path / "lonely")
     touch(lonely, "prompt000_seed0.mp4", "prompt000_seed1.mp4", "prompt007_seed3.mp4")
     with pytest.raises(ValueError) as e:
-        dfd_video.evaluate.sample_index(lonely)
+        dfd_video.evaluation.evaluate.sample_index(lonely)
     assert re.search(r"prompt\D{0,3}0*7(?!\d)", str(e.value)), str(e.value)
 
 
@@ -317,7 +317,7 @@ def test_read_poses_formats(tmp_path):
     np.savez(tmp_path / "vipe.npz", data=T, inds=np.arange(5))  # ViPE's pose/<stem>.npz
     np.savez(tmp_path / "single.npz", T)
     for name, tol in (("a.npy", 1e-6), ("vipe.npz", 0), ("single.npz", 0)):
-        P = dfd_video.evaluate.read_poses(str(tmp_path / name))
+        P = dfd_video.evaluation.evaluate.read_poses(str(tmp_path / name))
         assert P.dtype == np.float64 and P.shape == (5, 4, 4), name
         np.testing.assert_allclose(P, T, atol=tol, rtol=0)
 
@@ -338,18 +338,18 @@ def test_read_poses_errors(tmp_path, case):
     elif case == "npz_two_arrays":
         np.savez(path, poses=T, other=T)  # no "data" key and not a single array
     with pytest.raises(ValueError, match=re.escape(path)):
-        dfd_video.evaluate.read_poses(path)
+        dfd_video.evaluation.evaluate.read_poses(path)
 
 
 def test_find_pose_file_order_and_error(tmp_path):
     d = str(tmp_path)
     touch(os.path.join(d, "pose"), "prompt000_seed0.npz", "prompt001_seed0.npz")
     touch(d, "prompt001_seed0.npz", "prompt002_seed0.npz", "prompt002_seed0.npy")
-    assert os.path.samefile(dfd_video.evaluate.find_pose_file(d, "prompt000_seed0"), os.path.join(d, "pose", "prompt000_seed0.npz"))
-    assert os.path.samefile(dfd_video.evaluate.find_pose_file(d, "prompt001_seed0"), os.path.join(d, "prompt001_seed0.npz"))
-    assert os.path.samefile(dfd_video.evaluate.find_pose_file(d, "prompt002_seed0"), os.path.join(d, "prompt002_seed0.npy"))
+    assert os.path.samefile(dfd_video.evaluation.evaluate.find_pose_file(d, "prompt000_seed0"), os.path.join(d, "pose", "prompt000_seed0.npz"))
+    assert os.path.samefile(dfd_video.evaluation.evaluate.find_pose_file(d, "prompt001_seed0"), os.path.join(d, "prompt001_seed0.npz"))
+    assert os.path.samefile(dfd_video.evaluation.evaluate.find_pose_file(d, "prompt002_seed0"), os.path.join(d, "prompt002_seed0.npy"))
     with pytest.raises(ValueError, match="prompt003_seed1"):
-        dfd_video.evaluate.find_pose_file(d, "prompt003_seed1")
+        dfd_video.evaluation.evaluate.find_pose_file(d, "prompt003_seed1")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def cosine_rows(a, b) -> np.ndarray:
 @pytest.mark.parametrize("name,dim", [("clip", tv.CLIP_DIM), ("dino", tv.DINO_DIM)])
 def test_image_encoder_features(encoders, name, dim):
     frames = np.stack([tv.random_frames(s, T=1, height=40, width=48)[0] for s in range(5)])
-    enc = dfd_video.evaluate.ImageEncoder(encoders[name], "cpu", flag=f"--{name}")
+    enc = dfd_video.evaluation.evaluate.ImageEncoder(encoders[name], "cpu", flag=f"--{name}")
     f = enc(frames)
     assert torch.is_tensor(f) and f.dtype == torch.float32 and f.device.type == "cpu" and tuple(f.shape) == (5, dim)
     # the same direction as transformers' own features (Eq. 11 only sees directions); for CLIP that means the
@@ -400,13 +400,13 @@ def test_image_encoder_features(encoders, name, dim):
 def test_image_encoder_errors(tmp_path):
     missing = str(tmp_path / "no_clip")
     with pytest.raises(ValueError) as e:
-        dfd_video.evaluate.ImageEncoder(missing, "cpu", flag="--clip")
+        dfd_video.evaluation.evaluate.ImageEncoder(missing, "cpu", flag="--clip")
     assert "--clip" in str(e.value) and missing in str(e.value)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "readme.txt").write_text("not a model")
     with pytest.raises(ValueError) as e:
-        dfd_video.evaluate.ImageEncoder(str(junk), "cpu", flag="--dino")
+        dfd_video.evaluation.evaluate.ImageEncoder(str(junk), "cpu", flag="--dino")
     assert "--dino" in str(e.value) and str(junk) in str(e.value)
 
 
@@ -683,7 +683,7 @@ def test_evaluate_relative_poses_removes_each_videos_world_frame(methods, tmp_pa
     for k in want[0]:
         assert runs[("--relative-poses",)][k] == pytest.approx(np.mean([w[k] for w in want]), abs=1e-9), k
         assert abs(runs[()][k] - np.mean([w[k] for w in want])) > 0.1, k  # the world frames do matter without it
-    for k in dfd_video.evaluate.CAMERA_VIDEO_KEYS:
+    for k in dfd_video.evaluation.evaluate.CAMERA_VIDEO_KEYS:
         assert runs[()][k] == pytest.approx(runs[("--relative-poses",)][k], abs=1e-9), k
 
 
@@ -693,7 +693,7 @@ def test_evaluate_cache_resumes_and_invalidates(methods, encoders, tmp_path, mon
     video is measured again; and the numbers equal a run without the cache."""
     folder, _ = copy_method(methods, "varied", tmp_path)
     out = str(tmp_path / "o")
-    real_read = dfd_video.evaluate.read_eval_video
+    real_read = dfd_video.evaluation.evaluate.read_eval_video
     calls = []
 
     def counting_read(path, num_frames):
@@ -702,7 +702,7 @@ def test_evaluate_cache_resumes_and_invalidates(methods, encoders, tmp_path, mon
             raise KeyboardInterrupt  # a kill part-way through
         return real_read(path, num_frames)
 
-    monkeypatch.setattr(dfd_video.evaluate, "read_eval_video", counting_read)
+    monkeypatch.setattr(dfd_video.evaluation.evaluate, "read_eval_video", counting_read)
     argv = ["evaluate", "--samples", folder, "--clip", encoders["clip"], "--figure-prompts", "--device", "cpu",
             "--out", out]
     stop_after = 4

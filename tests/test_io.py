@@ -157,8 +157,7 @@ def test_cast_keeps_diffusers_fp32_modules():
     assert "condition_embedder.time_embedder.linear_1.weight" in fp32 and "blocks.1.scale_shift_table" in fp32
     assert net.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16 and net.patch_embedding.weight.dtype == torch.bfloat16
     adapter = wan_dfd.WanAdapter()
-    adapter.compute_dtype = torch.bfloat16
-    x0 = adapter.denoiser(net, None, None)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]), torch.randn(1, 512, 32))
+    x0 = adapter.denoiser(net, dtype=torch.bfloat16)(torch.randn(1, 16, 3, 4, 6), torch.tensor([0.5]), torch.randn(1, 512, 32))
     assert x0.dtype == torch.float32 and x0.shape == (1, 16, 3, 4, 6) and torch.isfinite(x0).all()
 
 

@@ -49,8 +49,7 @@ def run(argv, launch=(sys.executable,), **kw):
 
 def parse(argv):
     p = argparse.ArgumentParser()
-    dfd_video.cli.add_train_args(p)
-    dfd_video.cli.add_probe_args(p)
+    dfd_video.cli.add_train_args(p, wan_dfd.WanAdapter())
     return p.parse_args(argv[1:])
 
 

@@ -46,15 +46,14 @@ def test_fsdp2_forward_keeps_what_diffusers_keeps_in_fp32(model):
     d = setup_distributed("cpu")
     net = (tiny_wan if model == "wan" else tiny_cosmos).tiny_transformer(0)
     adapter, _ = bench.adapter_for(model)
-    adapter.compute_dtype = torch.bfloat16
     batch, _ = bench.data(model, net, "tiny", 0)
     x, cond = adapter.make_batch(batch, torch.device("cpu"))[:2]
     t = torch.tensor([0.7])
     ref = cast_keeping_fp32(copy.deepcopy(net), torch.bfloat16)
     sharded = copy.deepcopy(net)
     sharded = shard(sharded, adapter.blocks(sharded), d, torch.bfloat16, adapter.fp32_islands(sharded), False, False)
-    want, want_calls = record_forward(ref, lambda: adapter.denoiser(ref, None, None)(x, t, cond))
-    got, got_calls = record_forward(sharded, lambda: adapter.denoiser(sharded, None, None)(x, t, cond))
+    want, want_calls = record_forward(ref, lambda: adapter.denoiser(ref, dtype=torch.bfloat16)(x, t, cond))
+    got, got_calls = record_forward(sharded, lambda: adapter.denoiser(sharded, dtype=torch.bfloat16)(x, t, cond))
     assert set(want) == {n for n, _ in net.named_parameters()}  # every parameter took part
     assert got == want
     assert got_calls == want_calls  # e.g. Wan's RoPE tables reach every block in fp32

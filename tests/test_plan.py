@@ -9,7 +9,7 @@ import torch
 
 import dfd_video.distributed
 import dfd_video.lora as lora
-import dfd_video.memory as memory
+import dfd_video.planning.memory as memory
 import tiny_wan
 import wan_dfd
 
@@ -134,7 +134,7 @@ def test_plan_reads_a_model_dir(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 @pytest.mark.parametrize("model, dtype", [("wan", "bf16"), ("cosmos", "bf16"), ("cosmos", "fp32")])
 def test_activation_model_within_10_percent_of_what_autograd_saves(model, dtype):
-    """The counted activations (WanAdapter's and CosmosAdapter's saved_for_backward; Cosmos's fp32 tables too) against
+    """The counted activations (the tables of dfd_video/planning/tables.py; Cosmos's fp32 tables too) against
     saved_tensors_hooks during one student step and one fake-score step on the bench model, full weights and LoRA,
     with and without checkpointing (bench/bench_memory_plan.py; a change in diffusers' block or torch's kernels shows
     up here)."""

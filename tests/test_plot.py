@@ -5,7 +5,7 @@ import matplotlib.image
 import pytest
 
 import wan_dfd
-from dfd_video.plot import read_series
+from dfd_video.evaluation.plot import read_series
 
 
 def write_jsonl(path, rows):
@@ -29,7 +29,7 @@ def test_plot_writes_one_png_with_every_series(tmp_path):
     assert out == str(run / "metrics.png")
     img = matplotlib.image.imread(out)
     assert img.shape[1] >= 1200 and img.shape[0] >= 250  # 5 panels: loss_student, loss_fake, delta2, extra_key, probe/
-    from dfd_video.plot import plot_run
+    from dfd_video.evaluation.plot import plot_run
     assert plot_run(str(run), str(tmp_path / "p.png")) == ["loss_student", "loss_fake", "delta2", "extra_key",
                                                           "probe/saturation"]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import tiny_wan
 import wan_dfd
-from dfd_video.probes import hf_energy, video_stats
+from dfd_video.evaluation.probes import hf_energy, video_stats
 
 torch.set_num_threads(1)
 

@@ -115,7 +115,7 @@ def test_cosmos_real_width_step_and_sample(tmp_path):
     torch.save({"generator": student}, tmp_path / "dmd2.pt")  # no critic: the fake score starts from the teacher
     g = torch.Generator().manual_seed(0)
     data = str(tmp_path / "data")
-    store = C.PromptStore(data)
+    store = dfd_video.data.PromptStore(data)
     qwen = lambda: torch.randn(512, 100352, generator=g).bfloat16()  # the 28-layer concat, stored bf16 as prepare does
     key = store.put("a robot arm picks up a cube", qwen())
     w = dfd_video.data.ShardWriter(data)

@@ -1,4 +1,4 @@
-"""VBench's quality dimensions in `evaluate` (dfd_video/vbench/), checked against values worked out by hand or
+"""VBench's quality dimensions in `evaluate` (dfd_video/evaluation/vbench/), checked against values worked out by hand or
 restated here from VBench's and DINO's published code, never with the functions under test: the scores on
 synthetic clips with known answers (a static clip, a clip with one flickering frame, clips translating at constant
 speed, features turning at a constant angle), the preprocessing geometry of torchvision's Resize / CenterCrop,
@@ -17,8 +17,8 @@ import torch
 
 import tiny_vision as tv
 import wan_dfd
-from dfd_video import vbench
-from dfd_video.vbench import (aesthetic_quality, amt, background_consistency, common, dreamsim, dynamic_degree,
+from dfd_video.evaluation import vbench
+from dfd_video.evaluation.vbench import (aesthetic_quality, amt, background_consistency, common, dreamsim, dynamic_degree,
                               i2v_background, i2v_subject, imaging_quality, motion_smoothness, musiq, raft,
                               subject_consistency, temporal_flickering)
 
@@ -483,7 +483,7 @@ def test_model_folder_with_missing_weights_is_refused(models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# I2V background (VBench-I2V i2v_background.py) and the DreamSim written for it (dfd_video/vbench/dreamsim.py);
+# I2V background (VBench-I2V i2v_background.py) and the DreamSim written for it (dfd_video/evaluation/vbench/dreamsim.py);
 # tests/test_dreamsim_reference.py checks it against the dreamsim package itself, where that installs.
 
 
@@ -572,7 +572,7 @@ def test_i2v_background_static_and_changing_clips(models):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dynamic degree (VBench dynamic_degree.py) and the RAFT written for it (dfd_video/vbench/raft.py).
+# Dynamic degree (VBench dynamic_degree.py) and the RAFT written for it (dfd_video/evaluation/vbench/raft.py).
 
 @pytest.mark.parametrize("fps,step", [(8, 1), (4, 1), (16, 2), (24, 3), (30, 4), (20, 2), (12, 2)])
 def test_frame_step_about_8_per_second(fps, step):
@@ -725,7 +725,7 @@ def test_evaluate_dynamic_degree_imaging_quality_motion_smoothness(tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------------------------
-# Imaging quality (VBench imaging_quality.py) and the MUSIQ written for it (dfd_video/vbench/musiq.py).
+# Imaging quality (VBench imaging_quality.py) and the MUSIQ written for it (dfd_video/evaluation/vbench/musiq.py).
 
 
 def test_imaging_quality_preprocess_sizes_and_values():
@@ -824,7 +824,7 @@ def test_musiq_matches_pyiqa(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Motion smoothness (VBench motion_smoothness.py) and the AMT-S written for it (dfd_video/vbench/amt.py).
+# Motion smoothness (VBench motion_smoothness.py) and the AMT-S written for it (dfd_video/evaluation/vbench/amt.py).
 
 
 def copy_previous(img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_two_ranks_match_single_process(tmp_path, capfd):
     state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
     assert state["world"] == 2 and state["per_rank_batch"] == 1
     parser = __import__("argparse").ArgumentParser()
-    dfd_video.cli.add_train_args(parser)
+    dfd_video.cli.add_train_args(parser, wan_dfd.WanAdapter())
     args = parser.parse_args(argv[1:])
     student_ref, fake_ref, logs_ref = tiny_wan.emulate_ranks(wan_dfd.WanAdapter(), args, STEPS, world=2)
     student0 = tiny_wan.tiny_transformer(5).state_dict()

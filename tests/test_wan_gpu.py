@@ -13,6 +13,7 @@ import tiny_wan
 import dfd_video.data
 import dfd_video.distributed
 import wan_dfd
+from dfd_video.spec import FASTGEN_NEGATIVE_PROMPT
 
 WAN = os.environ.get("DFD_WAN_DIR")
 pytestmark = [pytest.mark.gpu,
@@ -33,8 +34,8 @@ def test_real_teacher_matches_pipeline():
     out = pipe(prompt=PROMPTS[0], height=240, width=416, num_frames=17, num_inference_steps=4, latents=lat.clone(),
                output_type="latent").frames
     enc = wan_dfd.WanEncoders(WAN, torch.device("cuda"), torch.bfloat16, vae=False)
-    adapter.compute_dtype = torch.bfloat16
-    teacher = adapter.denoiser(net, 5.0, enc.negative())
+    negative = {"text": enc.encode_text([FASTGEN_NEGATIVE_PROMPT])["text"][0]}
+    teacher = adapter.denoiser(net, 5.0, negative, torch.bfloat16)
     sch = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     sch.set_timesteps(4, device="cuda")
     x, cond = lat.clone(), enc.encode_text(PROMPTS[:1])["text"]
@@ -48,11 +49,12 @@ def test_real_teacher_matches_pipeline():
 def test_real_train_and_sample(tmp_path):
     enc = wan_dfd.WanEncoders(WAN, torch.device("cuda"), torch.bfloat16, vae=False)
     text = enc.encode_text(PROMPTS)["text"]
+    negative = {"text": enc.encode_text([FASTGEN_NEGATIVE_PROMPT])["text"][0]}
     w = dfd_video.data.ShardWriter(str(tmp_path / "data"))
     g = torch.Generator().manual_seed(0)
     for i in range(2):  # random latents: this checks the plumbing and memory, not the learning
         w.add({"latents": torch.randn(16, 21, 60, 104, generator=g).bfloat16(), "text": text[i].cpu().bfloat16()})
-    w.close({"adapter": "wan"}, {k: v.cpu().bfloat16() for k, v in enc.negative().items()})
+    w.close({"adapter": "wan"}, {k: v.cpu().bfloat16() for k, v in negative.items()})
     del enc
     torch.cuda.empty_cache()
     out = str(tmp_path / "run")

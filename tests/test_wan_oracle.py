@@ -11,7 +11,7 @@ import torch
 import dfd
 import tiny_wan
 import wan_dfd
-from dfd_video.adapter import FASTGEN_NEGATIVE_PROMPT
+from dfd_video.spec import FASTGEN_NEGATIVE_PROMPT, negative_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -29,6 +29,11 @@ def wan():
     pipe.set_progress_bar_config(disable=True)
     enc = wan_dfd.WanEncoders(path, torch.device("cpu"))
     return adapter, net, pipe, enc
+
+
+def fastgen_negative(enc) -> dict:
+    """The negative-prompt tensors `prepare` stores by default (FastGen's text)."""
+    return {"text": enc.encode_text([FASTGEN_NEGATIVE_PROMPT])["text"][0]}
 
 
 def test_loaded_network_equals_saved_model(wan):
@@ -50,11 +55,11 @@ def test_text_embeddings_match_pipeline(wan):
     assert mine.shape == (2, 512, 32)
     torch.testing.assert_close(mine, cond, atol=1e-5, rtol=0)
     # prepare --negative-prompt "": the pipeline's default negative prompt ""; by default FastGen's text
-    empty = wan_dfd.WanEncoders(tiny_wan.cached_pipeline(), torch.device("cpu"), vae=False, negative="").negative()["text"]
+    empty = enc.encode_text([negative_prompt("", wan_dfd.WanAdapter().pipeline_negative_prompt())])["text"][0]
     torch.testing.assert_close(empty, uncond[0], atol=1e-5, rtol=0)
     fastgen = pipe.encode_prompt(PROMPTS[:1], negative_prompt=FASTGEN_NEGATIVE_PROMPT, device="cpu",
                                  max_sequence_length=512)[1]
-    torch.testing.assert_close(enc.negative()["text"], fastgen[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fastgen_negative(enc)["text"], fastgen[0], atol=1e-5, rtol=0)
     n_tokens = len(PROMPTS[0].split()) + 1  # words + </s>
     assert mine[0, n_tokens:].abs().max() == 0 and mine[0, n_tokens - 1].abs().max() > 0  # cut, then zero-padded
 
@@ -67,7 +72,7 @@ def test_teacher_with_unipc_reproduces_pipeline(wan):
     lat = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     out = pipe(prompt=PROMPTS, height=32, width=48, num_frames=9, num_inference_steps=6, latents=lat.clone(),
                guidance_scale=5.0, negative_prompt=FASTGEN_NEGATIVE_PROMPT, output_type="latent").frames
-    teacher = adapter.denoiser(net, 5.0, enc.negative())
+    teacher = adapter.denoiser(net, 5.0, fastgen_negative(enc))
     sch = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     assert sch.config.prediction_type == "flow_prediction" and sch.config.flow_shift == 3.0
     sch.set_timesteps(6)
@@ -94,7 +99,7 @@ def test_teacher_with_own_euler_reproduces_pipeline(wan):
     finally:
         pipe.scheduler = old
     ts = sch.sigmas.tolist()  # 5 shifted sigmas then 0
-    teacher = adapter.denoiser(net, 5.0, enc.negative())
+    teacher = adapter.denoiser(net, 5.0, fastgen_negative(enc))
     x, cond = lat.clone(), enc.encode_text(PROMPTS)["text"]
     with torch.no_grad():
         for t, t_next in zip(ts[:-1], ts[1:]):
@@ -102,7 +107,7 @@ def test_teacher_with_own_euler_reproduces_pipeline(wan):
             x = x0 + t_next * (x - x0) / t
     torch.testing.assert_close(x, out, atol=2e-5, rtol=1e-5)
     # and the guidance matters: g = 1 (no CFG) gives something else
-    plain = adapter.denoiser(net, 1.0, enc.negative())
+    plain = adapter.denoiser(net, 1.0, fastgen_negative(enc))
     with torch.no_grad():
         a = teacher(lat, torch.full((2,), 0.7), cond)
         b = plain(lat, torch.full((2,), 0.7), cond)

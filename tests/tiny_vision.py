@@ -77,11 +77,11 @@ def build_dino_vit(path: str, seed: int = 0) -> str:
 
 def build_dreamsim(path: str, seed: int = 0, dim: int = 64, proj: int = 32) -> str:
     """Saves a tiny random DreamSim ensemble at `path` in the layout `dreamsim(pretrained=True, cache_dir=path)`
-    leaves (dfd_video/vbench/dreamsim.py): checkpoints/dino_vitbase16_pretrain.pth (a bare state dict in DINO's
+    leaves (dfd_video/evaluation/vbench/dreamsim.py): checkpoints/dino_vitbase16_pretrain.pth (a bare state dict in DINO's
     names), clip_vitb16_pretrain.pth.tar and open_clip_vitb16_pretrain.pth.tar ({"state_dict": ... + "proj"}), and
     ensemble_lora/ saved by peft (r 4, lora_alpha 2, target "qkv", random A and B so that merging matters)."""
     from peft import LoraConfig, get_peft_model
-    from dfd_video.vbench import dreamsim as ds
+    from dfd_video.evaluation.vbench import dreamsim as ds
     g = torch.Generator().manual_seed(seed)
 
     def randomize(module: torch.nn.Module) -> dict:
@@ -127,7 +127,7 @@ def build_raft(path: str, seed: int = 0) -> str:
     """Saves a RAFT checkpoint with random weights in the layout of raft-things.pth (a DataParallel state dict:
     `module.` keys). Full size (5.3M parameters, 21 MB): VBench's RAFT has no tiny configuration. BatchNorm
     statistics are randomised too, so that a wrongly loaded or ignored buffer shows."""
-    from dfd_video.vbench.raft import RAFT
+    from dfd_video.evaluation.vbench.raft import RAFT
     torch.manual_seed(seed)
     model = RAFT()
     with torch.no_grad():
@@ -143,7 +143,7 @@ def build_raft(path: str, seed: int = 0) -> str:
 def build_amt(path: str, seed: int = 0) -> str:
     """Saves an AMT-S checkpoint with random weights in the layout of VBench's amt-s.pth ({"state_dict": ...}).
     Full size (3.0M parameters, 12 MB): AMT-S is already small. The PReLU slopes are randomised too."""
-    from dfd_video.vbench.amt import AMTS
+    from dfd_video.evaluation.vbench.amt import AMTS
     torch.manual_seed(seed)
     model = AMTS()
     with torch.no_grad():
@@ -159,7 +159,7 @@ def build_musiq(path: str, seed: int = 0, dim: int = 32, layers: int = 2, classe
     """Saves a tiny random MUSIQ checkpoint in the layout of pyiqa's musiq_spaq_ckpt (its parameter names; the
     patch stem at full size, the transformer at width `dim` with `layers` blocks and MLP 2 * dim). `bias` fixes the
     head's bias and zeroes its weight, so every image gets the same score."""
-    from dfd_video.vbench.musiq import MUSIQ
+    from dfd_video.evaluation.vbench.musiq import MUSIQ
     torch.manual_seed(seed)
     model = MUSIQ(dim=dim, mlp=2 * dim, heads=max(1, dim // 64), layers=layers, classes=classes)
     with torch.no_grad():

@@ -275,8 +275,6 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
     import dfd_video.train
     import dfd_video.weights
     assert args.grad_clip <= 0, "emulate_ranks needs --grad-clip 0"
-    if hasattr(adapter, "configure"):
-        adapter.configure(args)
     teacher_net, student_net, fake_net = (adapter.load_network(args.model_dir) for _ in range(3))
     for net, role in ((student_net, "generator"), (fake_net, "critic")):
         sd = dfd_video.weights.read_checkpoint(args.dmd2_ckpt, role)

@@ -16,8 +16,8 @@ An ESTIMATE, in two parts of different quality:
 
 `plan` and `check` (plan_memory) refine this: the exact part with LoRA (frozen bases stored fp32 without gradients
 or AdamW state, adapter weights trained; the fake score on the teacher's base when it starts from the teacher), and
-activations counted from what autograd actually saves for backward in the model's blocks (the adapter's
-`saved_for_backward`, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
+activations counted from what autograd actually saves for backward in the model's blocks (its table in
+planning/tables.py, measured by bench/bench_memory_plan.py with saved_tensors_hooks), checked there against
 measurement on the bench model. See docs/memory.md.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from dfd_video.planning.tables import PUBLIC_CONFIG, SAVED_FOR_BACKWARD
 
 GiB = 2**30
 
@@ -111,7 +113,7 @@ def training_state(param_shapes: Sequence[Sequence[int]], world: int, *, ema: bo
     return exact
 
 
-def network_sizes(adapter, net) -> dict:
+def network_sizes(spec, net) -> dict:
     """What the memory model needs from a network (real or on the meta device): parameter shapes, the largest block,
     widths, patch size, heads, the text width the network reads (text_dim) and the one its cross-attention reads
     (context_dim: D for Wan, whose text embedder maps to D; Cosmos's text_embed_dim), Cosmos's adaLN-LoRA width, the
@@ -119,10 +121,10 @@ def network_sizes(adapter, net) -> dict:
     import torch.nn as nn
     cfg = net.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = adapter.blocks(net)
+    blocks = spec.blocks(net)
     per_block = [sum(p.numel() for p in b.parameters()) for b in blocks]
     targets = [(m.in_features, m.out_features) for n, m in net.named_modules()
-               if isinstance(m, nn.Linear) and re.fullmatch(adapter.lora_targets, n)]
+               if isinstance(m, nn.Linear) and re.fullmatch(spec.lora_targets, n)]
     text_dim = getattr(cfg, "text_dim", None) or getattr(cfg, "text_embed_dim", None) or hidden
     if getattr(cfg, "use_crossattn_projection", False):  # Cosmos-Predict2.5: Qwen's 100352 channels -> text_embed_dim
         text_dim = cfg.crossattn_proj_in_channels
@@ -144,15 +146,17 @@ def lora_shapes(sizes: dict, rank: int) -> list[tuple[int, int]]:
 
 
 # the public transformer configs (with their sources), shared with tests/test_real_width.py
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def read_config(adapter, model_dir: str | None) -> tuple[dict, str]:
+def read_config(spec, model_dir: str | None) -> tuple[dict, str]:
     """The transformer's config.json: from --model-dir (its transformer/ folder, or the folder itself), else the
-    public config of the adapter's model in dfd_video/configs/ (its "_source" says where the values come
+    public config of the model in dfd_video/configs/ (its "_source" says where the values come
     from). Returns (config, where it was read)."""
     if model_dir is None:
-        path = os.path.join(CONFIGS, adapter.public_config)
+        if spec.name not in PUBLIC_CONFIG:
+            raise ValueError(f"no public config of {spec.family} is stored; give --model-dir")
+        path = os.path.join(CONFIGS, PUBLIC_CONFIG[spec.name])
     else:
         path = next((p for p in (os.path.join(model_dir, "transformer", "config.json"),
                                  os.path.join(model_dir, "config.json")) if os.path.exists(p)), None)
@@ -205,7 +209,7 @@ def shape_elements(sizes: dict, cfg: PlanConfig) -> dict[str, int]:
 
 def activation_bytes(sizes: dict, saved: dict, cfg: PlanConfig) -> dict:
     """Bytes autograd keeps for backward while the trained network (student or fake score) runs with grad, per clip
-    and for cfg.batch_per_gpu clips, from `saved` (the adapter's saved_for_backward: how many tensors of each shape
+    and for cfg.batch_per_gpu clips, from `saved` (the model's table in planning/tables.py: how many tensors of each shape
     one block saves, counted by bench/bench_memory_plan.py) and its root (embeddings, rope, head, and what every
     block reads and saves once: the RoPE tables, the text).
 
@@ -258,11 +262,10 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
             "adapter_params": sum(math.prod(s) for s in lshapes)}
 
 
-def plan_adapter(adapter, sizes: dict, **cfg) -> dict:
-    """plan_memory for a model adapter's network: PlanConfig(**cfg) with the adapter's text length, and its
-    saved_for_backward table (an adapter without one gets the rough rule)."""
-    return plan_memory(sizes, PlanConfig(text_len=getattr(adapter, "text_len", 512), **cfg),
-                       getattr(adapter, "saved_for_backward", None))
+def plan_model(spec, sizes: dict, **cfg) -> dict:
+    """plan_memory for a model's network: PlanConfig(**cfg) with the spec's text length, and the model's table of
+    what autograd saves (planning/tables.py; a model without one gets the rough rule)."""
+    return plan_memory(sizes, PlanConfig(text_len=spec.text_len, **cfg), SAVED_FOR_BACKWARD.get(spec.name))
 
 
 def part_rows(plan: dict, lora: bool, ema: bool, batch: int) -> list[tuple[str, float, str]]:

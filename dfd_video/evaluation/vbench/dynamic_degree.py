@@ -1,5 +1,5 @@
 """VBench dynamic degree, after vbench/dynamic_degree.py (github.com/Vchitect/VBench) and the RAFT it vendors
-(vbench/third_party/RAFT, unchanged from princeton-vl/RAFT; here dfd_video/vbench/raft.py).
+(vbench/third_party/RAFT, unchanged from princeton-vl/RAFT; here dfd_video/evaluation/vbench/raft.py).
 
 Frames sampled: every max(1, round(fps / 8))-th frame from the first (about 8 per second), at full resolution,
   RGB 0..255; each consecutive pair is padded by edge replication to multiples of 8 (split evenly between the two
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import Dimension, to_float_nchw
+from dfd_video.evaluation.vbench.common import Dimension, to_float_nchw
 
 NAME = "dynamic_degree"
 ITERS = 20

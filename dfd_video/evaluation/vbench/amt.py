@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import read_state_dict
-from dfd_video.vbench.raft import BasicEncoder, correlation_pyramid
+from dfd_video.evaluation.vbench.common import read_state_dict
+from dfd_video.evaluation.vbench.raft import BasicEncoder, correlation_pyramid
 
 RADIUS, LEVELS, FLOWS = 3, 4, 3
 

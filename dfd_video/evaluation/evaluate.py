@@ -1,5 +1,5 @@
 """The `evaluate` subcommand: the paper's visual diversity (Eq. 11, App. B.3.1), camera-pose diversity (App. B.3.3),
-a colour-saturation statistic and VBench's quality dimensions (dfd_video/vbench/, one file each), on folders of
+a colour-saturation statistic and VBench's quality dimensions (dfd_video/evaluation/vbench/, one file each), on folders of
 videos named as `sample` writes them (prompt<i>_seed<s>.mp4).
 
 Model-free except the image encoders (any transformers image model with a pooled output, from a local folder) and
@@ -17,10 +17,57 @@ import numpy as np
 import torch
 
 from dfd_video.files import atomic_write, fail, write_text
-from dfd_video.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
+from dfd_video.evaluation.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
                               averages as vbench_averages, build as build_vbench)
-from dfd_video.vbench.common import quiet_transformers
+from dfd_video.evaluation.vbench.common import quiet_transformers
 from dfd_video.video import read_prompts, read_video_frames
+
+
+def add_args(p: argparse.ArgumentParser, spec=None) -> None:
+    """The flags of this subcommand (dfd_video.cli builds its parser only when it runs)."""
+    p.add_argument("--samples", nargs="+", required=True, help="one folder of prompt<i>_seed<s>.mp4 per method "
+                   "(as `sample` writes them; >= 2 seeds per prompt, the paper uses 8)")
+    p.add_argument("--names", nargs="+", help="method names for the table (default: the folder names)")
+    p.add_argument("--clip", help="local CLIP folder (transformers format, e.g. clip-vit-large-patch14) for the "
+                   "CLIP diversity columns")
+    p.add_argument("--dino", help="local DINO folder (e.g. dinov2-large) for the DINO diversity columns")
+    p.add_argument("--encoder", action="append", metavar="NAME=FOLDER",
+                   help="any other transformers image model with a pooled output (repeatable)")
+    p.add_argument("--poses", nargs="+", help="one folder of camera-to-world poses per --samples folder: "
+                   "<stem>.npy [N, 4, 4], <stem>.npz or a ViPE output folder (pose/<stem>.npz)")
+    p.add_argument("--relative-poses", action="store_true", help="express each video's poses in its first camera's "
+                   "frame (T_0^-1 T_t) before the cross-seed distances; default: as the estimator wrote them")
+    p.add_argument("--prompts", help="the prompts file given to `sample` (one per line): labels the report and figure")
+    p.add_argument("--frames", type=int, default=16, help="evenly spaced frames per video for the features")
+    p.add_argument("--figure-prompts", type=int, nargs="*", help="prompt indices for the seed-grid figure "
+                   "(default: the first prompt; the flag alone: no figure)")
+    vbench_models = {  # the VBench dimensions' models (docs/evaluation.md): a dimension without its model is skipped
+        "--vbench-dino": ("DIR", "local DINO ViT-B/16 folder (transformers ViTModel, facebook/dino-vitb16) for VBench "
+                          "subject consistency (and I2V subject with --i2v-images)"),
+        "--vbench-clip": ("DIR", "local CLIP ViT-B/32 folder (openai/clip-vit-base-patch32) for VBench background "
+                          "consistency"),
+        "--aesthetic-head": ("FILE", "LAION aesthetic predictor linear head (sa_0_4_vit_l_14_linear.pth) for VBench "
+                             "aesthetic quality, on --aesthetic-clip's embeddings"),
+        "--aesthetic-clip": ("DIR", "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14) under "
+                             "--aesthetic-head (default: --clip)"),
+        "--vbench-dreamsim": ("DIR", "local DreamSim cache folder (the ensemble checkpoint unpacked, and DINO's "
+                              "backbone in checkpoints/) for VBench I2V background, with --i2v-images"),
+        "--amt": ("FILE", "AMT-S weights (amt-s.pth, as VBench downloads it) for VBench motion smoothness"),
+        "--raft": ("FILE", "RAFT weights (raft-things.pth from the RAFT release) for VBench dynamic degree"),
+        "--musiq": ("FILE", "pyiqa's MUSIQ weights trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth) for VBench "
+                    "imaging quality")}
+    for flag, (metavar, text) in vbench_models.items():
+        p.add_argument(flag, metavar=metavar, help=text)
+    p.add_argument("--temporal-flickering", action="store_true", help="VBench temporal flickering (model-free; "
+                   "every frame of every video is decoded)")
+    p.add_argument("--i2v-images", nargs="+", metavar="FILE", help="the conditioning image per prompt (in prompt "
+                   "order, or one for all) given to `sample --images`: adds VBench I2V subject (with --vbench-dino) "
+                   "and I2V background (with --vbench-dreamsim)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="where the encoders run")
+    p.add_argument("--out", default="eval", help="output folder")
+    p.add_argument("--no-cache", action="store_true", help="do not keep per-video features and statistics in "
+                   "<out>/cache (kept by default: a rerun, e.g. with one more --samples folder or after a kill, "
+                   "decodes and encodes only the videos it has not seen)")
 
 
 SAMPLE_NAME = re.compile(r"^prompt(\d+)_seed(-?\d+)\.mp4$")
@@ -205,12 +252,12 @@ def measure_video(path: str, num_frames: int, encoders: dict[str, ImageEncoder],
                   need_middle: bool = False, vbench: Sequence = (), image: str | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float], np.ndarray | None, dict[str, float]]:
     """(features per encoder [num_frames, D], saturation_stats, the middle frame or None, VBench scores) of one
-    video. `vbench`: dimension objects of dfd_video.vbench, scored on every frame (decoded again, only when one of
+    video. `vbench`: dimension objects of dfd_video.evaluation.vbench, scored on every frame (decoded again, only when one of
     them is not cached yet); `image`: the conditioning image file, for the dimensions with needs_image. With a
     cache_dir, the numbers are stored per video (keyed by its path, size and mtime, num_frames, each encoder's
     folder, each VBench dimension's model files and image), so an interrupted or extended evaluation decodes and
     encodes each video once."""
-    from dfd_video.vbench.common import read_all_frames
+    from dfd_video.evaluation.vbench.common import read_all_frames
     st = os.stat(path)
     cache = None if cache_dir is None else os.path.join(
         cache_dir, _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, num_frames) + ".npz")
@@ -250,7 +297,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
                     cache_dir: str | None = None, vbench: Sequence = (), images: Sequence[str] = ()) -> dict:
     """All metrics of one method's sample folder: {"summary", "per_prompt", "per_video"} plus the middle frames of
     the figure prompts (key "middle", prompt -> seed -> uint8 [H, W, 3]; dropped from the JSON report).
-    vbench: VBench dimension objects (dfd_video.vbench), scored per video and averaged over videos; images: the
+    vbench: VBench dimension objects (dfd_video.evaluation.vbench), scored per video and averaged over videos; images: the
     conditioning image of each prompt index (one file: every prompt's), for the image-to-video dimensions."""
     from tqdm import tqdm
     index = sample_index(folder)
@@ -400,9 +447,9 @@ def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[in
     plt.close(fig)
 
 
-def run_evaluate(adapter, args: argparse.Namespace) -> dict:
-    """Sample folders (one per method) -> <out>/report.json, report.md and seeds_prompt<i>.png. Returns the report."""
-    names = args.names or [os.path.basename(os.path.normpath(f)) or f for f in args.samples]
+def check_args(args: argparse.Namespace) -> list[str]:
+    """One line per bad flag, before any video is decoded or model loaded."""
+    names = method_names(args)
     bad = []
     if len(names) != len(args.samples):
         bad.append(f"--names: {len(names)} name(s) for {len(args.samples)} --samples folder(s)")
@@ -440,8 +487,36 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
                    "image: give --i2v-images")
     if args.device == "cuda" and not torch.cuda.is_available():
         bad.append("--device cuda: no CUDA device here")
-    if bad:
-        raise SystemExit("error: " + bad[0])
+    return bad
+
+
+def method_names(args: argparse.Namespace) -> list[str]:
+    return args.names or [os.path.basename(os.path.normpath(f)) or f for f in args.samples]
+
+
+def prompt_texts(args: argparse.Namespace, prompt_sets: list[set[int]]) -> dict[int, str]:
+    """{prompt index: text} from --prompts (empty without it); --prompts and --i2v-images must cover every index."""
+    top = max(max(p) for p in prompt_sets)
+    if args.i2v_images and len(args.i2v_images) > 1 and top >= len(args.i2v_images):
+        raise SystemExit(f"error: --i2v-images: {len(args.i2v_images)} image(s), but the folders hold prompt "
+                         f"index {top} (give one image per prompt, in prompt order, or one for all)")
+    if args.prompts is None:
+        return {}
+    try:
+        lines = read_prompts(args.prompts)
+    except OSError as e:
+        raise SystemExit(f"error: --prompts {args.prompts}: unreadable ({e.strerror})")
+    if top >= len(lines):
+        raise SystemExit(f"error: --prompts {args.prompts}: {len(lines)} prompt(s), but the folders hold "
+                         f"prompt index {top}")
+    return dict(enumerate(lines))
+
+
+def run(spec, args: argparse.Namespace) -> dict:
+    """Sample folders (one per method) -> <out>/report.json, report.md and seeds_prompt<i>.png. Returns the report."""
+    names = method_names(args)
+    enc_dirs = {k: v for k, v in (("clip", args.clip), ("dino", args.dino)) if v is not None}
+    enc_dirs.update(entry.partition("=")[::2] for entry in args.encoder or [])
     try:  # the file names first (cheap), so a wrong flag fails before any video is decoded
         prompt_sets = [set(sample_index(f)) for f in args.samples]
     except ValueError as e:
@@ -454,22 +529,7 @@ def run_evaluate(adapter, args: argparse.Namespace) -> dict:
     for i in figure_prompts:
         if i not in common:
             raise SystemExit(f"error: --figure-prompts {i}: not a prompt index of every --samples folder")
-    texts: dict[int, str] = {}
-    if args.prompts is not None:
-        try:
-            lines = read_prompts(args.prompts)
-        except OSError as e:
-            raise SystemExit(f"error: --prompts {args.prompts}: unreadable ({e.strerror})")
-        top = max(max(p) for p in prompt_sets)
-        if top >= len(lines):
-            raise SystemExit(f"error: --prompts {args.prompts}: {len(lines)} prompt(s), but the folders hold "
-                             f"prompt index {top}")
-        texts = dict(enumerate(lines))
-    if args.i2v_images and len(args.i2v_images) > 1:
-        top = max(max(p) for p in prompt_sets)
-        if top >= len(args.i2v_images):
-            raise SystemExit(f"error: --i2v-images: {len(args.i2v_images)} image(s), but the folders hold prompt "
-                             f"index {top} (give one image per prompt, in prompt order, or one for all)")
+    texts = prompt_texts(args, prompt_sets)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     try:
         encoders = {k: ImageEncoder(v, device, "--encoder" if k not in ("clip", "dino") else f"--{k}")

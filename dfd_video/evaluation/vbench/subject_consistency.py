@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import (IMAGENET_MEAN, IMAGENET_STD, Dimension, batched, load_pretrained,
+from dfd_video.evaluation.vbench.common import (IMAGENET_MEAN, IMAGENET_STD, Dimension, batched, load_pretrained,
                                      normalize, resize_short_side, to_float_nchw)
 
 NAME = "subject_consistency"

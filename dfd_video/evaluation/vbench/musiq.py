@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import read_state_dict
+from dfd_video.evaluation.vbench.common import read_state_dict
 
 PATCH, GRID, SCALES = 32, 10, (224, 384)
 

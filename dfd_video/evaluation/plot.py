@@ -16,6 +16,12 @@ FIRST = ("loss_student", "loss_fake", "delta2", "teacher_gap", "dm_normaliser", 
 SKIP = {"step", "samples", "lr", "step_time_s", "peak_mem_gb"}  # bookkeeping, not the run's health
 
 
+def add_args(p: argparse.ArgumentParser, spec=None) -> None:
+    """The flags of this subcommand (dfd_video.cli builds its parser only when it runs)."""
+    p.add_argument("--run", required=True, help="a training run folder (train's --out)")
+    p.add_argument("--out", help="the PNG to write (default: <run>/metrics.png)")
+
+
 def read_series(path: str) -> dict[str, tuple[list[int], list[float]]]:
     """{key: (steps, values)} of every numeric key in a JSONL file of {"step": N, ...} lines; ValueError naming the
     file and line when a line is not JSON or has no step."""
@@ -81,7 +87,7 @@ def plot_run(run: str, out: str) -> list[str]:
     return keys
 
 
-def run_plot(adapter, args: argparse.Namespace) -> str:
+def run(spec, args: argparse.Namespace) -> str:
     out = args.out or os.path.join(args.run, "metrics.png")
     try:
         keys = plot_run(args.run, out)

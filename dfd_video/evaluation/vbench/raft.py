@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import read_state_dict
+from dfd_video.evaluation.vbench.common import read_state_dict
 
 HIDDEN, CONTEXT, LEVELS, RADIUS = 128, 128, 4, 4
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import (IMAGENET_MEAN, IMAGENET_STD, Dimension, batched, center_crop,
+from dfd_video.evaluation.vbench.common import (IMAGENET_MEAN, IMAGENET_STD, Dimension, batched, center_crop,
                                      normalize, resize_short_side, to_float_nchw)
-from dfd_video.vbench.subject_consistency import dino_cls
+from dfd_video.evaluation.vbench.subject_consistency import dino_cls
 
 NAME = "i2v_subject"
 MAX_WEIGHT, MEAN_WEIGHT, MIN_WEIGHT = 0.4, 0.3, 0.3

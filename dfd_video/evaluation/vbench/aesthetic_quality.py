@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import (CLIP_MEAN, CLIP_STD, Dimension, batched, center_crop, clip_image_embeds,
+from dfd_video.evaluation.vbench.common import (CLIP_MEAN, CLIP_STD, Dimension, batched, center_crop, clip_image_embeds,
                                      model_key, normalize, read_state_dict, resize_short_side, to_float_nchw)
 
 NAME = "aesthetic_quality"

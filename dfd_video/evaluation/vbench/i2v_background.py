@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import Dimension, batched, to_float_nchw
-from dfd_video.vbench.i2v_subject import i2v_score
+from dfd_video.evaluation.vbench.common import Dimension, batched, to_float_nchw
+from dfd_video.evaluation.vbench.i2v_subject import i2v_score
 
 NAME = "i2v_background"
 SIZE = 224

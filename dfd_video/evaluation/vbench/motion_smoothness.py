@@ -1,5 +1,5 @@
 """VBench motion smoothness, after vbench/motion_smoothness.py (github.com/Vchitect/VBench) and the AMT it vendors
-(vbench/third_party/amt, config cfgs/AMT-S.yaml; here dfd_video/vbench/amt.py).
+(vbench/third_party/amt, config cfgs/AMT-S.yaml; here dfd_video/evaluation/vbench/amt.py).
 
 Frames sampled: every frame of the video, RGB, at full resolution: the even-indexed frames (0, 2, 4, ...) are the
   inputs, the odd-indexed ones the targets.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import Dimension
+from dfd_video.evaluation.vbench.common import Dimension
 
 NAME = "motion_smoothness"
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfd_video.vbench.common import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, read_state_dict
+from dfd_video.evaluation.vbench.common import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, read_state_dict
 
 DINO_FILE = os.path.join("checkpoints", "dino_vitbase16_pretrain.pth")
 CLIP_FILE, OPEN_CLIP_FILE = "clip_vitb16_pretrain.pth.tar", "open_clip_vitb16_pretrain.pth.tar"

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 import dfd
-from dfd_video.evaluate import ImageEncoder, pairwise_diversity, saturation_stats
+from dfd_video.evaluation.evaluate import ImageEncoder, pairwise_diversity, saturation_stats
 from dfd_video.files import atomic_write, write_text
+from dfd_video.video import read_prompts
 
 FRAMES = 8  # evenly spaced frames per video for the statistics and the encoder
 
@@ -69,13 +70,14 @@ def seed_grid(path: str, middles: list[list[np.ndarray]], seeds: list[int], step
 
 
 class Probes:
-    """conds: per-condition tensors without batch dim (what adapter.make_cond takes, batched); seeds: noise seeds.
+    """conds: per-condition tensors without batch dim (what spec.make_cond takes, batched); seeds: noise seeds;
+    vae: decodes the sampled latents.
     Every rank calls __call__ at the same steps: the (condition, seed) videos are split over the ranks, each rank
     running the same number of forwards (FSDP2 gathers parameters collectively), and rank 0 writes the results."""
 
-    def __init__(self, adapter, args: argparse.Namespace, conds: list[dict[str, torch.Tensor]], seeds: list[int],
-                 noise_shape: tuple[int, ...], d, start: int, encoder: ImageEncoder | None = None):
-        self.adapter, self.args, self.conds, self.seeds, self.d = adapter, args, conds, list(seeds), d
+    def __init__(self, spec, args: argparse.Namespace, conds: list[dict[str, torch.Tensor]], seeds: list[int],
+                 noise_shape: tuple[int, ...], d, start: int, vae, encoder: ImageEncoder | None = None):
+        self.spec, self.args, self.conds, self.seeds, self.d, self.vae = spec, args, conds, list(seeds), d, vae
         self.noise_shape, self.encoder = tuple(noise_shape), encoder
         self.every, self.drift = args.probe_every, args.stop_on_drift
         self.path = os.path.join(args.out, "probes.jsonl")
@@ -104,12 +106,12 @@ class Probes:
             dev = self.d.device
             g = torch.Generator(dev).manual_seed(seed)
             noise = torch.randn((1, *self.noise_shape), generator=g, device=dev)
-            cond = self.adapter.make_cond({key: v[None].to(dev) for key, v in self.conds[i].items()}, dev)
+            cond = self.spec.make_cond({key: v[None].to(dev) for key, v in self.conds[i].items()}, dev)
             x0 = dfd.sample(student, noise, cond, tuple(self.args.student_ts), generator=g,
                             renoise=self.args.probe_sampler == "renoise")
             if k >= len(mine):
                 continue
-            video = self.adapter.decode(x0, self.args)[0].cpu().numpy()  # uint8 [T, H, W, 3]
+            video = self.vae.decode(x0)[0].cpu().numpy()  # uint8 [T, H, W, 3]
             pick = np.linspace(0, len(video) - 1, min(FRAMES, len(video))).round().astype(int)
             frames = video[pick]
             feat = self.encoder(frames).mean(0) if self.encoder is not None else None
@@ -147,22 +149,21 @@ class Probes:
         return None
 
 
-class Drift(Exception):
-    """--stop-on-drift: a probe moved past the threshold; the run ends after a checkpoint."""
-
-
-def open_probes(adapter, args: argparse.Namespace, d, data, start: int) -> Probes | None:
-    """The run's probes (None without --probe-every): conditions from --probe-prompts (adapters with probe_items)
-    or the first --probe-count samples of the data, the data's latent shape, and the --probe-encoder if given."""
-    if args.probe_every <= 0:
-        return None
+def open_probes(spec, args: argparse.Namespace, d, data, start: int, dtype) -> Probes:
+    """The run's probes: conditions from --probe-prompts (encoded once, then the text encoder is freed) or the first
+    --probe-count samples of the data, the data's latent shape, and the --probe-encoder if given."""
     if args.probe_prompts:
-        if not hasattr(adapter, "probe_items"):
-            raise ValueError(f"--probe-prompts: {adapter.name} probes take their conditions from --data (first "
-                             "--probe-count samples); drop --probe-prompts")
-        conds = adapter.probe_items(args, d.device)
+        if spec.image_conditioned:
+            raise ValueError(f"--probe-prompts: {spec.family} probes need a conditioning image per prompt and take "
+                             "their conditions from --data (first --probe-count samples); drop --probe-prompts")
+        prompts = read_prompts(args.probe_prompts)
+        if not prompts:
+            raise ValueError(f"--probe-prompts {args.probe_prompts}: no prompts (one per line)")
+        enc = spec.open_encoders(args.model_dir, d.device, dtype or torch.float32, vae=False)
+        conds = [{"text": t.float().cpu()} for t in enc.encode_text(prompts)["text"]]
+        del enc
     else:
-        keep = [k for k in adapter.data_keys if k != "latents"]
-        conds = [{k: data[i][k] for k in keep} for i in range(min(args.probe_count, len(data)))]
+        conds = [{k: v for k, v in data[i].items() if k != "latents"} for i in range(min(args.probe_count, len(data)))]
     encoder = ImageEncoder(args.probe_encoder, d.device, "--probe-encoder") if args.probe_encoder else None
-    return Probes(adapter, args, conds, args.probe_seeds, data.shapes["latents"], d, start, encoder)
+    vae = spec.open_encoders(args.model_dir, d.device, torch.float32, text=False).vae
+    return Probes(spec, args, conds, args.probe_seeds, data.shapes["latents"], d, start, vae, encoder)

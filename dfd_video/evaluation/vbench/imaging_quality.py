@@ -1,5 +1,5 @@
 """VBench imaging quality, after vbench/imaging_quality.py (github.com/Vchitect/VBench), with the model of its
-init_submodules (pyiqa's MUSIQ with the SPAQ checkpoint musiq_spaq_ckpt-358bb6af.pth; here dfd_video/vbench/musiq.py).
+init_submodules (pyiqa's MUSIQ with the SPAQ checkpoint musiq_spaq_ckpt-358bb6af.pth; here dfd_video/evaluation/vbench/musiq.py).
 
 Frames sampled: every frame of the video (VBench's load_video without num_frames).
 Model: MUSIQ trained on SPAQ (--musiq), one quality score per frame (0-100 scale).
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfd_video.vbench.common import Dimension, batched, to_float_nchw
+from dfd_video.evaluation.vbench.common import Dimension, batched, to_float_nchw
 
 NAME = "imaging_quality"
 

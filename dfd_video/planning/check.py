@@ -9,7 +9,7 @@ One process (plain `python`, not torchrun), in four parts; docs/check.md explain
                  with --data, delta^2 = E||x - G||^2 per element (Eq. 7) of the student's one-step output from real
                  clips noised to the first student time
   4. memory      the estimated peak GPU memory per rank for --world-size and the train flags, as `plan` computes it
-                 (dfd_video.memory.plan_memory), and on a GPU the largest batch per rank that fits one like it
+                 (dfd_video.planning.memory.plan_memory), and on a GPU the largest batch per rank that fits one like it
 Problems (a checkpoint that does not fit, failed parity, unreadable data) are one line each; any problem makes the
 command exit non-zero after the report is printed (and written with --out).
 """
@@ -25,20 +25,35 @@ import torch
 import torch.nn as nn
 
 import dfd
+from dfd_video.cli import add_clip_args, add_train_args
 from dfd_video.data import LatentShards
-from dfd_video.distributed import cast_keeping_fp32
-from dfd_video.evaluate import saturation_stats
+from dfd_video.distributed import cast_keeping_fp32, compute_dtype
+from dfd_video.evaluation.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
-from dfd_video.memory import GiB, largest_batch, network_sizes, part_rows, plan_adapter
+from dfd_video.planning.memory import GiB, largest_batch, network_sizes, part_rows, plan_model
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
 # the same dtype; what differs is batching (ours: cond and uncond in one batch of 2) and so the kernels' summation
 # order. A convention error (timestep scale, guidance form, velocity sign) moves x0 by O(1) of its scale.
-PARITY_REL = {"fp32": 1e-4, "bf16": 2e-2}  # fp32 with TF32 off (see run_check)
+PARITY_REL = {"fp32": 1e-4, "bf16": 2e-2}  # fp32 with TF32 off (see teacher_parity)
 FAKE_FROM_TEACHER = "teacher (--model-dir)"  # the fake score's source when the checkpoint gives it none
 PAPER_TRAIN_SIZE = (81, 480, 832)  # frames, height, width of the paper's clips: the memory estimate without --data
 RESERVE_GB = 6.0  # GiB per GPU left for what the estimate does not model (plan's --reserve-gb default)
+
+
+def add_args(p: argparse.ArgumentParser, spec=None) -> None:
+    """The flags of this subcommand (dfd_video.cli builds its parser only when it runs)."""
+    add_train_args(p, spec, check=True)
+    p.add_argument("--world-size", type=int, default=8, help="ranks of the planned train run, for the memory "
+                   "estimate (default 8: one node); check itself runs as one process")
+    add_clip_args(p, "frames of the low-resolution parity / sample clip (without --data; with --data the data's "
+                  "clip size is used)", None, (17, 240, 416))
+    p.add_argument("--sampler", default="ode", choices=("ode", "renoise"),
+                   help="the student sampler (as in `sample`): ode = the noise x_t implies (the authors' inference), "
+                        "renoise = fresh noise between steps")
+    p.add_argument("--parity-t", type=float, default=0.8, help="noise level t in (0, 1] of the teacher parity step")
+    p.add_argument("--check-batch", type=int, default=2, help="clips from --data for delta^2")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,7 +67,7 @@ def match_keys(want: dict[str, tuple], sd: dict[str, torch.Tensor], convert: Cal
     return {"keys": len(want), "provided": len(want) - len(bad["missing"]) - len(bad["shape_mismatches"]), **bad}
 
 
-def checkpoint_report(args: argparse.Namespace, adapter, net: nn.Module) -> dict:
+def checkpoint_report(args: argparse.Namespace, spec, net: nn.Module) -> dict:
     """What `train` with these flags would load from --dmd2-ckpt (describe_dmd2: format, the source of the student,
     fake score and the checkpoint's EMA, warnings, refusals) and each network's key coverage of `net`. Problems:
     the refusals and every network whose weights do not fit, one line each."""
@@ -69,7 +84,7 @@ def checkpoint_report(args: argparse.Namespace, adapter, net: nn.Module) -> dict
                                      {"source": None} if name == "student" else None)
             continue
         try:
-            m = match_keys(want, read_checkpoint(src["source"], src["role"]) or {}, adapter.convert_state_dict)
+            m = match_keys(want, read_checkpoint(src["source"], src["role"]) or {}, spec.convert_state_dict)
         except ValueError as e:
             out["problems"].append(f"{name}: {e}")
             out["networks"][name] = {"source": src["source"], "role": src["role"]}
@@ -99,23 +114,24 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float(x.max())
 
 
-def teacher_parity(adapter, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: dict, args: argparse.Namespace,
-                   dtype_name: str, rep: dict) -> dict:
-    """Part 2: the teacher's guided x0 at t = --parity-t from x_t [1, C, T, H, W], ours (adapter.denoiser) against the
-    pipeline's (adapter.pipeline_x0); appends to rep's warnings / problems."""
+def teacher_parity(spec, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: dict, args: argparse.Namespace,
+                   dtype: torch.dtype | None, rep: dict) -> dict:
+    """Part 2: the teacher's guided x0 at t = --parity-t from x_t [1, C, T, H, W], ours (spec.denoiser) against the
+    pipeline's (spec.pipeline_x0); appends to rep's warnings / problems."""
     t, g = args.parity_t, args.guidance
+    dtype_name = "bf16" if dtype is not None else "fp32"
     par: dict[str, Any] = {"t": t, "guidance": g, "latent_shape": list(x_t.shape), "dtype": dtype_name}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if dtype_name == "fp32":  # fp32 means fp32 here: cuDNN's default TF32 convolutions would blur the comparison to 1e-3
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
-            x0_pipe, cond_used, mask = adapter.pipeline_x0(net, x_t, t, cond, uncond, g, args)
+            x0_pipe, cond_used, mask = spec.pipeline_x0(net, x_t, t, cond, uncond, g, dtype, args.model_dir)
             tt = torch.tensor([t], device=x_t.device)
-            x0_ours = adapter.denoiser(net, g, uncond)(x_t, tt, cond_used).float()
+            x0_ours = spec.denoiser(net, g, uncond, dtype)(x_t, tt, cond_used).float()
             # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
             # x0 by exactly cond - uncond
-            off_by_one = adapter.denoiser(net, g - 1, uncond)(x_t, tt, cond_used).float() if g != 1.0 else None
+            off_by_one = spec.denoiser(net, g - 1, uncond, dtype)(x_t, tt, cond_used).float() if g != 1.0 else None
         diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
         threshold = PARITY_REL[dtype_name] * scale
         par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
@@ -145,30 +161,30 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
 
 
-def student_report(adapter, args: argparse.Namespace, source: tuple[str, str], shape: tuple, first: dict,
+def student_report(spec, args: argparse.Namespace, source: tuple[str, str], shape: tuple, first: dict,
                    items: dict | None,
                    device: torch.device, dtype: torch.dtype | None, stu: dict, rep: dict) -> None:
     """Part 3: the student (source = (path, role) as describe_dmd2 names it), a 4-step sample from the first clip's conditioning with
     its saturation statistics, and with data items delta^2 at the first student time; fills `stu`."""
     ts = tuple(args.student_ts)
-    net = adapter.load_network(args.model_dir)
+    net = spec.load_network(args.model_dir)
     load_weights(net, read_checkpoint(*source), f"--dmd2-ckpt {source[0]} (student)",
-                 adapter.convert_state_dict)
+                 spec.convert_state_dict)
     net = net.to(device).eval()
     if dtype is not None:
         cast_keeping_fp32(net, dtype)
-    student = adapter.denoiser(net, None, None)
+    student = spec.denoiser(net, dtype=dtype)
     with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
         gs = torch.Generator(device).manual_seed(args.seed)
         noise = torch.randn((1, *shape), generator=gs, device=device)
-        x = dfd.sample(student, noise, adapter.make_cond(first, device), ts, generator=gs,
+        x = dfd.sample(student, noise, spec.make_cond(first, device), ts, generator=gs,
                        renoise=args.sampler == "renoise")
-        frames = adapter.decode(x, args)[0].cpu().numpy()
+        frames = spec.open_encoders(args.model_dir, device, torch.float32, text=False).vae.decode(x)[0].cpu().numpy()
     stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
                latent_mean=float(x.float().mean()), latent_std=float(x.float().std()), **saturation_stats(frames))
     if items is None:
         return
-    batch = adapter.make_batch({k: v.to(device) for k, v in items.items()}, device)
+    batch = spec.make_batch({k: v.to(device) for k, v in items.items()}, device)
     with torch.no_grad():
         delta2 = first_step_delta2(student, batch, float(ts[0]), torch.Generator().manual_seed(args.seed + 1))
     limit = dfd.DFDConfig().delta2_warn
@@ -195,7 +211,29 @@ def report_path(out: str) -> str:
     return out if out.endswith(".json") and not os.path.isdir(out) else os.path.join(out, "check.json")
 
 
-def run_check(adapter, args: argparse.Namespace) -> dict:
+def open_data(spec, args: argparse.Namespace, net: nn.Module, rep: dict, g: torch.Generator):
+    """(items of up to --check-batch clips, negative-prompt tensors, conditioning note, data or None, latent shape):
+    from --data when it is given and fits `net`, else random stand-ins of the network's shapes."""
+    data = None
+    if args.data is not None:
+        try:
+            data = LatentShards(args.data, spec.data_keys)
+            spec.check_data(data.shapes, net)
+        except ValueError as e:
+            rep["problems"].append(f"--data: {e}" if not str(e).startswith("--data") else str(e))
+            data = None
+    if data is None:
+        shape = spec.latent_shape(args.num_frames, args.height, args.width)
+        one, negative = spec.check_items(net, shape, g)
+        return {k: v[None] for k, v in one.items()}, negative, "random stand-in embeddings (no --data)", None, shape
+    n = min(len(data), args.check_batch)
+    samples = [data[i] for i in range(n)]
+    items = {k: torch.stack([x[k] for x in samples]).float() for k in samples[0]}
+    negative = {k: v.float() for k, v in data.negative.items()}
+    return items, negative, f"--data, {n} clip(s)", data, tuple(data.shapes["latents"])
+
+
+def run(spec, args: argparse.Namespace) -> dict:
     """The preflight report (a dict, printed as text and written as JSON with --out); exits non-zero on problems."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("error: check runs as one process (python, not torchrun); --world-size N sets the world "
@@ -203,105 +241,84 @@ def run_check(adapter, args: argparse.Namespace) -> dict:
     if args.dmd2_ckpt is None:
         raise SystemExit("error: check needs --dmd2-ckpt (the DMD2 checkpoint train would start from)")
     device = _device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else None
-    dtype_name = "bf16" if dtype is not None else "fp32"
-    adapter.compute_dtype = dtype
-    rep: dict[str, Any] = {"adapter": adapter.name, "model_dir": args.model_dir, "dmd2_ckpt": args.dmd2_ckpt,
-                           "data": args.data, "device": str(device), "dtype": dtype_name, "problems": [],
-                           "warnings": []}
+    dtype = compute_dtype(args.dtype, device)
+    rep: dict[str, Any] = {"adapter": spec.name, "model_dir": args.model_dir, "dmd2_ckpt": args.dmd2_ckpt,
+                           "data": args.data, "device": str(device), "dtype": "bf16" if dtype else "fp32",
+                           "problems": [], "warnings": []}
     try:
-        teacher_net = adapter.load_network(args.model_dir)
+        teacher_net = spec.load_network(args.model_dir)
     except ValueError as e:
         raise fail(e)
-    sizes = network_sizes(adapter, teacher_net)
-
-    # 1. the checkpoint
-    ck = checkpoint_report(args, adapter, teacher_net)
-    rep["checkpoint"] = ck
+    sizes = network_sizes(spec, teacher_net)
+    ck = rep["checkpoint"] = checkpoint_report(args, spec, teacher_net)  # 1. the checkpoint
     rep["problems"] += ck["problems"]
     rep["warnings"] += ck["warnings"]
-
-    # data (optional) and the clip shape the checks run at
-    data = None
-    if args.data is not None:
-        try:
-            data = LatentShards(args.data, adapter.data_keys)
-            adapter.check_data(data.shapes, teacher_net)
-        except ValueError as e:
-            rep["problems"].append(f"--data: {e}" if not str(e).startswith("--data") else str(e))
-            data = None
-    shape = tuple(data.shapes["latents"]) if data is not None else tuple(adapter.noise_shape(args))
     g = torch.Generator().manual_seed(args.seed)
-    if data is not None:
-        n = min(len(data), args.check_batch)
-        items = {k: torch.stack([data[i][k] for i in range(n)]).float() for k in adapter.data_keys}
-        negative = {k: v.float() for k, v in data.negative.items()}
-        conditioning = f"--data, {n} clip(s)"
-    else:
-        one, negative = adapter.check_items(teacher_net, shape, g)
-        items = {k: v[None] for k, v in one.items()}
-        conditioning = "random stand-in embeddings (no --data)"
+    items, negative, conditioning, data, shape = open_data(spec, args, teacher_net, rep, g)
     first = {k: v[:1].to(device) for k, v in items.items()}
     uncond = {k: v.to(device) for k, v in negative.items()}
     teacher_net = teacher_net.to(device)
     if dtype is not None:
         cast_keeping_fp32(teacher_net, dtype)
-
-    # 2. the teacher's parity with the pipeline
-    with torch.no_grad():
+    with torch.no_grad():  # 2. the teacher's parity with the pipeline
         x0 = items["latents"][:1].to(device) if data is not None else torch.randn((1, *shape), generator=g).to(device)
         x_t = dfd.forward_diffusion(x0, torch.randn(x0.shape, generator=g).to(device),
                                     torch.tensor([args.parity_t], device=device))
-    par = teacher_parity(adapter, teacher_net, x_t, adapter.make_cond(first, device), uncond, args, dtype_name, rep)
-    par["conditioning"] = conditioning
-    rep["parity"] = par
+    rep["parity"] = teacher_parity(spec, teacher_net, x_t, spec.make_cond(first, device), uncond, args, dtype, rep)
+    rep["parity"]["conditioning"] = conditioning
     del teacher_net
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    # 3. the student: a 4-step sample, and delta^2 against the data
-    stu: dict[str, Any] = {"student_ts": list(args.student_ts), "sampler": args.sampler, "latent_shape": [1, *shape],
-                           "seed": args.seed, "conditioning": conditioning}
-    fit = ck["networks"].get("student") or {}
-    if ck["problems"] or fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
-        stu["skipped"] = "the student weights do not fit the network (see the checkpoint problems)"
-    else:
-        try:
-            student_report(adapter, args, (fit["source"], fit["role"]), shape, first, items if data is not None else None, device,
-                           dtype, stu, rep)
-        except Exception as e:  # e.g. out of memory at the data's clip size: one line, and the report still comes
-            stu["error"] = _one_line(e)
-            rep["problems"].append(f"student sample could not run: {stu['error']}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rep["student"] = stu
-
-    # 4. memory
-    fake_source = (ck["networks"].get("fake_score") or {}).get("source")
-    from_teacher = fake_source in (None, FAKE_FROM_TEACHER)
-    rep["memory"] = memory_report(adapter, args, sizes, data, from_teacher, device)
+    rep["student"] = student_section(spec, args, ck, shape, first, items if data is not None else None, device,
+                                     dtype, conditioning, rep)  # 3. a sample, delta^2
+    fake_source = (ck["networks"].get("fake_score") or {}).get("source")  # 4. memory
+    rep["memory"] = memory_report(spec, args, sizes, data, fake_source in (None, FAKE_FROM_TEACHER), device)
     if rep["memory"].get("problem"):
         rep["problems"].append(rep["memory"]["problem"])
     rep["ok"] = not rep["problems"]
-
-    text = format_report(rep)
-    print(text)
-    if args.out is not None:
-        path = report_path(args.out)
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            write_text(path, json.dumps(rep, indent=1) + "\n")
-        except OSError as e:
-            raise SystemExit(f"error: --out {path}: {e.strerror}")
-        print(f"report written to {path}", file=sys.stderr)
+    write_report(rep, args.out)
     if rep["problems"]:
         raise SystemExit(f"error: check found {len(rep['problems'])} problem(s), listed above")
     return rep
 
 
-def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentShards | None,
+def student_section(spec, args, ck: dict, shape: tuple, first: dict, items: dict | None, device, dtype,
+                    conditioning: str, rep: dict) -> dict:
+    """Part 3, skipped when the student's weights do not fit; an error (e.g. out of memory at the data's clip size)
+    is one problem line, and the report still comes."""
+    stu: dict[str, Any] = {"student_ts": list(args.student_ts), "sampler": args.sampler, "latent_shape": [1, *shape],
+                           "seed": args.seed, "conditioning": conditioning}
+    fit = ck["networks"].get("student") or {}
+    if ck["problems"] or fit.get("source") is None or fit.get("provided") != fit.get("keys") or fit.get("unexpected"):
+        stu["skipped"] = "the student weights do not fit the network (see the checkpoint problems)"
+        return stu
+    try:
+        student_report(spec, args, (fit["source"], fit["role"]), shape, first, items, device, dtype, stu, rep)
+    except Exception as e:
+        stu["error"] = _one_line(e)
+        rep["problems"].append(f"student sample could not run: {stu['error']}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return stu
+
+
+def write_report(rep: dict, out: str | None) -> None:
+    """Prints the text report; with --out also writes it as JSON."""
+    print(format_report(rep))
+    if out is None:
+        return
+    path = report_path(out)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_text(path, json.dumps(rep, indent=1) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: --out {path}: {e.strerror}")
+    print(f"report written to {path}", file=sys.stderr)
+
+
+def memory_report(spec, args: argparse.Namespace, sizes: dict, data: LatentShards | None,
                   fake_from_teacher: bool, device: torch.device) -> dict:
-    """dfd_video.memory.plan_memory (what `plan` prints) for the run `train` would start with these flags on
+    """dfd_video.planning.memory.plan_memory (what `plan` prints) for the run `train` would start with these flags on
     --world-size ranks: --lora-rank, --ema, the compute dtype, checkpointing, the clips per rank per micro-batch,
     at the --data clips' size (the paper's without --data); on a CUDA device, the largest batch per rank that fits a
     GPU of its size with RESERVE_GB kept free."""
@@ -316,11 +333,11 @@ def memory_report(adapter, args: argparse.Namespace, sizes: dict, data: LatentSh
         lat, clip = tuple(data.shapes["latents"]), "the --data clips"
     else:
         f, h, w = PAPER_TRAIN_SIZE
-        lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=f, height=h, width=w)))
+        lat = spec.latent_shape(f, h, w)
         clip = f"{f} frames at {h}x{w} (the paper's; pass --data for yours)"
     compute = "fp32" if args.dtype == "fp32" else "bf16"  # train's auto is bf16 on the GPUs it plans for
     lora_rank = getattr(args, "lora_rank", 0)
-    plan = plan_adapter(adapter, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
+    plan = plan_model(spec, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
                         compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
                         latent=lat, checkpointing=not args.no_checkpointing)
     out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],

@@ -56,7 +56,7 @@ def build(device, dino: str | None = None, clip_b32: str | None = None, aestheti
     i2v adds the image-to-video dimensions (I2V subject with `dino`, I2V background with `dreamsim`, a DreamSim
     cache folder); raft (a raft-things.pth) adds dynamic degree, musiq (pyiqa's musiq_spaq_ckpt) imaging quality,
     amt (amt-s.pth) motion smoothness. ValueError naming the flag on a bad model."""
-    from dfd_video.vbench import (aesthetic_quality, amt as amt_model, background_consistency, common,
+    from dfd_video.evaluation.vbench import (aesthetic_quality, amt as amt_model, background_consistency, common,
                                   dreamsim as dreamsim_model, dynamic_degree, i2v_background, i2v_subject,
                                   imaging_quality, motion_smoothness,
                                   musiq as musiq_model, raft as raft_model, subject_consistency, temporal_flickering)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dfd_video.vbench.common import (CLIP_MEAN, CLIP_STD, Dimension, batched, center_crop, clip_image_embeds,
+from dfd_video.evaluation.vbench.common import (CLIP_MEAN, CLIP_STD, Dimension, batched, center_crop, clip_image_embeds,
                                      normalize, resize_short_side, to_float_nchw)
-from dfd_video.vbench.subject_consistency import consistency_score
+from dfd_video.evaluation.vbench.subject_consistency import consistency_score
 
 NAME = "background_consistency"
 

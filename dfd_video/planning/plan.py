@@ -4,7 +4,7 @@
   python wan_dfd.py plan --table            # the tables of docs/memory.md
 
 Nothing is loaded: the transformer is built on the meta device from --model-dir's config.json, or from the public
-config of the model in dfd_video/configs/. The model is dfd_video.memory.plan_memory; docs/memory.md says which parts
+config of the model in dfd_video/configs/. The model is dfd_video.planning.memory.plan_memory; docs/memory.md says which parts
 are exact, which are counted (and checked against measurement) and which are rough.
 """
 from __future__ import annotations
@@ -13,14 +13,40 @@ import argparse
 import math
 import os
 
-from dfd_video.memory import GiB, largest_batch, meta_network, network_sizes, part_rows, plan_adapter, read_config
+from dfd_video.cli import add_clip_args
+from dfd_video.planning.memory import (GiB, largest_batch, meta_network, network_sizes, part_rows, plan_model,
+                                      read_config)
 
 TABLE_WORLDS = (1, 2, 4, 8)
 TABLE_GPUS = (24, 48, 80)
 TABLE_WEIGHTS = (0, 16, 64)  # full weights, LoRA r = 16, r = 64
 
 
-def check_plan_args(args: argparse.Namespace) -> list[str]:
+def add_args(p: argparse.ArgumentParser, spec=None) -> None:
+    """The flags of this subcommand (dfd_video.cli builds its parser only when it runs)."""
+    p.add_argument("--model-dir", default=None, help="a diffusers model folder (or transformer folder) whose "
+                   "config.json sets the architecture (default: the public config of the model, dfd_video/configs/)")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) of the planned run; every network is "
+                   "sharded over all of them")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan a --lora-rank r run (0: full weights)")
+    p.add_argument("--fake-init", default="teacher", choices=("teacher", "critic"), help="where the fake score "
+                   "starts; with --lora-rank, teacher puts its adapter on the teacher's base (two bases in memory), "
+                   "critic gives it a frozen base of its own (three)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (weights, gradients and "
+                   "AdamW state are fp32 either way)")
+    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay of the planned run (> 0 adds the EMA)")
+    p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
+    add_clip_args(p, "frames per clip (4k + 1)", None)
+    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
+                   "has 80 GiB)")
+    p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
+                   "the CUDA context, NCCL buffers, the allocator's fragmentation")
+    p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
+                   "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
     bad = []
     if args.batch_per_gpu < 1:
         bad.append(f"--batch-per-gpu {args.batch_per_gpu}: must be >= 1")
@@ -29,10 +55,9 @@ def check_plan_args(args: argparse.Namespace) -> list[str]:
     return bad
 
 
-def plan_for(adapter, sizes: dict, args: argparse.Namespace, world: int, rank: int, batch: int) -> dict:
-    lat = tuple(adapter.noise_shape(argparse.Namespace(num_frames=args.num_frames, height=args.height,
-                                                       width=args.width)))
-    return plan_adapter(adapter, sizes, world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
+def plan_for(spec, sizes: dict, args: argparse.Namespace, world: int, rank: int, batch: int) -> dict:
+    lat = spec.latent_shape(args.num_frames, args.height, args.width)
+    return plan_model(spec, sizes, world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
                         compute_bytes=2 if args.dtype == "bf16" else 4, ema=args.ema > 0, batch_per_gpu=batch,
                         latent=lat, checkpointing=not args.no_checkpointing)
 
@@ -41,8 +66,8 @@ def _g(b: float) -> str:
     return f"{b / GiB:.2f}"
 
 
-def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
-    p = plan_for(adapter, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
+def report(spec, sizes: dict, args: argparse.Namespace, source: str) -> str:
+    p = plan_for(spec, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
     P = sum(math.prod(s) for s in sizes["shapes"])
     on = "the teacher's base" if args.fake_init == "teacher" else "a critic base of its own"
     weights = (f"LoRA r = {args.lora_rank} ({p['adapter_params'] / 1e6:.1f} M adapter parameters per network), fake "
@@ -51,7 +76,7 @@ def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
         if p["counted"] else "rough (the older rule of thumb of bench/bench_wan_memory.py: not calibrated for this model)"
     rows = part_rows(p, args.lora_rank > 0, args.ema > 0, args.batch_per_gpu)
     fit = largest_batch(p, args.gpu_gb * GiB, args.reserve_gb * GiB)
-    L = [f"plan: {type(adapter).__name__}, {P / 1e9:.3f} B parameters per network ({source}); {weights}",
+    L = [f"plan: {type(spec).__name__}, {P / 1e9:.3f} B parameters per network ({source}); {weights}",
          f"  {args.world_size} GPU(s), {args.dtype} compute, activation checkpointing "
          f"{'off' if args.no_checkpointing else 'on'}, EMA {'on' if args.ema > 0 else 'off'}, {args.batch_per_gpu} "
          f"clip(s) per GPU of {args.num_frames} frames at {args.height}x{args.width} ({p['activation_detail']['tokens']} "
@@ -65,7 +90,7 @@ def report(adapter, sizes: dict, args: argparse.Namespace, source: str) -> str:
     return "\n".join(L)
 
 
-def tables(adapter, sizes: dict, args: argparse.Namespace) -> str:
+def tables(spec, sizes: dict, args: argparse.Namespace) -> str:
     """Per-GPU memory at batch 1 and the largest batch per GPU, for every weights setting, world size and GPU size;
     then the smallest configuration that fits each GPU size."""
     name = lambda r: f"LoRA r = {r}" if r else "full weights"
@@ -79,7 +104,7 @@ def tables(adapter, sizes: dict, args: argparse.Namespace) -> str:
     smallest = {}
     for r in TABLE_WEIGHTS:
         for w in TABLE_WORLDS:
-            p = plan_for(adapter, sizes, args, w, r, 1)
+            p = plan_for(spec, sizes, args, w, r, 1)
             fits = [largest_batch(p, g * GiB, args.reserve_gb * GiB) for g in TABLE_GPUS]
             for g, b in zip(TABLE_GPUS, fits):
                 if b >= 1 and (r, g) not in smallest:
@@ -103,10 +128,10 @@ def tables(adapter, sizes: dict, args: argparse.Namespace) -> str:
     return "\n".join(L)
 
 
-def run_plan(adapter, args: argparse.Namespace) -> dict:
+def run(spec, args: argparse.Namespace) -> dict:
     try:
-        config, path = read_config(adapter, args.model_dir)
-        sizes = network_sizes(adapter, meta_network(config))
+        config, path = read_config(spec, args.model_dir)
+        sizes = network_sizes(spec, meta_network(config))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise SystemExit(f"error: {e}")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,5 +140,5 @@ def run_plan(adapter, args: argparse.Namespace) -> dict:
         biggest = min(min(t) for t in sizes["lora_targets"])
         if args.lora_rank > biggest:
             raise SystemExit(f"error: --lora-rank {args.lora_rank}: larger than the smallest target layer ({biggest})")
-    print(tables(adapter, sizes, args) if args.table else report(adapter, sizes, args, source))
-    return plan_for(adapter, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
+    print(tables(spec, sizes, args) if args.table else report(spec, sizes, args, source))
+    return plan_for(spec, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)

@@ -1,0 +1,192 @@
+"""What a model contributes: the ModelSpec every driver reads, and the pieces Wan and Cosmos share.
+
+A model script (wan_dfd.py, cosmos_dfd.py) subclasses ModelSpec and passes an instance to dfd_video.cli.main. Every
+member a driver, the planner or the evaluation layer reads is declared here, once, with its contract; nothing else
+reaches into a spec. A spec says what the model is (its networks, conditioning, encoders, export format), never what
+a run decided: the dtype, the data folder, the student's times are arguments of the calls that need them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dfd_video.weights import load_weights, read_raw
+
+# The negative prompt FastGen's video data loader feeds the teacher's unconditional branch (its preset
+# "neg_prompt_wan", fastgen/datasets/wds_dataloaders.py, wired by VideoLoaderConfig in fastgen/configs/data.py).
+# Its Wan and its Cosmos DMD2 configs both use that loader, so a FastGen DMD2 student and critic of either model
+# were distilled against this text (for Cosmos, encoded by Cosmos' own text encoder). docs/recipe.md has the sources.
+FASTGEN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards")
+
+
+class ModelSpec:
+    """The contract between a model and the drivers. Subclasses set the attributes and implement the methods."""
+
+    # --- what the model is -------------------------------------------------------------------------------------
+    name: str = ""                      # tag written into manifests and checkpoints ("wan", "cosmos")
+    family: str = ""                    # the model family in messages ("Wan", "Cosmos-Predict2.5")
+    data_keys: tuple[str, ...] = ()     # per-sample tensors the prepared shards hold, e.g. ("latents", "text")
+    defaults: dict[str, Any] = {}       # train / check flag defaults that differ from the shared ones (Wan's)
+    text_len: int = 512                 # conditioning tokens the cross-attention reads
+    text_store: bool = False            # shards hold a caption key per sample; the data folder's prompts/ holds one
+    #                                     embedding per unique caption (dfd_video.data.PromptStore)
+    image_conditioned: bool = False     # the first latent frame is a clean conditioning image (`sample --images`)
+    lora_targets: str = ""              # --lora-rank: regular expression peft matches against whole module names
+    lora_loader: str = ""               # the diffusers LoRA mixin whose save_lora_weights writes `export --lora`
+
+    # --- the networks ------------------------------------------------------------------------------------------
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
+        """The base transformer in fp32 (the teacher; also the architecture of the student and fake score).
+        meta=True: the architecture alone on the meta device; init_buffers fills what the weights do not hold."""
+        raise NotImplementedError
+
+    def init_buffers(self, net: nn.Module, device: torch.device | str) -> None:
+        """Rebuilds the non-persistent buffers (e.g. RoPE tables) of a network allocated with to_empty."""
+
+    def convert_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original-repo key names -> the network's (identity when they already match)."""
+        return sd
+
+    def blocks(self, net: nn.Module) -> list[nn.Module]:
+        """The repeated blocks: FSDP2 units and activation-checkpointing units."""
+        raise NotImplementedError
+
+    def fp32_islands(self, net: nn.Module) -> Any:
+        """What stays fp32 under bf16 mixed precision: a dfd_video.distributed.Islands."""
+        from dfd_video.distributed import fp32_islands
+        return fp32_islands(net)  # diffusers' _keep_in_fp32_modules
+
+    def denoiser(self, net: nn.Module, guidance: float | None = None, uncond: dict | None = None,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+        """(x_t [B, C, T, H, W], t [B] in [0, 1], cond) -> x0_hat, the network run in `dtype` (None: as stored).
+        With guidance g: uncond + g (cond - uncond), against the negative-prompt tensors `uncond`."""
+        raise NotImplementedError
+
+    # --- conditioning and data ---------------------------------------------------------------------------------
+    def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
+        """(x_real, cond[, mask]): one dfd.Batch from stacked samples (text already looked up by the data code)."""
+        raise NotImplementedError
+
+    def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> Any:
+        """The conditioning alone, from stacked per-sample tensors without latents (sampling)."""
+        raise NotImplementedError
+
+    def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
+        """Raises ValueError when prepared data of these per-sample shapes cannot feed `net`."""
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[C, T, H, W] of one clip's latents: the Wan 2.1 VAE's 4x time and 8x space compression (both models)."""
+        return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+    def open_encoders(self, model_dir: str, device: torch.device, dtype: torch.dtype, text: bool = True,
+                      vae: bool = True) -> Any:
+        """The base model's encoders: an object with encode_video(frames uint8 [T, H, W, 3], seed) -> dict (seed:
+        the VAE posterior sample's; None: its mode), encode_text(list[str]) -> {"text": [N, L, D]}, .vae (a
+        dfd_video.vae.WanVAE, whose decode gives uint8 videos) and .text_encoder (the module)."""
+        raise NotImplementedError
+
+    def pipeline_negative_prompt(self) -> str:
+        """The diffusers pipeline's default negative prompt (`--negative-prompt ""`)."""
+        return ""
+
+    def text_encoder_blocks(self, text_encoder: nn.Module) -> list[nn.Module]:
+        """The text encoder's FSDP2 units for online encoding under torchrun (text_store models)."""
+        raise NotImplementedError
+
+    def sample_items(self, encoders: Any, prompts: list[str] | None, embeddings: dict | None,
+                     images: list[str] | None, size: tuple[int, int, int]) -> list[dict[str, torch.Tensor]]:
+        """Per-video conditioning for `sample` (no batch dim) from prompts (encoded with `encoders`) or stored
+        embeddings, and for image-conditioned models the images; size: (frames, height, width)."""
+        raise NotImplementedError
+
+    def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
+        """Writes the export format into the folder `out` (the student's times: for a pipeline scheduler)."""
+        net.save_pretrained(out, safe_serialization=True)
+
+    # --- check: the preflight ----------------------------------------------------------------------------------
+    def check_items(self, net: nn.Module, shape: tuple[int, ...],
+                    generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Stand-in conditioning when `check` has no --data: (one sample's items as make_cond takes them, the
+        negative-prompt tensors), random, of the shapes `net` takes, for latents of `shape` [C, T, H, W]."""
+        raise NotImplementedError
+
+    def pipeline_x0(self, net: nn.Module, x_t: torch.Tensor, t: float, cond: Any, uncond: dict, guidance: float,
+                    dtype: torch.dtype | None, model_dir: str) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """The diffusers pipeline's own guided x0 for one step from x_t [1, C, T, H, W] at t (its transformer calls
+        and CFG, with one_step_scheduler(t)); returns (x0, the conditioning to give our denoiser for the same
+        computation, the 0/1 mask of the elements to compare or None for all)."""
+        raise NotImplementedError
+
+
+def negative_prompt(flag: str | None, pipeline_default: str) -> str:
+    """The text of CFG's unconditional branch from --negative-prompt: None (not given) -> FastGen's, "" -> the
+    diffusers pipeline's default (`pipeline_default`), anything else -> itself."""
+    if flag is None:
+        return FASTGEN_NEGATIVE_PROMPT
+    return flag if flag else pipeline_default
+
+
+class GuidedDenoiser(nn.Module):
+    """Base of the flow-matching denoisers: holds the network, the guidance g (None or 1.0: no guidance), the
+    negative-prompt embedding `uncond` [1, L, D] for the unconditional branch, and the compute dtype. Subclasses
+    implement forward(x_t, t, cond) -> x0."""
+
+    def __init__(self, net: nn.Module, guidance: float | None = None, uncond: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net, self.guidance, self.compute_dtype = net, guidance, compute_dtype
+        if guidance is not None and uncond is None:
+            raise ValueError("guidance needs the negative-prompt embedding")
+        self.register_buffer("uncond", uncond, persistent=False)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance is not None and self.guidance != 1.0
+
+
+def transformer_folder(model_dir: str, family: str) -> str:
+    """model_dir/transformer (a pipeline folder) or model_dir itself (a transformer folder), with a config.json."""
+    folder = os.path.join(model_dir, "transformer") if os.path.isdir(os.path.join(model_dir, "transformer")) else model_dir
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"--model-dir {model_dir}: no transformer/config.json (expected a diffusers {family} folder)")
+    return folder
+
+
+def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None, meta: bool = False) -> nn.Module:
+    """A diffusers transformer class from its folder in fp32: built from config.json on the meta device, then filled
+    with load_weights, so a corrupt or mismatched folder gets one clear line (and no accelerate is needed).
+    fix(net) rebuilds what the file does not hold (non-persistent buffers). meta=True: the architecture alone, on
+    the meta device (no memory, no weights read; fix is the caller's once the weights are allocated)."""
+    folder = transformer_folder(model_dir, family)
+    try:
+        with torch.device("meta"):
+            net = cls.from_config(cls.load_config(folder))
+    except Exception as e:
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: not a {cls.__name__} config "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if meta:
+        return net.eval()
+    net = net.to_empty(device="cpu")
+    if fix is not None:
+        fix(net)
+    load_weights(net, read_raw(folder), f"--model-dir {folder}")
+    return net.eval()
+
+
+def one_step_scheduler(t: float):
+    """A FlowMatchEulerDiscreteScheduler (shift 1) that a diffusers pipeline, whatever num_inference_steps it asks
+    for, runs as one Euler step from sigma = t to 0: x_t - t v, the pipeline's own x0 estimate at t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    set_timesteps = sched.set_timesteps
+    sched.set_timesteps = lambda num_inference_steps=None, device=None, **kw: set_timesteps(sigmas=[float(t)],
+                                                                                            device=device)
+    return sched
