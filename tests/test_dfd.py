@@ -837,15 +837,24 @@ def test_p_t_min_dfd_only_at_high_noise(p):
 
 
 def test_p_t_min_zero_is_the_default_path():
-    """p_t_min = 0 (the default) changes nothing: the same update as a config that never mentions it, and
-    p_t_min = 0 with p = 1 is pure DFD on every sample."""
+    """p_t_min = 0 (the default) is the paper's coin: one per student step, so a step's teacher sees either every real
+    sample or every G (never a mix, which p_t_min > 0 with its per-sample coins gives); with p = 1 it sees the real
+    sample for every G."""
     student, fake_net, teacher_net, x_real = _setup(seed=22)
-    outs = []
-    for c in (dfd.DFDConfig(p=0.5, seed=1), dfd.DFDConfig(p=0.5, seed=1, p_t_min=0.0)):
-        s = copy.deepcopy(student)
-        dfd.student_step(s, teacher_net, fake_net, torch.optim.SGD(s.parameters(), lr=0.1), [(x_real, None)], c, 3)
-        outs.append([q.detach().clone() for q in s.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+    def saw_real(c: dfd.DFDConfig, step: int) -> torch.Tensor:
+        teacher, fake = Recorder(teacher_net), Recorder(fake_net)
+        logs = dfd.student_step(copy.deepcopy(student), teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0),
+                                [(x_real, None)], c, step)
+        real = (teacher.calls[0][0] != fake.calls[0][0]).any(dim=1)  # per sample: the teacher's x_t is not x~_t
+        assert logs["dfd"] == real.float().mean().item()
+        return real
+
+    default = [saw_real(dfd.DFDConfig(p=0.5, seed=1), step) for step in range(8)]
+    assert all(r.all() or not r.any() for r in default) and any(r.all() for r in default) and any(not r.any() for r in default)
+    per_sample = [saw_real(dfd.DFDConfig(p=0.5, seed=1, p_t_min=1e-6), step) for step in range(8)]
+    assert any(r.any() and not r.all() for r in per_sample)  # the comparison above can tell the two apart
+    assert all(saw_real(dfd.DFDConfig(p=1.0, seed=1), step).all() for step in range(3))
     with pytest.raises(ValueError):
         dfd.DFDConfig(p_t_min=1.5)
 
