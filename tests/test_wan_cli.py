@@ -1,9 +1,11 @@
 """wan_dfd.py end to end on a tiny random Wan, run as subprocesses (cleanrl style):
 synthetic mp4s -> prepare -> train -> kill -> resume (same weights as an unbroken run) -> sample (playable mp4s)
 -> export (drops into diffusers' WanPipeline and gives the frames `sample` gave); plus every bad input's message."""
+import contextlib
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -41,9 +43,11 @@ def setup(tmp_path_factory):
     pipe = tiny_wan.cached_pipeline()
     captions = tiny_wan.make_videos(str(root / "videos"), n=4, captions="csv", broken=1)
     data = str(root / "data")
-    r = run(["prepare", "--model-dir", pipe, "--videos", str(root / "videos"), "--out", data, *SIZE,
-             "--per-shard", "3", "--store-dtype", "fp32", "--device", "cpu"])
-    assert "prepared 4 samples in 2 shards" in r.stderr and "broken0.mp4: " in r.stderr
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        wan_dfd.main(["prepare", "--model-dir", pipe, "--videos", str(root / "videos"), "--out", data, *SIZE,
+                      "--per-shard", "3", "--store-dtype", "fp32", "--device", "cpu"])
+    assert "prepared 4 samples in 2 shards" in err.getvalue() and "broken0.mp4: " in err.getvalue()
     dmd2 = tiny_wan.write_dmd2_checkpoints(str(root / "dmd2"), tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6))
     return {"root": root, "pipe": pipe, "data": data, "dmd2": dmd2, "captions": captions}
 
@@ -69,44 +73,50 @@ def test_prepare_writes_latents_and_pipeline_text_embeddings(setup):
     torch.testing.assert_close(data[2]["latents"], enc.encode_video(frames, seed)["latents"], atol=1e-4, rtol=0)
 
 
-def test_train_kill_resume_sample_export(setup, capsys):
+def same_checkpoints(a: str, b: str, names=("student", "fake", "ema")) -> dict:
+    """Asserts two step folders hold bit-identical weights and Adam states; returns the first's state.pt."""
+    for name in names:
+        wa, wb = load_file(f"{a}/{name}.safetensors"), load_file(f"{b}/{name}.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    st_a, st_b = (torch.load(f"{x}/state.pt", weights_only=True) for x in (a, b))  # plain data only
+    assert st_a["position"] == st_b["position"] and st_a["step"] == st_b["step"]
+    for k, v in st_a["optim"]["student"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], st_b["optim"]["student"]["state"][k]["exp_avg_sq"])
+    return st_a
+
+
+def test_train_resume_sample_export(setup, capsys):
+    """In one process: a 4-step run logs every metric; the same run stopped after its step-1 checkpoint (with what a
+    kill during a save leaves beside it) and resumed ends bit-identical; `sample` writes playable mp4s named by prompt
+    and seed, the same video from precomputed embeddings; `export` loads in diffusers' WanPipeline and gives sample's
+    latents. (The same resume after a real SIGKILL of a separate process: test_killed_run_resumes_bitwise, slow.)"""
     s, root = setup, setup["root"]
     run_a, run_b = str(root / "run_a"), str(root / "run_b")
-    run(train_args(s, run_a))  # no subcommand: train
+    wan_dfd.main(train_args(s, run_a, "--steps", "4"))  # no subcommand: train
     logs = [json.loads(line) for line in open(os.path.join(run_a, "metrics.jsonl"))]
-    assert [r["step"] for r in logs] == list(range(6))
+    assert [r["step"] for r in logs] == list(range(4))
     for key in ("loss_student", "loss_fake", "grad_norm_student", "grad_norm_fake", "delta2", "dfd", "step_time_s",
                 "peak_mem_gb", "dm_normaliser", "t_mean"):
         assert all(key in r and r[key] == r[key] for r in logs), key
     assert {r["dfd"] for r in logs} == {0.0, 1.0}  # both branches of the p = 0.5 coin were taken
     assert "teacher_gap" in logs[0] and "teacher_gap" not in logs[1]
-    # the same run, killed (SIGKILL) right after its first checkpoint, then resumed
-    latest = tiny_wan.kill_at_first_checkpoint([sys.executable, SCRIPT, "train", *train_args(s, run_b)], run_b, 300)
-    assert open(latest).read().strip() == "step-000001"
-    assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
+    wan_dfd.main(["train", *train_args(s, run_b, "--steps", "2")])  # stops after its step-1 checkpoint
     leftovers = [os.path.join(run_b, "checkpoints", "step-000003.tmp99999"), os.path.join(run_b, "args.json.tmp99999")]
-    os.makedirs(leftovers[0])  # what a kill during a save leaves (whatever this kill left besides)
+    os.makedirs(leftovers[0])  # what a kill during a save leaves
     open(leftovers[1], "w").close()
-    run(["train", *train_args(s, run_b), "--resume"])
+    wan_dfd.main(["train", *train_args(s, run_b, "--steps", "4"), "--resume"])
     assert not any(os.path.exists(x) for x in leftovers) and not glob.glob(f"{run_b}/**/*.tmp*", recursive=True)
-    assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == list(range(6))
-    a, b = (os.path.join(r, "checkpoints", "step-000005") for r in (run_a, run_b))
-    for name in ("student", "fake", "ema"):
-        wa, wb = load_file(f"{a}/{name}.safetensors"), load_file(f"{b}/{name}.safetensors")
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
-    st_a, st_b = (torch.load(f"{x}/state.pt", weights_only=True) for x in (a, b))  # plain data only
-    assert st_a["position"] == st_b["position"] == 6 * 2  # 6 steps x (1 fake + 1 student) micro-batches
-    ex = st_a["optim"]["student"]["state"]
-    k = next(iter(ex))
-    assert torch.equal(ex[k]["exp_avg_sq"], st_b["optim"]["student"]["state"][k]["exp_avg_sq"])
+    assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == list(range(4))
+    a, b = (os.path.join(r, "checkpoints", "step-000003") for r in (run_a, run_b))
+    assert same_checkpoints(a, b)["position"] == 4 * 2  # 4 steps x (1 fake + 1 student) micro-batches
     student0 = tiny_wan.tiny_transformer(5).state_dict()
     assert any(not torch.equal(student0[k], v) for k, v in load_file(f"{a}/student.safetensors").items())  # it trained
     # sample: 2 prompts x 2 seeds -> 4 playable mp4s named by prompt index and seed
     prompts = root / "prompts.txt"
     prompts.write_text("a red ball rolls left\nblue square moves up\n")
     out = str(root / "samples")
-    run(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--prompts", str(prompts), "--seeds", "0", "7",
-         "--out", out, *SIZE, "--device", "cpu", "--save-latents"])
+    wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--prompts", str(prompts), "--seeds", "0", "7",
+                  "--out", out, *SIZE, "--device", "cpu", "--save-latents"])
     import av
     names = sorted(os.path.basename(p) for p in glob.glob(f"{out}/*.mp4"))
     assert names == ["prompt000_seed0.mp4", "prompt000_seed7.mp4", "prompt001_seed0.mp4", "prompt001_seed7.mp4"]
@@ -120,6 +130,7 @@ def test_train_kill_resume_sample_export(setup, capsys):
     emb = str(root / "emb.safetensors")
     enc = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), vae=False)
     save_file({"text": enc.encode_text(["blue square moves up"])["text"]}, emb)
+    capsys.readouterr()
     wan_dfd.main(["sample", "--model-dir", s["pipe"], "--ckpt", run_a, "--embeddings", emb,
                   "--seeds", "7", "--out", str(root / "emb_out"), *SIZE, "--device", "cpu",
                   "--save-latents"])
@@ -128,7 +139,7 @@ def test_train_kill_resume_sample_export(setup, capsys):
     torch.testing.assert_close(again, lat["prompt001_seed7.mp4"], atol=1e-5, rtol=1e-5)
     # export -> diffusers folder; through WanPipeline it gives sample's latents and frames
     exp = str(root / "export")
-    run(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp])
+    wan_dfd.main(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp])
     assert os.path.exists(f"{exp}/config.json") and glob.glob(f"{exp}/*.safetensors")
     net = wan_dfd.WanAdapter().load_network(exp)
     ema = load_file(f"{a}/ema.safetensors")  # export and sample default to the EMA
@@ -137,6 +148,21 @@ def test_train_kill_resume_sample_export(setup, capsys):
     torch.testing.assert_close(lat_p[0], lat["prompt000_seed7.mp4"], atol=1e-4, rtol=1e-4)
     mine = wan_dfd.WanEncoders(s["pipe"], torch.device("cpu"), text=False).vae.decode(lat["prompt000_seed7.mp4"][None])
     assert (frames_p[0] * 255 - mine[0].float()).abs().max() <= 1.0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bitwise(setup):
+    """`python wan_dfd.py` as users launch it: a run SIGKILLed right after its first checkpoint, then resumed in a new
+    process, ends bit-identical to an unbroken run in its own process."""
+    s, root = setup, setup["root"]
+    run_a, run_b = str(root / "kill_a"), str(root / "kill_b")
+    run(train_args(s, run_a))
+    latest = tiny_wan.kill_at_first_checkpoint([sys.executable, SCRIPT, "train", *train_args(s, run_b)], run_b, 300)
+    assert open(latest).read().strip() == "step-000001"
+    assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000005"))  # it really was cut short
+    run(["train", *train_args(s, run_b), "--resume"])
+    assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == list(range(6))
+    same_checkpoints(*(os.path.join(r, "checkpoints", "step-000005") for r in (run_a, run_b)))
 
 
 def pipeline_student(pipe_dir, net, prompt, seed):
@@ -158,7 +184,7 @@ def pipeline_student(pipe_dir, net, prompt, seed):
 def test_export_loads_with_from_pretrained(setup, tmp_path):
     """(diffusers 0.42.1 needs accelerate, in requirements.txt, for WanTransformer3DModel.from_pretrained.)"""
     from diffusers import WanTransformer3DModel
-    run(["export", "--model-dir", setup["pipe"], "--ckpt", setup["dmd2"]["folder"], "--out", str(tmp_path / "e")])
+    wan_dfd.main(["export", "--model-dir", setup["pipe"], "--ckpt", setup["dmd2"]["folder"], "--out", str(tmp_path / "e")])
     net = WanTransformer3DModel.from_pretrained(str(tmp_path / "e"))
     ref = tiny_wan.tiny_transformer(5).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
