@@ -1,7 +1,7 @@
 """LoRA post-training (--lora-rank, dfd_video/lora.py) on the tiny random Wan, and export --lora:
 the networks (two bases in memory, only adapters trainable, the teacher blind to the fake score's adapter),
-kill / resume bit-identical at 1 rank (bf16, grad accumulation, EMA), 2 ranks on gloo equal to a single-process
-emulation and resuming bit-identically, the LoRA file WanPipeline.load_lora_weights reads reproducing the merged
+resume bit-identical at 1 rank (bf16, grad accumulation, EMA), 2 ranks on gloo equal to a single-process
+emulation (and, slow, resuming bit-identically), the LoRA file WanPipeline.load_lora_weights reads reproducing the merged
 student, Cosmos's export format, and every bad input's one line."""
 import argparse
 import json
@@ -107,9 +107,10 @@ def test_two_bases_in_memory_and_only_adapters_train(setup, tmp_path):
         teardown_distributed()
 
 
-def test_kill_resume_export_and_pipeline_lora(setup):
-    """1 rank, bf16 compute, --grad-accum 2, EMA: a run killed after its first checkpoint and resumed ends with
-    the same adapter weights, EMA and Adam state, bit for bit, as an unbroken run. Checkpoints hold only adapter
+def test_resume_export_and_pipeline_lora(setup):
+    """1 rank, bf16 compute, --grad-accum 2, EMA: a run stopped after its first checkpoint and resumed ends with
+    the same adapter weights, EMA and Adam state, bit for bit, as an unbroken run (in one process; a SIGKILLed
+    process resuming: tests/test_wan_cli.py, slow). Checkpoints hold only adapter
     weights; the EMA is the lerp of the adapter. export --lora: WanPipeline with the DMD2 student and
     load_lora_weights(<out>/lora) gives the latents of the exported merged student (alpha != rank: the scale
     travels in the file's metadata)."""
@@ -117,11 +118,10 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     more = ["--steps", "4", "--batch-size", "4", "--grad-accum", "2", "--save-every", "1", "--keep", "9", "--ema", "0.9",
             "--dtype", "bf16"]
     run_a, run_b = str(root / "run_a"), str(root / "run_b")
-    run(train_argv(s, run_a, *more))
-    latest = tiny_wan.kill_at_first_checkpoint([sys.executable, SCRIPT, *train_argv(s, run_b, *more)], run_b, 600)
-    assert open(latest).read().strip() == "step-000000"
+    wan_dfd.main(train_argv(s, run_a, *more))
+    wan_dfd.main([*train_argv(s, run_b, *more), "--steps", "1"])  # stops after its first checkpoint
     assert not os.path.exists(os.path.join(run_b, "checkpoints", "step-000003"))
-    run([*train_argv(s, run_b, *more), "--resume"])
+    wan_dfd.main([*train_argv(s, run_b, *more), "--resume"])
     assert [json.loads(x)["step"] for x in open(os.path.join(run_b, "metrics.jsonl"))] == [0, 1, 2, 3]
     a, b = (os.path.join(r, "checkpoints", "step-000003") for r in (run_a, run_b))
     for name in ("student", "fake", "ema"):
@@ -174,11 +174,10 @@ def test_kill_resume_export_and_pipeline_lora(setup):
     assert os.path.exists(root / "samples" / "prompt000_seed0.mp4")
 
 
-def test_two_ranks_match_single_process_and_resume(setup, tmp_path):
+def two_rank_run(setup, tmp_path):
     """torchrun --nproc_per_node=2 (gloo, FSDP2 units of frozen base + adapter): the adapters equal
-    tiny_wan.emulate_ranks with the same adapters (whose fake score is a network of its own, not the teacher's);
-    resumed at 2 ranks from the first checkpoint, the run ends bit-identical (student, fake score, EMA). Probes
-    sample with the EMA (its values swapped into the student's adapter and back) without moving the weights."""
+    tiny_wan.emulate_ranks with the same adapters (whose fake score is a network of its own, not the teacher's).
+    Probes sample with the EMA (its values swapped into the student's adapter and back) without moving the weights."""
     s = setup
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     argv = train_argv(s, str(tmp_path / "one"), "--steps", "2", "--fake-updates", "2", "--grad-clip", "0",
@@ -198,6 +197,20 @@ def test_two_ranks_match_single_process_and_resume(setup, tmp_path):
             scale = state["optim"][name]["state"][k]["exp_avg_sq"].sqrt()
             tol = 1e-3 * LR + LR * 1e-4 * scale.median() / (scale + 1e-8)
             assert ((got[k] - ref[k]).abs() / tol).max().item() < 1.0, (name, k)
+    return argv, torchrun
+
+
+def test_two_ranks_match_single_process(setup, tmp_path):
+    two_rank_run(setup, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_bitwise(setup, tmp_path):
+    """The 2-rank LoRA run above, resumed at 2 ranks from its first checkpoint, ends bit-identical (student, fake
+    score, EMA). The default suite covers the parts: LoRA resume at 1 rank (test_resume_export_and_pipeline_lora) and
+    full-weight 2-rank sharding (tests/test_wan_dist.py)."""
+    argv, torchrun = two_rank_run(setup, tmp_path)
+    ck = os.path.join(tmp_path, "one", "checkpoints", "step-000001")
     resumed = [*argv[:argv.index("--out") + 1], str(tmp_path / "two"), *argv[argv.index("--out") + 2:],
                "--resume", os.path.join(tmp_path, "one", "checkpoints", "step-000000")]
     run(resumed, torchrun)
