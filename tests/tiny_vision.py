@@ -176,8 +176,12 @@ def build_musiq(path: str, seed: int = 0, dim: int = 32, layers: int = 2, classe
     return path
 
 
+ALL = ("clip", "dino", "vb_dino", "vb_clip_b32", "vb_clip_l14", "aesthetic_head.pth", "musiq.pth", "raft.pth",
+       "amt.pth", "dreamsim")
+
+
 def build_all(folder: str) -> None:
-    """Every tiny model of this file under `folder`: clip/ and dino/ (the diversity encoders), vb_dino/,
+    """Every tiny model of this file under `folder` (names in ALL): clip/ and dino/ (the diversity encoders), vb_dino/,
     vb_clip_b32/, vb_clip_l14/, aesthetic_head.pth, musiq.pth, raft.pth, amt.pth and dreamsim/ (the VBench models)."""
     j = lambda name: os.path.join(folder, name)  # noqa: E731
     build_clip(j("clip"))
@@ -275,8 +279,9 @@ if __name__ == "__main__":
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dfd_video, for the networks
     parser = argparse.ArgumentParser(description="Writes every tiny random model of this file under FOLDER.")
-    parser.add_argument("folder", help="a new or empty folder")
+    parser.add_argument("folder", help="where to write them (" + ", ".join(ALL) + ")")
     folder = parser.parse_args().folder
-    if os.path.isdir(folder) and os.listdir(folder):
-        parser.error(f"{folder}: not empty; give a new folder")
+    taken = [name for name in ALL if os.path.exists(os.path.join(folder, name))]
+    if taken:
+        parser.error(f"{os.path.join(folder, taken[0])}: exists; remove it or give another folder")
     build_all(folder)

@@ -65,7 +65,8 @@ def quality_score(summary: dict[str, float], i2v: bool = False) -> float | None:
 
 
 def averages(summary: dict[str, float], i2v: bool = False) -> dict[str, float]:
-    """"paper_average" (paper_mean) and "vbench_quality_score" (quality_score), each where it has a dimension."""
+    """The report's two averages, each where it has a dimension: "paper_average" (paper_mean) and
+    "vbench_quality_score" (quality_score)."""
     out = {"paper_average": paper_mean(summary), "vbench_quality_score": quality_score(summary, i2v)}
     return {k: v for k, v in out.items() if v is not None}
 
