@@ -2,10 +2,13 @@
 restated here from VBench's and DINO's published code, never with the functions under test: the scores on
 synthetic clips with known answers (a static clip, a clip with one flickering frame, clips translating at constant
 speed, features turning at a constant angle), the preprocessing geometry of torchvision's Resize / CenterCrop,
-DINO's position-embedding interpolation, CLIP's encode_image, the LAION head's file format, RAFT's checkpoint layout
-and pieces (and, opt-in with DFD_RAFT_REPO, its flow against princeton-vl/RAFT's own code), and the whole command
-with tiny random DINO ViT-B/16-, CLIP ViT-B/32- and ViT-L/14-layout models and a random full-size RAFT
-(tests/tiny_vision.py)."""
+DINO's position-embedding interpolation, CLIP's encode_image, the LAION head's file format, RAFT's, AMT-S's and
+MUSIQ's checkpoint layouts and pieces, the paper mean and VBench's Quality Score, and the whole command with tiny
+random models in the real layouts (tests/tiny_vision.py).
+
+The networks against their upstream code: tests/test_vbench_reference.py (default suite, stored outputs) and, live
+against a checkout, the opt-in tests here (DFD_RAFT_REPO, DFD_PYIQA_REPO, DFD_VBENCH_REPO; loaders in
+tests/vbench_reference.py)."""
 import json
 import math
 import os
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 import tiny_vision as tv
+import vbench_reference as vr
 import wan_dfd
 from dfd_video.evaluation import vbench
 from dfd_video.evaluation.vbench import (aesthetic_quality, amt, background_consistency, common, dreamsim, dynamic_degree,
@@ -73,6 +77,9 @@ def test_i2v_score_hand_examples():
     # one jump: consecutive cosines (1, 0, 1) -> mean 2/3, min 0; the image is orthogonal to every frame -> 0
     f = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     assert i2v_subject.i2v_score(torch.tensor([1.0, 0.0, 0.0]), f) == pytest.approx(0.3 * 2 / 3, abs=1e-12)
+    # opposite consecutive frames count as 0, not -1 (VBench's max(0, cos)): (v, -v, v) against v -> 0.4 * 1
+    v = torch.tensor([0.3, -1.0, 2.0])
+    assert i2v_subject.i2v_score(v, torch.stack([v, -v, v])) == pytest.approx(0.4, abs=1e-12)
 
 
 def test_flicker_static_one_flash_and_constant_speed():
@@ -100,13 +107,59 @@ def test_aesthetic_score_is_the_head_on_normalised_embeddings_over_ten():
     assert aesthetic_quality.aesthetic_score(e, head) == pytest.approx((7 + 4) / 2 / 10, abs=1e-6)
 
 
-def test_averages_paper_set_and_dynamic_degree():
-    s = {"subject_consistency": 0.9, "temporal_flickering": 0.8, "imaging_quality": 0.1, "saturation": 0.5}
-    assert vbench.averages(s) == pytest.approx({"vbench_average": 0.85})  # imaging quality and others left out
-    s["dynamic_degree"] = 0.2
-    want = {"vbench_average": 0.85, "vbench_average_dynamic": (0.9 + 0.8 + 0.2) / 3}
-    assert vbench.averages(s) == pytest.approx(want)
+def test_paper_mean_is_the_plain_mean_of_the_papers_set():
+    s = {"subject_consistency": 0.9, "temporal_flickering": 0.8, "imaging_quality": 0.1, "dynamic_degree": 0.2,
+         "saturation": 0.5}
+    assert vbench.paper_mean(s) == pytest.approx(0.85)  # imaging quality, dynamic degree and others left out
     assert vbench.averages({"saturation": 0.5}) == {}
+
+
+# VBench's scripts/constant.py, typed out: NORMALIZE_DIC (Min, Max) and DIM_WEIGHT of its QUALITY_LIST.
+CONSTANT_PY = {"subject consistency": (0.1462, 1.0, 1), "background consistency": (0.2615, 1.0, 1),
+               "temporal flickering": (0.6293, 1.0, 1), "motion smoothness": (0.706, 0.9975, 1),
+               "aesthetic quality": (0.0, 1.0, 1), "imaging quality": (0.0, 1.0, 1), "dynamic degree": (0.0, 1.0, 0.5)}
+
+
+def at(name: str, fraction: float) -> float:
+    """The score that VBench's normalisation maps to `fraction`."""
+    lo, hi, _ = CONSTANT_PY[name.replace("_", " ")]
+    return lo + fraction * (hi - lo)
+
+
+def test_quality_score_is_vbench_normalised_weighted_mean():
+    top = {k: at(k, 1.0) for k in vbench.QUALITY}
+    assert vbench.quality_score(top) == pytest.approx(1.0) and vbench.quality_score(top, i2v=True) == pytest.approx(1.0)
+    assert vbench.quality_score({k: at(k, 0.0) for k in vbench.QUALITY}) == pytest.approx(0.0, abs=1e-12)
+    parts = {"subject_consistency": 0.0, "background_consistency": 1.0, "temporal_flickering": 0.5,
+             "motion_smoothness": 1.0, "dynamic_degree": 1.0, "aesthetic_quality": 0.6, "imaging_quality": 0.3}
+    s = {k: at(k, f) for k, f in parts.items()}
+    # weights 1 each and 1/2 for dynamic degree: (0 + 1 + 0.5 + 1 + 0.5 * 1 + 0.6 + 0.3) / 6.5
+    assert vbench.quality_score(s) == pytest.approx(3.9 / 6.5, abs=1e-12)
+    assert vbench.quality_score(s, i2v=True) == pytest.approx(3.4 / 5.5, abs=1e-12)  # VBench-I2V: no flickering
+    # only some dimensions: the same formula over those present; none: no score
+    assert vbench.quality_score({"subject_consistency": at("subject_consistency", 0.0),
+                                 "temporal_flickering": at("temporal_flickering", 0.5)}) == pytest.approx(0.25)
+    assert vbench.quality_score({"i2v_subject": 0.9}) is None
+    assert vbench.averages(s) == pytest.approx({"paper_average": vbench.paper_mean(s), "vbench_quality_score": 0.6})
+
+
+@pytest.mark.skipif(not os.environ.get("DFD_VBENCH_REPO"), reason="set DFD_VBENCH_REPO to a Vchitect/VBench checkout")
+def test_quality_constants_match_vbench():
+    """Opt-in: the bounds, weights and dimension lists against VBench's own scripts/constant.py."""
+    c = {}
+    exec(open(os.path.join(os.environ["DFD_VBENCH_REPO"], "scripts", "constant.py")).read(), c)
+    assert [k.replace(" ", "_") for k in c["QUALITY_LIST"]] == sorted(vbench.QUALITY, key=lambda k: c[
+        "QUALITY_LIST"].index(k.replace("_", " ")))
+    assert {c["I2VKEY"][k] for k in vbench.I2V_QUALITY} == set(c["I2V_QUALITY_LIST"])
+    for k in vbench.QUALITY:
+        name = k.replace("_", " ")
+        want = (c["NORMALIZE_DIC"][name]["Min"], c["NORMALIZE_DIC"][name]["Max"])
+        assert vbench.QUALITY_BOUNDS[k] == want and vbench.QUALITY_WEIGHTS[k] == c["DIM_WEIGHT"][name], k
+        assert CONSTANT_PY[name] == (*want, c["DIM_WEIGHT"][name])
+        if k in vbench.I2V_QUALITY:
+            i2v = c["I2VKEY"][k]
+            assert (c["NORMALIZE_DIC_I2V"][i2v]["Min"], c["NORMALIZE_DIC_I2V"][i2v]["Max"]) == want, k
+            assert c["DIM_WEIGHT_I2V"][i2v] == c["DIM_WEIGHT"][name], k
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,22 +456,31 @@ def test_evaluate_vbench_columns(run, models, folder):
         assert m["per_video"][f"prompt001_seed{s}"]["temporal_flickering"] == pytest.approx(raw, abs=0.01)
         assert raw < 0.99  # and the static clip is above 0.999
     # all six are in the paper's quality average
-    assert m["summary"]["vbench_average"] == pytest.approx(np.mean([m["summary"][k] for k in names]), abs=1e-9)
-    assert "vbench_average_dynamic" not in m["summary"]
+    assert m["summary"]["paper_average"] == pytest.approx(np.mean([m["summary"][k] for k in names]), abs=1e-9)
+    # VBench-I2V's Quality Score over the three of its six quality dimensions computed here
+    quality = ["subject_consistency", "background_consistency", "aesthetic_quality"]
+    assert m["summary"]["vbench_quality_score"] == pytest.approx(vbench.quality_score(
+        {k: m["summary"][k] for k in quality}, i2v=True), abs=1e-12)
     s = run["report"]["settings"]
     assert s["vbench"]["subject_consistency"] == {"follows": "vbench/subject_consistency.py", "model": models["dino"]}
     assert s["vbench"]["aesthetic_quality"]["head"] == models["head"]
-    assert s["vbench_average"] == names
+    assert s["paper_average"] == names
+    assert s["vbench_quality_score"] == {"name": "VBench-I2V's Quality Score", "dimensions": quality,
+                                         "missing": ["motion_smoothness", "dynamic_degree", "imaging_quality"]}
 
 
 def test_evaluate_vbench_report_markdown(run):
     md = open(os.path.join(run["out"], "report.md")).read()
     header = md.split("\n")[2]
     for label in ("subject cons.", "background cons.", "aesthetic", "temporal flicker.", "I2V subject",
-                  "I2V background", "VBench avg."):
+                  "I2V background", "paper mean", "VBench quality (3 of 6)"):
         assert f"| {label} |" in header
     assert "`vbench2_beta_i2v/i2v_subject.py`" in md and "`vbench2_beta_i2v/i2v_background.py`" in md
-    assert "Dynamic degree was not computed" in md
+    assert "Paper mean = the plain mean of subject_consistency, background_consistency, aesthetic_quality, " \
+           "temporal_flickering, i2v_subject, i2v_background" in md
+    assert "VBench quality = VBench-I2V's Quality Score" in md
+    assert "motion_smoothness, dynamic_degree, imaging_quality not computed, so this is the same formula over " \
+           "the 3 of 6 present, not VBench's number." in md
 
 
 def test_evaluate_vbench_cache_reuses_scores(run, models, folder, monkeypatch):
@@ -607,6 +669,9 @@ def test_is_dynamic_rule():
     assert dynamic_degree.is_dynamic([12.0] * 10 + [0.0] * 30, 480, 832, 41)
     assert not dynamic_degree.is_dynamic([12.0] * 9 + [0.0] * 31, 480, 832, 41)
     assert not dynamic_degree.is_dynamic([11.25] * 40, 480, 832, 41)  # strictly above
+    # 47 frames need round(11.75) = 12 pairs (int() would ask for 11)
+    assert not dynamic_degree.is_dynamic([12.0] * 11 + [0.0] * 35, 480, 832, 47)
+    assert dynamic_degree.is_dynamic([12.0] * 12 + [0.0] * 34, 480, 832, 47)
     # 2 frames need round(0.5) = 0 pairs: VBench calls any 2-frame clip dynamic; no pair at all is not
     assert dynamic_degree.is_dynamic([0.0], 480, 832, 2) and not dynamic_degree.is_dynamic([], 480, 832, 1)
 
@@ -674,12 +739,8 @@ def test_raft_pieces_and_load_errors(tmp_path):
 @pytest.mark.skipif(not os.environ.get("DFD_RAFT_REPO"), reason="set DFD_RAFT_REPO to a princeton-vl/RAFT checkout")
 def test_raft_matches_upstream(tmp_path):
     """Opt-in parity: the same random weights through princeton-vl/RAFT's own core/raft.py and through ours."""
-    import argparse
-    import sys
-    sys.path.insert(0, os.path.join(os.environ["DFD_RAFT_REPO"], "core"))
-    from raft import RAFT as Upstream  # noqa: E402 (princeton-vl/RAFT's module, found through the path above)
     path = tv.build_raft(str(tmp_path / "raft.pth"))
-    up = Upstream(argparse.Namespace(small=False, mixed_precision=False, alternate_corr=False)).eval()
+    up = vr.load_raft_upstream(os.environ["DFD_RAFT_REPO"])().eval()
     up.load_state_dict({k.removeprefix("module."): v for k, v in torch.load(path, weights_only=True).items()})
     ours = raft.load_raft(path, "cpu")
     a = torch.rand(1, 3, 128, 192, generator=torch.Generator().manual_seed(1)) * 255
@@ -690,8 +751,8 @@ def test_raft_matches_upstream(tmp_path):
 
 def test_evaluate_dynamic_degree_imaging_quality_motion_smoothness(tmp_path, monkeypatch):
     """--raft, --musiq and --amt end to end (random weights, so only the plumbing is checked: the per-video values are
-    what the dimensions give on the decoded frames, the averages gain the +dyn. column and leave imaging quality
-    out, small frames are refused by RAFT)."""
+    what the dimensions give on the decoded frames, the paper mean leaves dynamic degree and imaging quality out,
+    VBench's Quality Score has them, small frames are refused by RAFT)."""
     monkeypatch.setattr(dynamic_degree, "ITERS", 1)  # 20 refinements of a full-size RAFT are slow on a CPU
     path = tv.build_raft(str(tmp_path / "raft.pth"))
     for s in range(2):
@@ -713,11 +774,11 @@ def test_evaluate_dynamic_degree_imaging_quality_motion_smoothness(tmp_path, mon
         assert row["dynamic_degree"] == dim(frames, None, 8.0)
         assert row["imaging_quality"] == pytest.approx(iq(frames), abs=1e-6)
         assert row["motion_smoothness"] == pytest.approx(ms(frames), abs=1e-6)
-    summary = m["summary"]  # imaging quality is in neither average
-    paper = (summary["temporal_flickering"] + summary["motion_smoothness"]) / 2
-    assert summary["vbench_average"] == pytest.approx(paper)
-    assert summary["vbench_average_dynamic"] == pytest.approx((2 * paper + summary["dynamic_degree"]) / 3)
-    assert "VBench avg. (+dyn.) adds dynamic degree" in open(os.path.join(out, "report.md")).read()
+    summary = m["summary"]
+    assert summary["paper_average"] == pytest.approx((summary["temporal_flickering"] + summary["motion_smoothness"]) / 2)
+    four = ["temporal_flickering", "motion_smoothness", "dynamic_degree", "imaging_quality"]
+    assert summary["vbench_quality_score"] == pytest.approx(vbench.quality_score({k: summary[k] for k in four}))
+    assert "not computed, so this is the same formula over the 4 of 7 present" in open(os.path.join(out, "report.md")).read()
     with pytest.raises(ValueError, match="128 x 128"):
         dim(np.zeros((3, 64, 96, 3), np.uint8), None, 8.0)
     with pytest.raises(ValueError, match="128 x 128"):
@@ -734,6 +795,15 @@ def test_imaging_quality_preprocess_sizes_and_values():
     torch.testing.assert_close(x, torch.full_like(x, 0.2))
     small = imaging_quality.preprocess(np.full((1, 300, 500, 3), 255, np.uint8))
     assert tuple(small.shape) == (1, 3, 300, 500) and float(small.max()) == 1.0  # not resized below 512
+
+
+def test_imaging_quality_bilinear_halving_is_2x2_means():
+    """Above 512 on the longer side: bilinear without antialiasing; at exactly half size that samples between pixel
+    pairs, i.e. the means of 2x2 blocks (600 x 1024 -> 300 x 512), then / 255."""
+    x = np.random.default_rng(3).integers(0, 256, (1, 600, 1024, 3)).astype(np.uint8)
+    want = x.astype(np.float64).reshape(1, 300, 2, 512, 2, 3).mean((2, 4)) / 255
+    got = imaging_quality.preprocess(x).permute(0, 2, 3, 1).double().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_musiq_hashed_positions_and_padding():
@@ -774,41 +844,11 @@ def test_musiq_load_errors(tmp_path):
         musiq.load_musiq(str(tmp_path / "other.pth"), "cpu")
 
 
-def load_pyiqa_musiq(repo: str):
-    """pyiqa's musiq_arch.py from a checkout, without importing pyiqa (its package imports torchvision): the three
-    modules it needs are loaded from their files and its other imports are stubbed."""
-    import importlib.util
-    import sys
-    import types
-
-    def module(name, path=None, **attrs):
-        if path:
-            spec = importlib.util.spec_from_file_location(name, os.path.join(repo, path))
-            m = importlib.util.module_from_spec(spec)
-            sys.modules[name] = m
-            spec.loader.exec_module(m)
-        else:
-            m = types.ModuleType(name)
-            m.__dict__.update(attrs)
-            sys.modules[name] = m
-        return m
-
-    for pkg in ("pyiqa", "pyiqa.archs", "pyiqa.data", "pyiqa.utils"):
-        module(pkg)
-    pad = module("pyiqa.matlab_utils.padding", "pyiqa/matlab_utils/padding.py")
-    module("pyiqa.matlab_utils", ExactPadding2d=pad.ExactPadding2d, exact_padding_2d=pad.exact_padding_2d)
-    module("pyiqa.data.multiscale_trans_util", "pyiqa/data/multiscale_trans_util.py")
-    module("pyiqa.archs.arch_util", get_url_from_name=lambda n: n, load_pretrained_network=None,
-           dist_to_mos=lambda d: (d * torch.arange(1, d.shape[-1] + 1).to(d)).sum(-1, keepdim=True))
-    module("pyiqa.utils.registry", ARCH_REGISTRY=types.SimpleNamespace(register=lambda: (lambda c: c)))
-    return module("pyiqa.archs.musiq_arch", "pyiqa/archs/musiq_arch.py")
-
-
 @pytest.mark.skipif(not os.environ.get("DFD_PYIQA_REPO"),
                     reason="set DFD_PYIQA_REPO to a chaofengc/IQA-PyTorch checkout")
 def test_musiq_matches_pyiqa(tmp_path):
     """Opt-in parity: the same random full-size weights through pyiqa's MUSIQ and ours, on frames of three shapes."""
-    upstream = load_pyiqa_musiq(os.environ["DFD_PYIQA_REPO"])
+    upstream = vr.load_pyiqa_musiq(os.environ["DFD_PYIQA_REPO"])
     torch.manual_seed(0)
     ref = upstream.MUSIQ(pretrained=False).eval()
     with torch.no_grad():
@@ -863,6 +903,16 @@ def test_motion_smoothness_known_answers():
         motion_smoothness.smoothness_score(static[:2], copy_previous)
 
 
+
+def test_motion_smoothness_truncates_the_prediction():
+    """VBench's tensor2img turns the prediction into uint8 by truncation: 100.7 / 255 is 100, so a static clip at 100
+    scores 1 (rounding would make it 101, one grey level off)."""
+    static = np.full((5, 32, 48, 3), 100, np.uint8)
+    assert motion_smoothness.smoothness_score(static, lambda a, b: torch.full_like(a, 100.7 / 255)) == 1.0
+    assert motion_smoothness.smoothness_score(static, lambda a, b: torch.full_like(a, 101.2 / 255)) == \
+        pytest.approx((255 - 1) / 255)
+
+
 def test_amt_checkpoint_layout_and_errors(tmp_path):
     """The keys and shapes of VBench's AMT-S (read off the model its networks/AMT-S.py builds: 213 entries,
     2,990,543 parameters)."""
@@ -886,39 +936,11 @@ def test_amt_checkpoint_layout_and_errors(tmp_path):
         amt.load_amt(str(tmp_path / "other.pth"), "cpu")
 
 
-def load_vbench_amt(repo: str):
-    """VBench's AMT-S (vbench/third_party/amt/networks/AMT-S.py and its blocks) from a checkout, without importing
-    the vbench package: the files are loaded by path under their package names."""
-    import importlib.util
-    import sys
-    import types
-
-    def module(name, path=None):
-        if path is None:
-            m = types.ModuleType(name)
-            m.__path__ = []
-            sys.modules[name] = m
-            return m
-        spec = importlib.util.spec_from_file_location(name, os.path.join(repo, path))
-        m = importlib.util.module_from_spec(spec)
-        sys.modules[name] = m
-        spec.loader.exec_module(m)
-        return m
-
-    base = "vbench.third_party.amt"
-    for pkg in ("vbench", "vbench.third_party", base, base + ".utils", base + ".networks", base + ".networks.blocks"):
-        module(pkg)
-    module(base + ".utils.flow_utils", "vbench/third_party/amt/utils/flow_utils.py")
-    for block in ("raft", "feat_enc", "ifrnet", "multi_flow"):
-        module(f"{base}.networks.blocks.{block}", f"vbench/third_party/amt/networks/blocks/{block}.py")
-    return module(base + ".networks.AMT_S", "vbench/third_party/amt/networks/AMT-S.py")
-
-
 @pytest.mark.skipif(not os.environ.get("DFD_VBENCH_REPO"),
                     reason="set DFD_VBENCH_REPO to a Vchitect/VBench checkout")
 def test_amt_matches_vbench(tmp_path):
     """Opt-in parity: the same random weights through VBench's AMT-S and ours."""
-    upstream = load_vbench_amt(os.environ["DFD_VBENCH_REPO"])
+    upstream = vr.load_vbench_amt(os.environ["DFD_VBENCH_REPO"])
     ours = amt.load_amt(tv.build_amt(str(tmp_path / "amt.pth")), "cpu")
     ref = upstream.Model(corr_radius=3, corr_lvls=4, num_flows=3).eval()
     ref.load_state_dict(torch.load(tmp_path / "amt.pth", weights_only=True)["state_dict"])

@@ -12,6 +12,8 @@ build_amt(file)           an AMT-S checkpoint with random weights in the layout 
 build_musiq(file)         a MUSIQ checkpoint with random weights in the layout of pyiqa's (a narrow transformer).
 build_dino(dir)           a Dinov2Model + BitImageProcessor folder (the layout of facebook/dinov2-large),
                           1 layer, hidden 16, 28x28 input in 7x7 patches.
+build_all(dir)            every model above under one folder, named as docs/evaluation.md's tiny run uses them
+                          (`python tests/tiny_vision.py DIR`).
 write_video(path, frames) a uint8 [T, H, W, 3] clip through dfd_video.video.write_mp4 (H.264, yuv420p).
 counter_frames(...)       frames whose brightness encodes the frame index, so a decoded frame tells which it was.
 pose_trajectory(...)      camera-to-world poses [N, 4, 4] moving on a straight line at constant speed while
@@ -174,6 +176,26 @@ def build_musiq(path: str, seed: int = 0, dim: int = 32, layers: int = 2, classe
     return path
 
 
+ALL = ("clip", "dino", "vb_dino", "vb_clip_b32", "vb_clip_l14", "aesthetic_head.pth", "musiq.pth", "raft.pth",
+       "amt.pth", "dreamsim")
+
+
+def build_all(folder: str) -> None:
+    """Every tiny model of this file under `folder` (names in ALL): clip/ and dino/ (the diversity encoders), vb_dino/,
+    vb_clip_b32/, vb_clip_l14/, aesthetic_head.pth, musiq.pth, raft.pth, amt.pth and dreamsim/ (the VBench models)."""
+    j = lambda name: os.path.join(folder, name)  # noqa: E731
+    build_clip(j("clip"))
+    build_dino(j("dino"))
+    build_dino_vit(j("vb_dino"))
+    build_clip(j("vb_clip_b32"), image_size=224, patch_size=32)
+    build_clip(j("vb_clip_l14"), seed=1, image_size=224, patch_size=14)
+    build_aesthetic_head(j("aesthetic_head.pth"))
+    build_musiq(j("musiq.pth"))
+    build_raft(j("raft.pth"))
+    build_amt(j("amt.pth"))
+    build_dreamsim(j("dreamsim"))
+
+
 def write_video(path: str, frames: np.ndarray, fps: float = 8) -> str:
     """uint8 [T, H, W, 3] -> `path` (.mp4, H.264) with the project's own writer; H and W must be even."""
     import dfd_video.video
@@ -250,3 +272,16 @@ def wrapped_angle(deg: float) -> float:
     """The rotation angle in [0, 180] of a rotation by `deg` degrees about one axis."""
     d = deg % 360.0
     return min(d, 360.0 - d)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dfd_video, for the networks
+    parser = argparse.ArgumentParser(description="Writes every tiny random model of this file under FOLDER.")
+    parser.add_argument("folder", help="where to write them (" + ", ".join(ALL) + ")")
+    folder = parser.parse_args().folder
+    taken = [name for name in ALL if os.path.exists(os.path.join(folder, name))]
+    if taken:
+        parser.error(f"{os.path.join(folder, taken[0])}: exists; remove it or give another folder")
+    build_all(folder)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from dfd_video.files import atomic_write, fail, write_text
-from dfd_video.evaluation.vbench import (FOLLOWS as VBENCH_FOLLOWS, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
-                              averages as vbench_averages, build as build_vbench)
+from dfd_video.evaluation.vbench import (FOLLOWS as VBENCH_FOLLOWS, I2V_QUALITY, PAPER_AVERAGE as VBENCH_PAPER_AVERAGE,
+                                         QUALITY, averages as vbench_averages, build as build_vbench)
 from dfd_video.evaluation.vbench.common import quiet_transformers
 from dfd_video.video import read_prompts, read_video_frames
 
@@ -350,7 +350,7 @@ def evaluate_folder(folder: str, encoders: dict[str, ImageEncoder], poses_dir: s
         summary[k] = float(np.mean([r[k] for r in per_video.values()]))
     for d in vbench:
         summary[d.name] = float(np.mean([r[d.name] for r in per_video.values()]))
-    summary.update(vbench_averages(summary))
+    summary.update(vbench_averages(summary, i2v=bool(images)))
     return {"folder": folder, "prompts": len(index), "videos": len(jobs), "summary": summary,
             "per_prompt": {str(i): r for i, r in per_prompt.items()}, "per_video": per_video, "middle": middle}
 
@@ -359,7 +359,7 @@ VBENCH_LABELS = {"subject_consistency": "subject cons.", "background_consistency
                  "temporal_flickering": "temporal flicker.", "aesthetic_quality": "aesthetic",
                  "i2v_subject": "I2V subject", "i2v_background": "I2V background", "dynamic_degree": "dynamic degree",
                  "imaging_quality": "imaging quality", "motion_smoothness": "motion smooth.",
-                 "vbench_average": "VBench avg.", "vbench_average_dynamic": "VBench avg. (+dyn.)"}
+                 "paper_average": "paper mean", "vbench_quality_score": "VBench quality"}
 
 
 def _column_label(key: str) -> str:
@@ -379,8 +379,13 @@ def report_markdown(report: dict) -> str:
     """One row per method (the paper's Table 1 layout for the columns it has), then what each column means."""
     methods = report["methods"]
     keys = list(methods[0]["summary"])
+    labels = [_column_label(k) for k in keys]
+    q = report["settings"].get("vbench_quality_score")
+    if q and q["missing"]:  # a partial score says so in its header
+        n = len(q["dimensions"])
+        labels[keys.index("vbench_quality_score")] += f" ({n} of {n + len(q['missing'])})"
     lines = ["# Evaluation", "",
-             "| method | prompts | videos | " + " | ".join(_column_label(k) for k in keys) + " |",
+             "| method | prompts | videos | " + " | ".join(labels) + " |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for m in methods:
         lines.append(f"| {m['name']} | {m['prompts']} | {m['videos']} | "
@@ -397,22 +402,49 @@ def report_markdown(report: dict) -> str:
               "per video, averaged over videos; endpoint and trajectory distances and endpoint spread per prompt "
               "across seeds, averaged over prompts. Saturation: mean HSV saturation; clipped: fraction of pixels "
               "with a channel at 0 or 255."]
-    vb = s.get("vbench") or {}
-    if vb:
-        used = s.get("vbench_average") or []
-        models = {k: " + ".join(p for p in (v["model"], v.get("head")) if p) or "no model" for k, v in vb.items()}
-        named = "; ".join(f"{VBENCH_LABELS[k]} = `{v['follows']}` ({models[k]})" for k, v in vb.items())
-        lines += ["", "VBench columns (higher is better; scored per video, averaged over videos), each as in the "
-                  f"VBench file named: {named}. "
-                  + (f"VBench avg. = the mean of {', '.join(used)}: the dimensions of the paper's quality average "
-                     "that were computed. " if used else "")
-                  + ("VBench avg. (+dyn.) adds dynamic degree." if "dynamic_degree" in vb else
-                     "Dynamic degree was not computed, so there is no average with it.")]
+    if s.get("vbench"):
+        lines += ["", vbench_note(s)]
     if s.get("note"):
         lines += ["", s["note"]]
     for path in report.get("figures", []):
         lines += ["", f"![{os.path.basename(path)}]({os.path.basename(path)})"]
     return "\n".join(lines) + "\n"
+
+
+def vbench_note(s: dict) -> str:
+    """What the VBench columns and the two averages of report.md are, from the report's settings."""
+    vb = s["vbench"]
+    models = {k: " + ".join(p for p in (v["model"], v.get("head")) if p) or "no model" for k, v in vb.items()}
+    named = "; ".join(f"{VBENCH_LABELS[k]} = `{v['follows']}` ({models[k]})" for k, v in vb.items())
+    text = ("VBench columns (higher is better; scored per video, averaged over videos), each as in the VBench file "
+            f"named: {named}.")
+    if s.get("paper_average"):
+        text += (f" Paper mean = the plain mean of {', '.join(s['paper_average'])}, as the paper's \"Average VBench\" "
+                 "(Table 1) and \"Average\" (Tables 3, 4) are taken; compare methods only on means over the same "
+                 "dimensions.")
+    q = s.get("vbench_quality_score")
+    if q:
+        text += (f" VBench quality = {q['name']} (VBench's scripts/constant.py bounds and weights: each dimension "
+                 "normalised to its (x - Min) / (Max - Min), dynamic degree weighted 1/2) over "
+                 f"{', '.join(q['dimensions'])}")
+        text += (f"; {', '.join(q['missing'])} not computed, so this is the same formula over the "
+                 f"{len(q['dimensions'])} of {len(q['dimensions']) + len(q['missing'])} present, not VBench's "
+                 "number." if q["missing"] else ".")
+    return text
+
+
+def vbench_settings(vbench: Sequence, i2v: bool) -> dict:
+    """The report's record of the VBench dimensions run: the file each follows and its model, and the dimensions
+    behind the paper mean and the VBench quality score."""
+    names = [d.name for d in vbench]
+    wanted = I2V_QUALITY if i2v else QUALITY
+    quality = [k for k in wanted if k in names]
+    return {"vbench": {d.name: {"follows": VBENCH_FOLLOWS[d.name], "model": d.folder,
+                                **({"head": d.head_path} if hasattr(d, "head_path") else {})} for d in vbench},
+            "paper_average": [k for k in VBENCH_PAPER_AVERAGE if k in names],
+            "vbench_quality_score": {"name": "VBench-I2V's Quality Score" if i2v else "VBench's Quality Score",
+                                     "dimensions": quality, "missing": [k for k in wanted if k not in names]}
+            if quality else None}
 
 
 def seeds_figure(path: str, prompt: int, names: list[str], middles: list[dict[int, dict[int, np.ndarray]]],
@@ -557,11 +589,7 @@ def run(spec, args: argparse.Namespace) -> dict:
                            "encoders": {k: {"folder": e.folder, "class": e.name,
                                             "processor": type(e.processor).__name__} for k, e in encoders.items()},
                            "poses": args.poses, "relative_poses": args.relative_poses, "prompts": args.prompts,
-                           "vbench": {d.name: {"follows": VBENCH_FOLLOWS[d.name], "model": d.folder,
-                                               **({"head": d.head_path} if hasattr(d, "head_path") else {})}
-                                      for d in vbench},
-                           "vbench_average": [k for k in VBENCH_PAPER_AVERAGE if any(d.name == k for d in vbench)],
-                           "i2v_images": args.i2v_images},
+                           **vbench_settings(vbench, bool(args.i2v_images)), "i2v_images": args.i2v_images},
               "methods": [{"name": n, **r} for n, r in zip(names, results)], "figures": figures}
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
     write_text(os.path.join(args.out, "report.md"), report_markdown(report))

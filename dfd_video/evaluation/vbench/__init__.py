@@ -20,7 +20,8 @@ and `__call__(frames uint8 [T, H, W, 3], image uint8 [H, W, 3] | None, fps) -> f
 common.Dimension); a dimension's value for a method is the mean of its per-video scores."""
 from __future__ import annotations
 
-# The paper's quality average (its Tables 1, 3, 4) and the extra dimensions it reports outside it.
+# The paper's "Average" / "Average VBench" (Tables 1, 3, 4): the plain mean of the dimensions it reports beside it
+# (Table 1, text-to-video: the first five; Tables 3 and 4, image-to-video: all seven). Not VBench's Quality Score.
 PAPER_AVERAGE = ("subject_consistency", "background_consistency", "aesthetic_quality", "temporal_flickering",
                  "motion_smoothness", "i2v_subject", "i2v_background")
 ORDER = PAPER_AVERAGE + ("dynamic_degree", "imaging_quality")
@@ -34,18 +35,40 @@ FOLLOWS = {"subject_consistency": "vbench/subject_consistency.py",
            "imaging_quality": "vbench/imaging_quality.py",
            "motion_smoothness": "vbench/motion_smoothness.py"}
 
+# VBench's own Quality Score (scripts/constant.py and cal_final_score.py, github.com/Vchitect/VBench at 45e79ec):
+# each dimension's score x as (x - Min) / (Max - Min) (NORMALIZE_DIC), times its weight (DIM_WEIGHT), summed and
+# divided by the weights' sum, over QUALITY_LIST. VBench-I2V's (cal_i2v_final_score.py: NORMALIZE_DIC_I2V,
+# DIM_WEIGHT_I2V, I2V_QUALITY_LIST) has the same bounds and weights without temporal flickering.
+QUALITY_BOUNDS = {"subject_consistency": (0.1462, 1.0), "background_consistency": (0.2615, 1.0),
+                  "temporal_flickering": (0.6293, 1.0), "motion_smoothness": (0.706, 0.9975),
+                  "dynamic_degree": (0.0, 1.0), "aesthetic_quality": (0.0, 1.0), "imaging_quality": (0.0, 1.0)}
+QUALITY_WEIGHTS = {k: 0.5 if k == "dynamic_degree" else 1.0 for k in QUALITY_BOUNDS}
+QUALITY = tuple(QUALITY_BOUNDS)
+I2V_QUALITY = tuple(k for k in QUALITY if k != "temporal_flickering")
 
-def averages(summary: dict[str, float]) -> dict[str, float]:
-    """The paper's quality average over the dimensions of PAPER_AVERAGE present in `summary` ("vbench_average"),
-    and, when dynamic degree is present, the average over those and dynamic degree ("vbench_average_dynamic").
-    Imaging quality is in neither (the paper leaves it out). Empty when no averaged dimension is present."""
+
+def paper_mean(summary: dict[str, float]) -> float | None:
+    """The paper's plain mean over the dimensions of PAPER_AVERAGE present in `summary` (None when none is)."""
     used = [k for k in PAPER_AVERAGE if k in summary]
+    return sum(summary[k] for k in used) / len(used) if used else None
+
+
+def quality_score(summary: dict[str, float], i2v: bool = False) -> float | None:
+    """VBench's Quality Score (VBench-I2V's with i2v) over the quality dimensions present in `summary`: with all of
+    them, VBench's number; with some missing, the same normalised weighted mean over those present (VBench's script
+    would count a missing one as a score of 0). None when none is present."""
+    used = [k for k in (I2V_QUALITY if i2v else QUALITY) if k in summary]
     if not used:
-        return {}
-    out = {"vbench_average": sum(summary[k] for k in used) / len(used)}
-    if "dynamic_degree" in summary:
-        out["vbench_average_dynamic"] = (sum(summary[k] for k in used) + summary["dynamic_degree"]) / (len(used) + 1)
-    return out
+        return None
+    normalised = {k: (summary[k] - QUALITY_BOUNDS[k][0]) / (QUALITY_BOUNDS[k][1] - QUALITY_BOUNDS[k][0]) for k in used}
+    return sum(QUALITY_WEIGHTS[k] * normalised[k] for k in used) / sum(QUALITY_WEIGHTS[k] for k in used)
+
+
+def averages(summary: dict[str, float], i2v: bool = False) -> dict[str, float]:
+    """The report's two averages, each where it has a dimension: "paper_average" (paper_mean) and
+    "vbench_quality_score" (quality_score)."""
+    out = {"paper_average": paper_mean(summary), "vbench_quality_score": quality_score(summary, i2v)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def build(device, dino: str | None = None, clip_b32: str | None = None, aesthetic_clip: str | None = None,

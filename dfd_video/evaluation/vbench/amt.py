@@ -11,7 +11,11 @@ motion smoothness uses (vbench/third_party/amt: networks/AMT-S.py and networks/b
     refined by a correlation lookup at the flows' targets (flow to 1 scaled by 1/t, flow to 0 by 1/(1-t)) and a
     small update block; the last decoder gives 3 flow pairs, blending masks and residuals at full resolution
   the frame: each of the 3 pairs warps both images (bilinear, border padding), blends them by its mask, adds the
-    mean and its residual; the 3 candidates' mean plus a small convolution of all of them, clamped to 0..1."""
+    mean and its residual; the 3 candidates' mean plus a small convolution of all of them, clamped to 0..1.
+
+Checked against VBench's vendored AMT-S (the commit in tests/data/vbench_reference.json; MCG-NKU/AMT's code with
+VBench's import paths) on seeded random weights: tests/test_vbench_reference.py, and live with DFD_VBENCH_REPO in
+tests/test_vbench.py."""
 from __future__ import annotations
 
 import torch

@@ -19,7 +19,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def read_all_frames(path: str) -> tuple[np.ndarray, float]:
     """Every frame of a video, uint8 RGB [T, H, W, 3], and its frame rate (VBench's load_video reads all frames for
-    the dimensions here); ValueError naming the file when it is unreadable or has fewer than 2 frames."""
+    the dimensions here); ValueError naming the file when it is unreadable or has fewer than 2 frames. Decoded by
+    PyAV, where VBench uses decord or OpenCV: their YUV-to-RGB conversions can differ by a grey level."""
     import av
     try:
         with av.open(path) as box:
@@ -155,5 +156,6 @@ def clip_image_embeds(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """fn over x [N, ...] in chunks of `batch` (bounded memory on long clips), concatenated, float32 on the CPU."""
+    """fn over x [N, ...] in chunks of `batch` (bounded memory on long clips), concatenated, float32 on the CPU.
+    VBench runs the frames one at a time; batches change only the floating-point rounding."""
     return torch.cat([fn(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)])

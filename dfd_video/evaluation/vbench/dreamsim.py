@@ -23,7 +23,13 @@ with the hub folder set to DIR):
   open_clip_vitb16_pretrain.pth.tar         the same for OpenCLIP
   ensemble_lora/adapter_config.json         peft's LoRA config (r, lora_alpha, target_modules ["qkv"])
   ensemble_lora/adapter_model.safetensors   (or adapter_model.bin) peft's LoRA weights
-(DreamSim's dino_vitb16_pretrain.pth, DINO's projection head, is not used by the ensemble's features.)"""
+(DreamSim's dino_vitb16_pretrain.pth, DINO's projection head, is not used by the ensemble's features.) The release
+zip's layout (files at its top level) is read from DreamSim's code, which checks its cache folder for them, not from
+the zip itself.
+
+Checked against the package's `dreamsim(pretrained=True)` (the commit in tests/data/vbench_reference.json) on
+seeded random weights at a narrower width: tests/test_vbench_reference.py; live, at full size, with the package
+installed: tests/test_dreamsim_reference.py."""
 from __future__ import annotations
 
 import json

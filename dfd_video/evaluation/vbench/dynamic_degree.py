@@ -9,7 +9,7 @@ Model: RAFT trained on FlyingThings (`raft-things.pth` from the RAFT release, --
 Score per video: per pair, the mean of the largest int(0.05 * h * w) flow magnitudes sqrt(u^2 + v^2) over the padded
 h x w frame; the video is dynamic (1) when at least round(4 * n / 16) pairs score above 6 * min(H, W) / 256, with n
 the number of sampled frames and H x W the frame size (Python's round: halves go to the even number), else 0. The
-dimension is the fraction of dynamic videos."""
+dimension is the fraction of dynamic videos. RAFT at full resolution is slow on a CPU: use --device cuda."""
 from __future__ import annotations
 
 import numpy as np

@@ -8,7 +8,9 @@ Frames sampled: every frame of the video, and the conditioning image given with 
 Model: DreamSim's ensemble embedding (DINO + CLIP + OpenCLIP ViT-B/16 with DreamSim's LoRA; --vbench-dreamsim).
 Preprocessing (both the frames and the image): float 0..255, resized to 224 x 224 regardless of the aspect ratio
   (bicubic, antialiased: torchvision's default for tensors since 0.17, and what PIL does to VBench's image),
-  divided by 255; no mean / std here (each DreamSim branch applies its own).
+  divided by 255; no mean / std here (each DreamSim branch applies its own). VBench resizes the image with PIL,
+  which clamps and rounds to uint8 after each of its two passes, so the two part at sharp edges; under torchvision
+  older than 0.17 VBench's frames would be resized without antialiasing.
 Score per video: the I2V subject formula on these embeddings,
   0.4 * max_t max(0, cos(g, f_t)) + 0.3 * mean_{t>=1} c_t + 0.3 * min_{t>=1} c_t,  c_t = max(0, cos(f_t, f_{t-1})),
 and the dimension is the mean over videos."""

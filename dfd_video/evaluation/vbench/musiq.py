@@ -12,7 +12,11 @@ read from the checkpoint, so a tiny one in the same layout works too. Inference 
     -> 8 x 8 x 256 flattened (height, width, channel) -> linear to the hidden width
   transformer: [CLS] + tokens + hashed-position and scale embeddings, pre-norm blocks with masked attention (masked
     logits set to -1000, as pyiqa does), final LayerNorm; the head on [CLS] (one output: the score; several: a
-    distribution over 1..C whose mean is the score)."""
+    distribution over 1..C whose mean is the score).
+
+Checked against pyiqa's own code (IQA-PyTorch at the commit in tests/data/vbench_reference.json) on seeded random
+weights: tests/test_vbench_reference.py, and live with DFD_PYIQA_REPO in tests/test_vbench.py. VBench does not pin
+pyiqa; an older pyiqa may resize the scales differently."""
 from __future__ import annotations
 
 import math

@@ -9,7 +9,10 @@ dropout, no mixed precision, no "alternate" CUDA correlation.
   cnet: context encoder (batch norm) -> hidden state tanh(128) and context relu(128), for the first image
   all-pairs correlation <f1(p), f2(q)> / sqrt(256), average-pooled over q into 4 levels
   `iters` times: look up a (2*4+1)^2 window around the current match at every level, motion encoder, separable
-  ConvGRU, flow head (residual flow), and a mask for the convex 8x upsampling of the final flow."""
+  ConvGRU, flow head (residual flow), and a mask for the convex 8x upsampling of the final flow.
+
+Checked against princeton-vl/RAFT's code (the commit in tests/data/vbench_reference.json) on seeded random weights:
+tests/test_vbench_reference.py, and live with DFD_RAFT_REPO in tests/test_vbench.py."""
 from __future__ import annotations
 
 import torch
