@@ -1,6 +1,7 @@
 """Measurement: one DFD step under FSDP2 bf16 against diffusers' own mixed precision, before and after the fp32 islands.
 
     python bench/bench_fp32_islands.py                                      # tiny Wan and Cosmos, 3 seeds, ~2 min
+    python bench/bench_fp32_islands.py --out bench/results/fp32_islands_tiny.md   # the result file docs/numerics.md quotes
     python bench/bench_fp32_islands.py --size real --seeds 0 --models wan   # real widths (dfd_video/configs), 1 block, ~3 min
     python bench/bench_fp32_islands.py --size real --seeds 0 --models cosmos --modes diffusers fsdp_before fsdp_after
                                                                             # ~3 min, ~10 GB
@@ -43,8 +44,9 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench")]
 import dfd  # noqa: E402
+from result_file import add_out_flag, result_file  # noqa: E402
 from dfd_video.distributed import cast_keeping_fp32, fp32_islands, setup_distributed, shard  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "dfd_video", "configs")
@@ -223,11 +225,17 @@ def main(argv=None) -> dict:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="a subset (the real-width Cosmos: diffusers fsdp_before fsdp_after, ~10 GB)")
     p.add_argument("--threads", type=int, default=2)
+    add_out_flag(p)
     args = p.parse_args(argv)
     if "diffusers" not in args.modes or ("fp32_fsdp" in args.modes and "fp32" not in args.modes):
         p.error("--modes needs diffusers (the reference), and fp32 with fp32_fsdp")
     torch.set_num_threads(args.threads)
     d = setup_distributed("cpu")
+    with result_file(args.out, f"One DFD step under FSDP2 bf16 against diffusers' bf16 forward ({args.size} size, CPU)"):
+        return compare_models(args, d)
+
+
+def compare_models(args: argparse.Namespace, d) -> dict:
     results = {}
     for model in args.models:
         t0 = time.perf_counter()

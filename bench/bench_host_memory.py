@@ -8,6 +8,7 @@ too; a full optimizer state is 2 networks x 2 moments = 4 networks' fp32 bytes).
   python bench/bench_host_memory.py --resume           # resuming from a step-0 checkpoint instead
   python bench/bench_host_memory.py --lora             # a --lora-rank 16 run (two bases: teacher, student)
   python bench/bench_host_memory.py --code OTHER_DIR   # another checkout of the project (e.g. an older commit)
+  python bench/bench_host_memory.py --out bench/results/host_memory.md   # the result file docs/training.md quotes
 
 A random Wan transformer of ~70 M parameters (280 MB in fp32, large next to the ~0.4 GB torch itself takes) is saved
 as the base model, a second one as the DMD2 student (.safetensors: the fake score then starts from the teacher), and
@@ -86,9 +87,18 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help=f"measure a --lora-rank {LORA_RANK} run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="build", help=argparse.SUPPRESS)
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from result_file import add_out_flag, result_file
+    add_out_flag(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args.code, args.worker, args.mode)
+    what = "a train --resume" if args.resume else f"a --lora-rank {LORA_RANK} train" if args.lora else "a train"
+    with result_file(args.out, f"Peak host memory per rank while {what} run loads its networks (2 ranks, CPU / gloo)"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     sys.path.insert(0, ROOT)
     import torch
     from diffusers import WanTransformer3DModel
@@ -128,7 +138,8 @@ def main() -> None:
     what = ("teacher, student and fake score built and both optimizer states loaded by `train --resume`" if args.resume
             else f"teacher, student and fake score of a --lora-rank {LORA_RANK} run built" if args.lora
             else "teacher, student and fake score built")
-    print(f"{args.code}: a {n / 1e6:.1f} M-parameter Wan, {net_bytes / 2**20:.0f} MiB in fp32 per network; {what} "
+    code = "this checkout" if os.path.abspath(args.code) == ROOT else args.code
+    print(f"{code}: a {n / 1e6:.1f} M-parameter Wan, {net_bytes / 2**20:.0f} MiB in fp32 per network; {what} "
           "at 2 ranks")
     print("| rank | peak RSS above the start of `train` | - own shards | = loading cost | / one network's fp32 bytes |")
     print("| ---: | ---: | ---: | ---: | ---: |")

@@ -3,6 +3,7 @@ train-state bytes ratio LoRA / full (CPU, world of one, FSDP2 as dfd_video.train
 
   python bench/bench_lora.py                       # r = 8, latents 16 x 3 x 16 x 16, 12 rounds
   python bench/bench_lora.py --rank 4 16 --rounds 20 --clock wall
+  python bench/bench_lora.py --rank 8 32 --out bench/results/lora.md      # the result file docs/memory.md quotes
 
 A step is one fake-score update and one student update (dfd.fake_score_step + dfd.student_step: the student, the
 teacher with CFG, the fake score), timed for full weights and for LoRA in alternation, after a warm-up round,
@@ -27,6 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_wan_memory import BENCH_NET  # noqa: E402
+from result_file import add_out_flag, result_file  # noqa: E402
 
 TEXT_LEN = 512
 
@@ -67,7 +69,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="clips per step")
     ap.add_argument("--rounds", type=int, default=12, help="timed steps per setting (after one warm-up)")
     ap.add_argument("--clock", default="thread", choices=("thread", "wall"), help="thread: this thread's CPU time")
+    add_out_flag(ap)
     args = ap.parse_args()
+    with result_file(args.out, "LoRA vs full weights on the bench model (CPU)"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     import dfd
     import wan_dfd
     from dfd_video import distributed

@@ -1,9 +1,10 @@
-"""The memory planner (dfd_video/memory.py, `plan`) checked against measurement on the bench models (CPU).
+"""The memory planner (dfd_video/planning/memory.py, `plan`) checked against measurement on the bench models (CPU).
 
   python bench/bench_memory_plan.py                   # Wan: fp32 and bf16, full weights and LoRA r = 8, 3 clip sizes
   python bench/bench_memory_plan.py --dtype bf16 --sizes 2x8x8 --ranks 1
   python bench/bench_memory_plan.py --model cosmos --dtype bf16   # Cosmos-Predict2.5's bench model
   python bench/bench_memory_plan.py --model cosmos --count --dtype bf16   # the counts its table in planning/tables.py holds
+  python bench/bench_memory_plan.py --out bench/results/memory_plan_wan.md    # the result file docs/memory.md quotes
 
 Exact parts: the bytes each rank holds for parameters, gradients and AdamW state (train_state_bytes over the FSDP2
 shards after a real student step and fake-score step, world of one), against the planner's exact part.
@@ -37,6 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_wan_memory import BENCH_NET  # noqa: E402
+from result_file import add_out_flag, result_file  # noqa: E402
 
 TEXT_LEN = 512
 # Cosmos-Predict2.5-2B's structure (tests/tiny_cosmos.py: the condition mask as a 17th input channel, the padding mask
@@ -390,15 +392,19 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, help="also check the exact parts at this many ranks under "
                     "torchrun (gloo; 1: skip)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_out_flag(ap)
     args = ap.parse_args()
-    if args.worker:
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        torch.set_num_threads(1)
-        return ranks_worker(args)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(1)
-    if args.count:
-        return count(args)
+    if args.worker:
+        return ranks_worker(args)
+    title = f"The memory planner against measurement on the {'Wan' if args.model == 'wan' else 'Cosmos'} bench model (CPU)"
+    with result_file(args.out, title + (": what autograd saves, counted" if args.count else "")):
+        count(args) if args.count else check(args)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Predicted / measured per case as a markdown table, then the exact parts at --ranks ranks."""
     print("| dtype | weights | latent | tokens | checkpointing | activations predicted / measured (student step, "
           "fake step) | measured MiB | params + grads + AdamW predicted / measured |")
     print("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |")

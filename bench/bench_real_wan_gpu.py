@@ -4,7 +4,7 @@ random weights, so no download) runs a few DFD steps at 81 x 480 x 832, with ful
 prints the measured peak GPU memory and step time beside what the planner (`plan`, docs/memory.md) predicts.
 
   python bench/bench_real_wan_gpu.py                              # full weights, then LoRA r = 16; needs ~60 GB
-  python bench/bench_real_wan_gpu.py --lora 16 64 --steps 3
+  python bench/bench_real_wan_gpu.py --lora 16 64 --steps 3 --out bench/results/real_wan_gpu.md
   python bench/bench_real_wan_gpu.py --device cpu --blocks 1 --latent 2x4x4 --steps 1   # smoke test of this script
 
 Rows: what stays allocated after a step (parameters of the three networks and AdamW state; dfd frees the gradients
@@ -27,6 +27,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from result_file import add_out_flag, result_file  # noqa: E402
 
 
 def allocated(device: torch.device) -> tuple[int, int]:
@@ -114,9 +117,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one untimed)")
     ap.add_argument("--blocks", type=int, default=None, help="cut the config to this many blocks (smoke tests)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of this script")
+    add_out_flag(ap)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_real_wan_gpu.py: no CUDA device (it measures GPU memory; --device cpu runs a smoke test)")
+    with result_file(args.out, f"Real-size Wan2.1-T2V-1.3B training steps on {args.device}: measured memory and step "
+                     "time beside the planner"):
+        measure_all(args)
+
+
+def measure_all(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     with open(os.path.join(ROOT, "dfd_video", "configs", "wan2.1_t2v_1.3b_transformer.json")) as f:
         config = json.load(f)

@@ -1,7 +1,8 @@
 """Benchmark: what a DFD student step costs next to a DMD step and next to the network passes it is made of.
 
     python bench/bench_step.py                      # both sizes, about a minute on one CPU thread
-    python bench/bench_step.py --sizes video --repeats 60 --threads 2
+    python bench/bench_step.py --sizes video --repeats 60 --threads 2 --clock wall
+    python bench/bench_step.py --out bench/results/step.md    # the result file docs/method.md quotes
 
 For each size, on the same three networks (student, fake score, teacher) in one process, it times
   dmd    dfd.student_step with p = 0 (the teacher sees x~_t, the student's noised sample)
@@ -27,6 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dfd  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from result_file import add_out_flag, result_file  # noqa: E402
 
 
 class PointMLP(torch.nn.Module):
@@ -158,6 +162,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    add_out_flag(ap)
     a = ap.parse_args(argv)
     if a.threads < 1 or a.warmup < 0 or (a.repeats is not None and a.repeats < 1):
         raise SystemExit("bench_step.py: --threads and --repeats must be >= 1 and --warmup >= 0")
@@ -167,7 +172,11 @@ def main(argv=None) -> None:
         raise SystemExit("bench_step.py: --height must be even and --dim divisible by --heads")
     a.repeats = {"points": a.repeats or 200, "video": a.repeats or 20}
     torch.set_num_threads(a.threads)
+    with result_file(a.out, "DMD vs DFD student step against the bare network passes (CPU)"):
+        run(a)
 
+
+def run(a: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {a.threads} thread(s), {a.clock} clock; "
           "median (and 25-75% range) in ms over the timed rounds")
     rows = []

@@ -3,6 +3,7 @@ memory table it predicts for the real Wan2.1-T2V-1.3B on 8 x 80 GB GPUs.
 
   python bench/bench_wan_memory.py                 # measure (launches torchrun 1 and 2 ranks), then the table
   python bench/bench_wan_memory.py --table-only    # the computed table alone
+  python bench/bench_wan_memory.py --out bench/results/wan_memory.md    # the result file docs/training.md quotes
 
 Measured: bytes each rank holds for parameters + gradients + AdamW state (local FSDP2 shards of the student and
 the fake score, plus the frozen teacher's parameter shard), after real dfd.train steps on a small random Wan; and the
@@ -22,6 +23,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from result_file import add_out_flag, result_file  # noqa: E402
 
 BENCH_NET = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
                  text_dim=64, freq_dim=32, ffn_dim=512, num_layers=4, cross_attn_norm=True,
@@ -159,9 +163,16 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help="DFD student steps per measurement")
     ap.add_argument("--table-only", action="store_true", help="print the computed 1.3B table and exit")
+    add_out_flag(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.steps)
+    with result_file(args.out, "Per-rank train state of the FSDP2 set-up at 1 and 2 ranks (CPU / gloo), and the "
+                     "older rule of thumb for Wan2.1-T2V-1.3B"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     if not args.table_only:
         rows = measure(args.steps)
         one = max(r["trained"] + r["teacher"] for r in rows[0]["per_rank"])

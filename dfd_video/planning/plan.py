@@ -1,7 +1,7 @@
 """The `plan` subcommand: GPU memory per rank of a planned `train` run, by part, and the largest batch that fits.
 
   python wan_dfd.py plan --world-size 1 --lora-rank 16 --gpu-gb 48
-  python wan_dfd.py plan --table            # the tables of docs/memory.md
+  python wan_dfd.py plan --table --out bench/results/plan_wan.md    # the tables docs/memory.md quotes
 
 Nothing is loaded: the transformer is built on the meta device from --model-dir's config.json, or from the public
 config of the model in dfd_video/configs/. The model is dfd_video.planning.memory.plan_memory; docs/memory.md says which parts
@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
+import sys
 
 from dfd_video.cli import add_clip_args
+from dfd_video.files import write_error, write_text
 from dfd_video.planning.memory import (GiB, largest_batch, meta_network, network_sizes, part_rows, plan_model,
                                       read_config)
 
@@ -44,6 +47,10 @@ def add_args(p: argparse.ArgumentParser, spec=None) -> None:
                    "the CUDA context, NCCL buffers, the allocator's fragmentation")
     p.add_argument("--table", action="store_true", help="print the tables of docs/memory.md (full weights and LoRA "
                    "r = 16, 64 on 1, 2, 4, 8 GPUs of 24, 48, 80 GiB) for the other flags' clip and settings")
+    # not dest "out": the shared checks take --out for a folder, and this is a file that a rerun replaces
+    p.add_argument("--out", dest="out_file", default=None, metavar="FILE", help="also write what is printed to FILE "
+                   "as markdown, headed by the command that wrote it (replaced atomically if it exists; e.g. "
+                   "bench/results/plan_wan.md)")
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -52,6 +59,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         bad.append(f"--batch-per-gpu {args.batch_per_gpu}: must be >= 1")
     if not args.gpu_gb > 0 or args.reserve_gb < 0 or args.reserve_gb >= args.gpu_gb:
         bad.append(f"--gpu-gb {args.gpu_gb:g} / --reserve-gb {args.reserve_gb:g}: need 0 <= reserve < GPU")
+    if args.out_file is not None:
+        folder = os.path.dirname(os.path.abspath(args.out_file))
+        if os.path.isdir(args.out_file) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            bad.append(f"--out {args.out_file}: expected a file in an existing folder this process may write into")
     return bad
 
 
@@ -122,9 +133,9 @@ def tables(spec, sizes: dict, args: argparse.Namespace) -> str:
         L.append(f"| {name(r)} | " + " | ".join(cells) + " |")
     lora_ok = any((r, 48) in smallest and smallest[(r, 48)][0] == 1 for r in TABLE_WEIGHTS if r)
     full_ok = (0, 80) in smallest and smallest[(0, 80)][0] == 1
-    L += ["", f"goal, LoRA on one 48 GiB GPU at batch >= 1: {'met' if lora_ok else 'NOT met'}"
+    L += ["", f"- goal, LoRA on one 48 GiB GPU at batch >= 1: {'met' if lora_ok else 'NOT met'}"
           + ("" if not args.no_checkpointing else " (without activation checkpointing)"),
-          f"goal, full weights on one 80 GiB GPU at batch >= 1: {'met' if full_ok else 'NOT met'}"]
+          f"- goal, full weights on one 80 GiB GPU at batch >= 1: {'met' if full_ok else 'NOT met'}"]
     return "\n".join(L)
 
 
@@ -134,11 +145,28 @@ def run(spec, args: argparse.Namespace) -> dict:
         sizes = network_sizes(spec, meta_network(config))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise SystemExit(f"error: {e}")
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     source = f"--model-dir {args.model_dir}" if args.model_dir else f"public config, {os.path.relpath(path, here)}"
     if args.lora_rank:
         biggest = min(min(t) for t in sizes["lora_targets"])
         if args.lora_rank > biggest:
             raise SystemExit(f"error: --lora-rank {args.lora_rank}: larger than the smallest target layer ({biggest})")
-    print(tables(spec, sizes, args) if args.table else report(spec, sizes, args, source))
+    text = tables(spec, sizes, args) if args.table else report(spec, sizes, args, source)
+    print(text)
+    if args.out_file is not None:
+        write_result(args.out_file, spec, text)
     return plan_for(spec, sizes, args, args.world_size, args.lora_rank, args.batch_per_gpu)
+
+
+def write_result(path: str, spec, text: str) -> None:
+    """The printed plan as a markdown result file, headed by the command line that reproduces it (the numbers are
+    computed from configs alone, so a rerun gives the same file)."""
+    command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    body = text if text.lstrip().startswith("|") or "\n|" in text else f"```text\n{text}\n```"
+    head = (f"# GPU memory per rank planned for {spec.family}: computed, not measured\n\n"
+            f"Written by `{command}` (dfd_video/planning/plan.py); docs/memory.md says which parts are exact, "
+            "which counted and which rough.\n\n")
+    try:
+        write_text(path, head + body + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: {write_error(path, e)}")
