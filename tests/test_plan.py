@@ -1,4 +1,4 @@
-"""The memory planner (dfd_video/memory.py, `plan`): its exact parts equal the bytes FSDP2 + AdamW hold after a real
+"""The memory planner (dfd_video/planning/memory.py, `plan`): its exact parts equal the bytes FSDP2 + AdamW hold after a real
 step, full weights and LoRA (fake score on the teacher's base, the EMA of the adapter), at one rank and, from the
 shapes, at three; the subcommand's report, tables and refusals; the activation model of Wan and Cosmos against
 saved_tensors_hooks on their bench models at one clip size (bench/bench_memory_plan.py checks three)."""
