@@ -300,6 +300,7 @@ class CosmosAdapter(ModelSpec):
     caption's key in the data folder's prompts/ store: 103 MB per embedding, so one per unique caption)."""
 
     name, family = "cosmos", "Cosmos-Predict2.5"
+    transformer_class = "CosmosTransformer3DModel"
     data_keys = ("latents", "image", "text_key")
     defaults = {"guidance": 3.0, "steps": 300}  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
     text_len = TEXT_LEN

@@ -105,6 +105,7 @@ class WanAdapter(ModelSpec):
     """Wan2.1 text-to-video: the ModelSpec (dfd_video/spec.py) of WanTransformer3DModel."""
 
     name, family = "wan", "Wan"
+    transformer_class = "WanTransformer3DModel"
     data_keys = ("latents", "text")
     text_len = WAN_TEXT_LEN
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 import dfd
 from dfd_video import lora
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
-from dfd_video.files import check_writable
-from dfd_video.runs import run_files
+from dfd_video.files import check_writable, error_line
+from dfd_video.runs import held_run_error, release_run_locks, run_files
+from dfd_video.spec import model_family_error
 from dfd_video.weights import fastgen_prefix_exists
 
 
@@ -69,6 +72,9 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
                        help="continue from a checkpoint folder (no value: the latest one in --out)")
     again.add_argument("--overwrite", action="store_true", help="start afresh in a --out that holds an earlier run, "
                        "after renaming that run's folder to <out>.old-<date>-<time>")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: continue although this command "
+                   "changes flags that change the method (or --data) from the checkpoint's; each change is recorded "
+                   "in <out>/segments.jsonl (docs/errors.md)")
     p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100 \"iterations\"; "
                    "FastGen counts every update of either network, so its 100 are 20 student updates: "
                    "docs/recipe.md)")
@@ -116,16 +122,20 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
 # One rule per flag: (holds(value), what it must be). check_args applies those whose flag the subcommand has and
 # the command line gives (None: not given).
 _between = lambda lo, hi: lambda v: lo <= v <= hi
+_LR = "must be a finite number > 0 and < 1 (AdamW moves every weight by about lr per step; the paper: 1e-5)"
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "p": (_between(0.0, 1.0), "must be in [0, 1]"),
     "p_t_min": (_between(0.0, 1.0), "must be in [0, 1]"),
     "steps": (lambda v: v >= 1, "must be >= 1"),
     "batch_size": (lambda v: v >= 1, "must be >= 1"),
     "grad_accum": (lambda v: v >= 1, "must be >= 1"),
-    "lr": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
-    "lr_fake": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+    "lr": (lambda v: 0 < v < 1, _LR),
+    "lr_fake": (lambda v: 0 < v < 1, _LR),
     "fake_updates": (lambda v: v >= 0, "must be >= 0"),
-    "guidance": (lambda v: v >= 0, "must be >= 0"),
+    "guidance": (lambda v: 0 < v < math.inf, "must be a finite number > 0 (the teacher is uncond + g (cond - uncond): "
+                 "g = 1 is no guidance, g = 0 the negative prompt alone, g < 0 guides towards it)"),
+    "t_shift": (lambda v: 0 < v < math.inf, "must be a finite number > 0 (1: no shift; it maps t to s t / (1 + (s - 1) "
+                "t), which for s <= 0 leaves [0, 1] and is clamped to an end)"),
     "ema": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "per_shard": (lambda v: v >= 1, "must be >= 1"),
     "keep": (lambda v: v >= 1, "must be >= 1"),
@@ -164,6 +174,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if "batch_size" in given and args.grad_accum >= 1 and args.batch_size % (world * args.grad_accum):
         bad.append(f"--batch-size {args.batch_size} is not a multiple of ranks x --grad-accum "
                    f"= {world} x {args.grad_accum}")
+    if given.get("allow_changes") and args.resume is None:
+        bad.append("--allow-changes needs --resume (it lets a resumed run change its flags)")
     if given.get("stop_on_drift", 0) > 0 and not args.probe_every:
         bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
     if "t_min" in given and not 0.0 <= args.t_min < args.t_max <= 1.0:
@@ -179,8 +191,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
             bad.append(str(e))
     held = run_files(args.out) if args.cmd == "train" else []  # check's --out is its report
     if held and args.resume is None and not args.overwrite:
-        bad.append(f"--out {args.out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
-                   f"--overwrite to move it to {os.path.normpath(args.out)}.old-<date>-<time> and start afresh")
+        bad.append(held_run_error(args.out))
     if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
         bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
     return bad + lora.check_lora_flags(args)
@@ -246,7 +257,10 @@ def add_export_args(p: argparse.ArgumentParser, spec) -> None:
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "student"),
                    help="auto: the EMA of a training checkpoint when it has one")
     add_ckpt_trust_args(p)
-    p.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output folder (config.json + safetensors): new or empty, never "
+                   "inside --model-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out: it is renamed to "
+                   "<out>.old-<date>-<time> once the new export is complete")
     p.add_argument("--student-ts", type=float, nargs="+", default=None,
                    help="the student's times, recorded with the export (Cosmos: its pipeline scheduler, out/scheduler; "
                         "default: the training run's, else the paper's)")
@@ -285,6 +299,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         wait_for_rank0()
+        tell_torchrun(f"{self.prog}: error: {message}")
         super().error(message)
 
 
@@ -337,7 +352,16 @@ def build_parser(spec, description: str = "", cmd: str | None = None) -> argpars
 
 
 def main(spec, argv: Sequence[str] | None = None, description: str = "") -> Any:
-    """Parses argv (no subcommand means train), checks the flags, runs the subcommand's driver."""
+    """Parses argv (no subcommand means train), checks the flags, runs the subcommand's driver. Whatever stops it
+    ends in one line (run_driver), which under torchrun is also the report's root cause (tell_torchrun)."""
+    try:
+        return _main(spec, argv, description)
+    except SystemExit as e:
+        tell_torchrun(e.code)
+        raise
+
+
+def _main(spec, argv: Sequence[str] | None, description: str) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
@@ -345,13 +369,50 @@ def main(spec, argv: Sequence[str] | None = None, description: str = "") -> Any:
     module = importlib.import_module(SUBCOMMANDS[args.cmd][0])
     bad = check_args(args) if args.cmd not in ("evaluate", "plot") else []  # those two check their own flags
     bad += module.check_args(args) if hasattr(module, "check_args") else []
+    family = model_family_error(spec, getattr(args, "model_dir", None))  # read from its JSON files alone
+    bad += [family] if family else []
     if bad:
         wait_for_rank0()
         raise SystemExit("error: " + bad[0])
     finished = False
     try:
-        result = module.run(spec, args)
+        result = run_driver(module, spec, args)
         finished = True
         return result
     finally:
         teardown_distributed(finished)
+        release_run_locks()
+
+
+def run_driver(module, spec, args: argparse.Namespace) -> Any:
+    """module.run(spec, args), with what a user causes or can fix as one line instead of a traceback: Ctrl-C (exit
+    status 130; the driver's `interrupted(args)` says where it stopped) and a failed read or write (an OSError:
+    the path, and for a full disk or a file-size limit the free space). The drivers and the file readers turn bad
+    input and corrupt files into ValueErrors with one line themselves."""
+    try:
+        return module.run(spec, args)
+    except KeyboardInterrupt:
+        line = "error: interrupted (Ctrl-C)"
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank got the Ctrl-C; rank 0 says it
+            where = module.interrupted(args) if hasattr(module, "interrupted") else ""
+            line += f" {where}" if where else ""
+            print(line, file=sys.stderr)
+        tell_torchrun(line)
+        raise SystemExit(130) from None
+    except OSError as e:
+        raise SystemExit("error: " + error_line(e)) from None
+
+
+def tell_torchrun(code: Any) -> None:
+    """Under torchrun, a rank's error line also goes to the file torchrun reads (TORCHELASTIC_ERROR_FILE), so the
+    report it prints after the rank's line ends with the same line (as `traceback :` of the root cause) instead of a
+    pointer to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not isinstance(code, str):
+        return
+    report = {"message": {"message": code, "extraInfo": {"py_callstack": code, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(report, f)
+    except OSError:
+        pass  # torchrun's report then points to its docs, as without this

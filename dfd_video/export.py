@@ -3,37 +3,49 @@ the adapter alone in diffusers' LoRA format."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import dfd
 from dfd_video import lora
 from dfd_video.distributed import setup_distributed
-from dfd_video.files import fail
-from dfd_video.runs import latest_checkpoint
+from dfd_video.files import check_new_folder, fail, write_folder
+from dfd_video.runs import latest_checkpoint, refuse_non_finite, run_args
 from dfd_video.sample import load_student
 
 
 def trained_student_ts(ckpt: str) -> tuple[float, ...]:
-    """The --student-ts a training run used (its args.json, next to checkpoints/), else the paper's."""
+    """The --student-ts the training run used for this checkpoint (its segments.jsonl / args.json, next to
+    checkpoints/), else the paper's."""
     try:
-        run_folder = os.path.dirname(os.path.dirname(latest_checkpoint(ckpt)))
-        with open(os.path.join(run_folder, "args.json")) as f:
-            return tuple(json.load(f)["student_ts"])
-    except (ValueError, OSError, KeyError, json.JSONDecodeError):
+        folder = latest_checkpoint(ckpt)
+        step = os.path.basename(folder.rstrip(os.sep)).rpartition("step-")[2]
+        return tuple(run_args(os.path.dirname(os.path.dirname(folder)), int(step) if step.isdigit() else None)
+                     ["student_ts"])
+    except (ValueError, OSError, KeyError, TypeError):
         return dfd.STUDENT_TS
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """--out: a new or empty folder (or --overwrite), never inside --model-dir (an export into its transformer/ would
+    replace the teacher)."""
+    return check_new_folder(args.out, "--out", args.overwrite, {"--model-dir": args.model_dir})
 
 
 def run(spec, args: argparse.Namespace) -> str:
     d = setup_distributed("cpu")
     try:
         net = lora.load_for_export(spec, args) if args.lora else load_student(spec, args)
+        refuse_non_finite(net.state_dict(), f"--ckpt {args.ckpt}")
     except ValueError as e:
         raise fail(e)
     if d.main:
-        if args.lora:  # <out>/lora/: the adapter alone, in diffusers' LoRA format; then merged for the folder
-            net = lora.save_lora(spec, net, args.out)
-        spec.export(net, args.out, tuple(args.student_ts or trained_student_ts(args.ckpt)))
-        print(f"exported the student to {args.out}", file=sys.stderr)
+        def write(folder: str) -> None:  # into a temporary folder, renamed to --out when complete
+            merged = lora.save_lora(spec, net, folder) if args.lora else net  # <out>/lora/: the adapter alone
+            spec.export(merged, folder, tuple(args.student_ts or trained_student_ts(args.ckpt)))
+        aside = write_folder(args.out, write, args.overwrite)
+        if aside:
+            print(f"--overwrite: moved the earlier {args.out} to {aside}", file=sys.stderr)
+        print(f"exported the student to {args.out}" + (f" (and the LoRA alone to {args.out}/lora/{lora.LORA_FILE}, "
+              "for the pipeline's load_lora_weights on the DMD2 student)" if args.lora else ""), file=sys.stderr)
     return args.out

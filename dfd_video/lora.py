@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -361,9 +360,12 @@ def training_checkpoint(path: str) -> str | None:
     f = os.path.join(folder, "student.safetensors")
     if not os.path.exists(f):
         return None
-    with safe_open(f, "pt") as fh:
-        if not any(is_lora_param(k) for k in fh.keys()):
-            return None
+    try:
+        with safe_open(f, "pt") as fh:
+            if not any(is_lora_param(k) for k in fh.keys()):
+                return None
+    except Exception as e:  # a truncated or overwritten file: the library's error names no file
+        raise ValueError(f"{f}: corrupt training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return folder
 
 
@@ -414,8 +416,6 @@ def save_lora(adapter, net: nn.Module, out: str) -> nn.Module:
     shutil.rmtree(old, ignore_errors=True)
     net.fuse_lora()
     net.unload_lora()
-    print(f"wrote the LoRA to {os.path.join(folder, LORA_FILE)} (load it with the pipeline's load_lora_weights on "
-          "the DMD2 student)", file=sys.stderr)
     return net
 
 

@@ -44,6 +44,11 @@ class TextStorer:
         return {"text_key": torch.stack([self.store.put(c, None) for c in captions])}
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """What cli.main adds to the line of an interrupted prepare."""
+    return "while preparing; the shards written so far are kept: add --resume to the same command to continue"
+
+
 def run(spec, args: argparse.Namespace) -> dict:
     """Videos + captions -> shards of latents and text embeddings, plus the negative-prompt embedding.
     Under torchrun each rank encodes every world-th video into its own shards; rank 0 merges the manifests."""
@@ -81,9 +86,9 @@ def run(spec, args: argparse.Namespace) -> dict:
         writer.shards, writer.shapes = prev["shards"], prev["shapes"]
     from tqdm import tqdm
     todo = tqdm(mine[done:], desc="prepare", disable=not d.main, file=sys.stderr, initial=done, total=len(mine))
-    for i, (path, caption) in enumerate(todo, start=done):
-        if caption is None:
-            skipped.append({"file": path, "reason": "no caption"})
+    for i, (path, caption, why_not) in enumerate(todo, start=done):
+        if why_not is not None:  # missing, empty or not UTF-8: this clip alone is skipped
+            skipped.append({"file": path, "reason": why_not})
             continue
         try:
             frames = read_video_frames(path, args.num_frames, args.fps, args.height, args.width)

@@ -12,7 +12,8 @@ import torch.nn as nn
 import dfd
 from dfd_video import lora
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype, setup_distributed
-from dfd_video.files import fail
+from dfd_video.files import atomic_write, fail
+from dfd_video.runs import refuse_non_finite
 from dfd_video.video import read_prompts, write_mp4
 from dfd_video.weights import load_student_weights, load_weights
 
@@ -27,6 +28,16 @@ def load_student(spec, args: argparse.Namespace) -> nn.Module:
     sd = load_student_weights(args.ckpt, args.weights, args.bidirectional_ckpt, args.rectified_flow_ckpt)
     load_weights(net, sd, f"--ckpt {args.ckpt}", spec.convert_state_dict)
     return net
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """A --prompts file that cannot be used (not UTF-8 text, no prompt) is said before any model loads."""
+    if args.prompts is None or not os.path.isfile(args.prompts):
+        return []  # a missing file: cli.check_args says so
+    try:
+        return [] if read_prompts(args.prompts) else [f"--prompts {args.prompts}: no prompts (one per line)"]
+    except ValueError as e:
+        return [str(e)]
 
 
 def conditions(spec, args: argparse.Namespace, encoders) -> list[dict[str, torch.Tensor]]:
@@ -52,6 +63,7 @@ def run(spec, args: argparse.Namespace) -> list[str]:
     dtype = compute_dtype(args.dtype, d.device)
     try:
         net = load_student(spec, args).to(d.device).eval()
+        refuse_non_finite(net.state_dict(), f"--ckpt {args.ckpt}")
         encoders = spec.open_encoders(args.model_dir, d.device, dtype or torch.float32, text=args.prompts is not None)
         items = conditions(spec, args, encoders)
     except ValueError as e:
@@ -75,7 +87,8 @@ def run(spec, args: argparse.Namespace) -> list[str]:
         written.append(path)
         if args.save_latents:
             from safetensors.torch import save_file
-            save_file({"latents": x0[0].float().cpu().contiguous()}, path[:-4] + ".safetensors")
+            latents = {"latents": x0[0].float().cpu().contiguous()}
+            atomic_write(path[:-4] + ".safetensors", lambda tmp: save_file(latents, tmp))
     dist.barrier()
     if d.main:
         print(f"wrote {len(items) * len(args.seeds)} videos ({len(items)} prompts x {len(args.seeds)} seeds) to "

@@ -32,6 +32,8 @@ class ModelSpec:
     # --- what the model is -------------------------------------------------------------------------------------
     name: str = ""                      # tag written into manifests and checkpoints ("wan", "cosmos")
     family: str = ""                    # the model family in messages ("Wan", "Cosmos-Predict2.5")
+    transformer_class: str = ""         # the diffusers class of the base transformer, as its config.json names it
+    #                                     (_class_name); a --model-dir naming another is refused before anything loads
     data_keys: tuple[str, ...] = ()     # per-sample tensors the prepared shards hold, e.g. ("latents", "text")
     defaults: dict[str, Any] = {}       # train / check flag defaults that differ from the shared ones (Wan's)
     text_len: int = 512                 # conditioning tokens the cross-attention reads
@@ -157,6 +159,32 @@ def transformer_folder(model_dir: str, family: str) -> str:
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise ValueError(f"--model-dir {model_dir}: no transformer/config.json (expected a diffusers {family} folder)")
     return folder
+
+
+def model_family_error(spec: ModelSpec, model_dir: str | None) -> str | None:
+    """One line when the folder's model_index.json or transformer config names a transformer class other than the
+    spec's (e.g. a Cosmos folder given to wan_dfd.py), read from the JSON files alone; None when it matches or the
+    folder does not say."""
+    if not model_dir or not spec.transformer_class or not os.path.isdir(model_dir):
+        return None
+    import json
+    names = {}
+    for file, pick in (("model_index.json", lambda d: (d.get("transformer") or [None, None])[1]),
+                       ("transformer/config.json", lambda d: d.get("_class_name")),
+                       ("config.json", lambda d: d.get("_class_name"))):
+        try:
+            with open(os.path.join(model_dir, file)) as f:
+                found = pick(json.load(f))
+        except (OSError, ValueError, AttributeError, IndexError, TypeError):
+            continue
+        if isinstance(found, str) and found.endswith("Model"):  # a transformer's class (not a pipeline's)
+            names[file] = found
+    wrong = {f: n for f, n in names.items() if n != spec.transformer_class}
+    if not wrong:
+        return None
+    file, name = next(iter(wrong.items()))
+    return (f"--model-dir {model_dir}: its {file} names a {name}, but this script is for {spec.family} models "
+            f"({spec.transformer_class}); use the script of that model")
 
 
 def load_transformer(cls: type, model_dir: str, family: str, fix: Any = None, meta: bool = False) -> nn.Module:

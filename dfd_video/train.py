@@ -5,7 +5,6 @@ score, EMA), the optimizers, the data stream, then dfd.train with a logger and a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,9 +19,10 @@ from dfd_video import lora
 from dfd_video.data import LatentShards, online_text_encoder
 from dfd_video.distributed import (Dist, compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb,
                                    set_full_state_dict, setup_distributed, shard)
-from dfd_video.files import fail, write_text
-from dfd_video.runs import (MetricLog, latest_checkpoint, load_checkpoint, read_weights, save_checkpoint,
-                           set_rng_state, start_run_folder)
+from dfd_video.files import fail
+from dfd_video.runs import (MetricLog, accept_resume, claim_run_folder, data_fingerprint, latest_checkpoint,
+                           load_checkpoint, read_weights, record_segment, save_checkpoint, set_rng_state,
+                           where_it_stopped)
 from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, read_checkpoint, read_raw
 
 
@@ -48,6 +48,7 @@ class Resume:
     lora_weights: dict
     state: dict
     optim: dict | None  # rank 0: both optimizers' full states; None elsewhere
+    changes: dict  # flags this command changes, allowed by --allow-changes (runs.accept_resume)
 
 
 def read_resume(args: argparse.Namespace, d: Dist, spec) -> Resume | None:
@@ -60,7 +61,8 @@ def read_resume(args: argparse.Namespace, d: Dist, spec) -> Resume | None:
     state = on_main_rank(d, lambda: {k: v for k, v in full.items() if k != "optim"}, share=True)
     weights = load_checkpoint(folder, state=False)[0] if args.lora_rank else {}
     lora.check_resume(args, state, folder, spec)
-    return Resume(folder, weights, state, full["optim"] if d.main else None)
+    changes = accept_resume(args, state, folder, d.main)
+    return Resume(folder, weights, state, full["optim"] if d.main else None, changes)
 
 
 @dataclass
@@ -199,7 +201,8 @@ class Progress:
         nets, a = self.nets, self.args
         weights = {"student": nets.student, "fake": nets.fake, **({"ema": nets.ema} if nets.ema is not None else {})}
         extra = {"position": (step + 1 - self.start) * self.per_step + self.position, "world": self.d.world,
-                 "per_rank_batch": self.per_rank, "adapter": self.spec.name, "args": vars(a)}
+                 "per_rank_batch": self.per_rank, "adapter": self.spec.name, "args": vars(a),
+                 "data_manifest": data_fingerprint(a.data)}
         if nets.lora:
             extra["lora"] = nets.lora.info
         self.last_saved = save_checkpoint(a.out, step, weights, self.opts, extra, self.d, a.keep,
@@ -214,13 +217,18 @@ def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
     return open_(spec, args, d, data, start, dtype)
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """What cli.main adds to the line of an interrupted train: the last step done and the checkpoint to resume."""
+    return where_it_stopped(args.out, args.steps)
+
+
 def run(spec, args: argparse.Namespace) -> dict:
     """DFD post-training (dfd.train) with FSDP2, checkpoints and resume. Returns the last logged metrics."""
     d = setup_distributed(args.device)
     per_rank = args.batch_size // (d.world * args.grad_accum)  # a multiple: cli.check_args
     if args.resume is None and args.dmd2_ckpt is None:
         raise SystemExit("error: --dmd2-ckpt is required (DFD post-trains a DMD2 student; or pass --resume)")
-    on_main_rank(d, lambda: start_run_folder(args.out, args.overwrite))  # cli.check_args refused mixing two runs
+    on_main_rank(d, lambda: claim_run_folder(args.out, args.overwrite, args.resume is not None))
     dtype = compute_dtype(args.dtype, d.device)
     try:
         resume = read_resume(args, d, spec)
@@ -244,7 +252,7 @@ def run(spec, args: argparse.Namespace) -> dict:
     stream = data.batches(position, per_rank, d.rank, d.world, args.seed)
     batches = (spec.make_batch({k: v.to(d.device) for k, v in item.items()}, d.device) for item in stream)
     if d.main:
-        write_text(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
+        record_segment(args.out, vars(args), start, resume.folder if resume else None, resume.changes if resume else {})
     progress = Progress(spec, args, d, nets, opts, start, position, per_rank, resume.folder if resume else None, probes)
     progress.sampler = ema or student
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place

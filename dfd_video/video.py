@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from dfd_video.files import atomic_write
+from dfd_video.files import atomic_write, read_text
 
 
 def _cover_crop(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -50,8 +50,8 @@ def read_video_frames(path: str, num_frames: int, fps: float, height: int, width
                     break
                 last, last_t, small = frame, t, None
             step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-            if last is not None and len(picked) == num_frames - 1 and want[-1] < last_t + step - 1e-6:
-                take()  # the last wanted time falls on the clip's final frame
+            while last is not None and len(picked) < num_frames and want[len(picked)] < last_t + step - 1e-6:
+                take()  # wanted times that fall on the clip's final frame (while it is on screen)
     except Exception as e:
         raise ValueError(f"{path}: unreadable video ({type(e).__name__}: {str(e)[:120]})") from None
     if len(picked) < num_frames:
@@ -84,36 +84,68 @@ VIDEO_EXT = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 def read_prompts(path: str) -> list[str]:
     """A prompts file: one prompt per line, blank lines skipped. Prompt i of `sample` (prompt{i:03d}_seed{s}.mp4)
-    is the i-th of these, which is how `evaluate --prompts` labels its rows."""
-    with open(path) as f:
-        return [ln.strip() for ln in f if ln.strip()]
+    is the i-th of these, which is how `evaluate --prompts` labels its rows. A ValueError names the file and the
+    line that is not UTF-8 text."""
+    return [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
 
 
-def list_videos(folder: str) -> list[tuple[str, str]]:
-    """(video path, caption) pairs: from captions.csv / captions.jsonl (columns video|file|path and
-    caption|text|prompt) when present, else each video's sidecar .txt. Videos without a caption are listed
-    with caption None so the caller can report them."""
+def _not_utf8(text: str) -> str | None:
+    """For text decoded with errors="surrogateescape": the first undecodable byte, as 0x.., or None."""
+    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    return None if bad is None else f"0x{ord(bad) - 0xdc00:02x}"
+
+
+def _sidecar_caption(video: str) -> tuple[str, str | None]:
+    """(caption, None) from the video's .txt next to it, or ("", why it cannot be used)."""
+    side = os.path.splitext(video)[0] + ".txt"
+    if not os.path.exists(side):
+        return "", "no caption"
+    try:
+        text = read_text(side).strip()
+    except ValueError as e:
+        return "", str(e)
+    return (text, None) if text else ("", f"empty caption file {side}")
+
+
+def list_videos(folder: str) -> list[tuple[str, str, str | None]]:
+    """(video path, caption, why not) triples: from captions.csv / captions.jsonl (columns video|file|path and
+    caption|text|prompt) when present, else each video's sidecar .txt. A video whose caption is missing, empty or
+    not UTF-8 text has caption "" and the reason, so that the caller skips that clip alone and says why."""
     if not os.path.isdir(folder):
         raise ValueError(f"--videos {folder}: no such folder")
-    pick = lambda row, names: next((row[n] for n in names if n in row and row[n] not in (None, "")), None)
-    rows = None
-    if os.path.exists(os.path.join(folder, "captions.csv")):
-        with open(os.path.join(folder, "captions.csv"), newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif os.path.exists(os.path.join(folder, "captions.jsonl")):
-        with open(os.path.join(folder, "captions.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    pick = lambda row, names: next((row[n].strip() for n in names if n in row and isinstance(row[n], str)
+                                    and row[n].strip()), None)
+    rows, table = None, None
+    for name in ("captions.csv", "captions.jsonl"):
+        table = os.path.join(folder, name)
+        if os.path.exists(table):
+            with open(table, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                rows = list(csv.DictReader(f)) if name.endswith(".csv") else _jsonl_rows(f, table)
+            break
     if rows is not None:
         out = []
-        for row in rows:
+        for n, row in enumerate(rows, start=1):
             v = pick(row, ("video", "file", "path"))
             if v is None:
-                raise ValueError(f"{folder}: caption manifest row without a video/file/path column: {row}")
-            out.append((os.path.join(folder, v), pick(row, ("caption", "text", "prompt"))))
+                raise ValueError(f"{table}: row {n} has no video/file/path column: {row}")
+            caption = pick(row, ("caption", "text", "prompt"))
+            byte = _not_utf8(caption or "") or _not_utf8(v)
+            why = (f"{table} row {n} is not UTF-8 text (byte {byte})" if byte else
+                   None if caption else f"no caption in {table} row {n}")
+            out.append((os.path.join(folder, v), caption if why is None else "", why))
         return out
-    out = []
-    for name in sorted(os.listdir(folder)):
-        if name.lower().endswith(VIDEO_EXT):
-            side = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-            out.append((os.path.join(folder, name), open(side).read().strip() if os.path.exists(side) else None))
-    return out
+    return [(os.path.join(folder, name), *_sidecar_caption(os.path.join(folder, name)))
+            for name in sorted(os.listdir(folder)) if name.lower().endswith(VIDEO_EXT)]
+
+
+def _jsonl_rows(lines, path: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}: line {n} is not a JSON object ({e})") from None
+            if not isinstance(rows[-1], dict):
+                raise ValueError(f"{path}: line {n} is not a JSON object")
+    return rows

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from dfd_video.files import read_error
 from dfd_video.runs import latest_checkpoint, load_checkpoint
 
 
@@ -92,7 +93,7 @@ def read_raw(path: str) -> dict[str, torch.Tensor]:
     except ValueError:
         raise
     except Exception as e:  # truncated / corrupt file: one line, no traceback
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: cannot read weights: {read_error(path, e)}") from None
     raise ValueError(f"{path}: expected a .safetensors / .pt / .pth file, a diffusers folder or a DCP folder")
 
 
@@ -104,10 +105,36 @@ def _read_dcp(path: str) -> dict[str, torch.Tensor]:
     meta = reader.read_metadata().state_dict_metadata
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
           if isinstance(m, TensorStorageMetadata)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
-        dcp.load(sd, storage_reader=reader, no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    except BaseException as e:  # CheckpointException is a BaseException whose text is every rank's traceback
+        if not type(e).__name__ == "CheckpointException":
+            raise
+        raise ValueError(f"{path}: cannot read weights: {_dcp_damage(reader, path, e)}") from None
     return sd
+
+
+def _dcp_damage(reader, path: str, e: BaseException) -> str:
+    """What is wrong with a DCP folder that failed to load: the data file shorter than its .metadata says, or the
+    first underlying error."""
+    ends: dict[str, int] = {}
+    try:
+        storage = reader.read_metadata().storage_data or {}
+    except Exception:
+        storage = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.exists(file) else None
+        if size is None or size < end:
+            return (f"{name} is missing" if size is None else
+                    f"{name} is truncated: {size} bytes, its .metadata needs {end}") + "; copy the folder again"
+    failures = getattr(e, "failures", {}) or {}
+    inner = next((getattr(f, "exc", f) for f in failures.values()), e)
+    return f"{type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}" if str(inner).strip() else type(inner).__name__
 
 
 def _by_role(sd: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -431,10 +458,13 @@ def _describe_file(path: str, bidirectional: bool, out: dict) -> dict[str, tuple
     try:
         names, top = _tensor_names(path)
     except ValueError as e:
-        if not path.endswith(".pth"):
+        if not path.endswith(".pth") or "pickled Python object" not in str(e):
             out["refusals"].append(str(e))
             return None
-        names, top = [], set()  # e.g. a FastGen <iteration>.pth whose callback state is not plain data
+        # a FastGen <iteration>.pth whose callback state is not plain data, or any file with a pickled object
+        out["refusals"].append(f"{e}. A FastGen <iteration>.pth holds no weights: its networks are the folders "
+                               f"{path[:-4]}.net_model/ and {path[:-4]}.fake_score_model/ next to it, not found here")
+        return None
     groups = _by_role(dict.fromkeys(names))
     found = {role: (path, role, len(keys)) for role, keys in groups.items() if keys}
     if os.path.isdir(path):

@@ -75,17 +75,19 @@ def test_two_ranks_match_single_process(tmp_path, capfd):
 
 def test_bad_arguments_under_torchrun_are_said_once(tmp_path, monkeypatch, capsys):
     """Every rank finds a bad argument before the process group starts; rank 0 alone prints it, first, and is the
-    root cause torchrun names (torchrun's own ~40-line ChildFailedError summary follows and cannot be avoided)."""
+    root cause torchrun names: torchrun's own ChildFailedError summary follows and cannot be avoided, but it ends with
+    the same line (docs/errors.md) and lists no other failure."""
     line = "error: --batch-size 3 is not a multiple of ranks x --grad-accum = 2 x 1"
     argv = ["--model-dir", str(tmp_path), "--data", str(tmp_path), "--device", "cpu"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "wan_dfd.py"), *argv, "--batch-size", "3"], env=tiny_wan.quiet_env(),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.count(line) == 1, r.stderr
+    assert r.returncode == 1 and r.stderr.count(line) == 2, r.stderr  # the rank's line, and the report's root cause
     assert 'wan_dfd.py", line' not in r.stderr  # no traceback through our code
     assert r.stderr.index(line) < r.stderr.index("ChildFailedError"), r.stderr
     root_cause = r.stderr[r.stderr.index("Root Cause"):]
     assert re.search(r"rank\s*: 0 ", root_cause) and re.search(r"exitcode\s*: 1 ", root_cause), r.stderr
+    assert f"traceback : {line}\n" in root_cause and "<NO_OTHER_FAILURES>" in r.stderr, r.stderr
     # argparse's errors too: a rank > 0 waits for torchrun to end it before printing (here nothing ends it)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(dfd_video.distributed.time, "sleep", lambda s: print(f"waited {s} s", file=sys.stderr))
