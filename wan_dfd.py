@@ -33,6 +33,7 @@ import os
 import torch
 import torch.nn as nn
 
+import causal_wan
 import dfd
 from dfd_video.cli import main as cli_main
 from dfd_video.spec import GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
@@ -48,7 +49,8 @@ class WanDenoiser(GuidedDenoiser):
     embedding [1, 512, D]) runs in the same forward as the conditional one (batch 2B) and the result is
     uncond + g (cond - uncond) (dfd.cfg; guiding x0 equals guiding v, the affine map is shared)."""
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **causal) -> torch.Tensor:
+        """causal: the KV-cache arguments of causal_wan.CausalWanTransformer (cache=, commit=), unguided only."""
         B = x_t.shape[0]
         guided = self.guided
         text = torch.cat([cond, self.uncond.expand(B, -1, -1)]) if guided else cond
@@ -56,7 +58,7 @@ class WanDenoiser(GuidedDenoiser):
         t_in = torch.cat([t, t]) if guided else t
         dt = self.compute_dtype or x_t.dtype
         v = self.net(hidden_states=x_in.to(dt), timestep=(t_in * 1000).float(), encoder_hidden_states=text.to(dt),
-                     return_dict=False)[0].float()
+                     return_dict=False, **causal)[0].float()
         x0 = dfd.x0_from_v(x_in.float(), v, t_in.float())
         if guided:
             x0_cond, x0_uncond = x0.chunk(2)
@@ -110,6 +112,18 @@ class WanAdapter(ModelSpec):
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
+    presets = {"sf-dfd": causal_wan.SF_DFD_PRESET}  # --preset: SF-DFD's recipe for Self-Forcing students
+
+    def add_args(self, p, cmd: str) -> None:
+        if cmd in ("train", "check", "sample", "export"):
+            causal_wan.add_causal_args(p, cmd)
+
+    def resolve(self, args) -> ModelSpec:
+        """CausalWanAdapter for a block-causal student (causal_wan.reads_causal), recorded in the run's args.json."""
+        if args.cmd not in ("train", "check", "sample", "export") or not causal_wan.reads_causal(args):
+            return self
+        args.causal_student = True
+        return CausalWanAdapter(args.frames_per_block, getattr(args, "context_sigma", 0.0))
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """WanTransformer3DModel from model_dir/transformer (or model_dir itself) in fp32."""
@@ -177,6 +191,41 @@ class WanAdapter(ModelSpec):
         x0 = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, height=8 * h, width=8 * w, num_frames=4 * (T - 1) + 1,
                   num_inference_steps=1, guidance_scale=guidance, latents=x_t, output_type="latent").frames
         return x0.float(), cond, None
+
+
+class CausalWanAdapter(WanAdapter):
+    """A block-causal Wan student (Self-Forcing / CausVid; causal_wan.py): the same weights and names, G from
+    Self-Forcing's autoregressive rollout with the KV cache, samples streamed block by block. The teacher and the
+    critic stay bidirectional: the same class called without a cache is diffusers' WanTransformer3DModel."""
+
+    presets = {}  # the train presets apply to both readings (WanAdapter.presets)
+
+    def __init__(self, frames_per_block: int = causal_wan.FRAMES_PER_BLOCK, context_sigma: float = 0.0):
+        self.frames_per_block, self.context_sigma = frames_per_block, context_sigma
+        self.describe_student = (f"  causal     <- the student is block-causal ({frames_per_block} latent frames per "
+                                 "block, Self-Forcing's KV-cache rollout; --bidirectional-ckpt reads it as a "
+                                 "full-sequence student)")
+
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
+        return load_transformer(causal_wan.CausalWanTransformer, model_dir, self.family, fix=self.init_buffers,
+                                meta=meta)
+
+    def generate(self, student_ts):
+        return causal_wan.make_generate(student_ts, self.frames_per_block, self.context_sigma)
+
+    def sample_video(self, student, noise, cond, student_ts, generator, renoise):
+        return causal_wan.stream_sample(student, noise, cond, student_ts, generator, renoise, self.frames_per_block)
+
+    def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
+        super().check_data(shapes, net)
+        if shapes["latents"][1] % self.frames_per_block:
+            raise ValueError(f"data latents have {shapes['latents'][1]} frames: the causal student needs a multiple of "
+                             f"--frames-per-block {self.frames_per_block} (Self-Forcing: 21 = 7 blocks of 3)")
+
+    def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
+        """<out>/model.pt in Self-Forcing's layout ({"generator": WanDiffusionWrapper's state dict}), what its
+        inference.py --checkpoint_path loads; diffusers has no causal Wan pipeline (docs/causal.md)."""
+        causal_wan.save_self_forcing(net.state_dict(), os.path.join(out, "model.pt"))
 
 
 def main(argv=None):

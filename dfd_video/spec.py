@@ -110,6 +110,28 @@ class ModelSpec:
         """Writes the export format into the folder `out` (the student's times: for a pipeline scheduler)."""
         net.save_pretrained(out, safe_serialization=True)
 
+    # --- students that are not one network call (the causal Wan, wan_dfd.CausalWanAdapter) ---------------------
+    presets: dict[str, dict[str, Any]] = {}  # --preset NAME -> train flag defaults (a published recipe)
+    describe_student: str = ""  # a line `train` logs about the student's architecture ("": nothing to say)
+
+    def add_args(self, p: Any, cmd: str) -> None:
+        """Adds the model's own flags to subcommand `cmd`'s parser (none by default)."""
+
+    def resolve(self, args: Any) -> "ModelSpec":
+        """The spec of the student this command line names (e.g. Wan's causal one for a Self-Forcing .pt); the only
+        member that reads args, called once by cli.main before the driver runs. Default: self."""
+        return self
+
+    def generate(self, student_ts: tuple[float, ...]) -> Any:
+        """dfd.train's `generate` hook (how the student makes G), or None for dfd's one call on student_input."""
+        return None
+
+    def sample_video(self, student: nn.Module, noise: torch.Tensor, cond: Any, student_ts: tuple[float, ...],
+                     generator: torch.Generator, renoise: bool) -> torch.Tensor:
+        """The few-step sampler `sample` and the probes run: dfd.sample by default."""
+        import dfd
+        return dfd.sample(student, noise, cond, student_ts, generator=generator, renoise=renoise)
+
     # --- check: the preflight ----------------------------------------------------------------------------------
     def check_items(self, net: nn.Module, shape: tuple[int, ...],
                     generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -177,8 +177,7 @@ def student_report(spec, args: argparse.Namespace, source: tuple[str, str], shap
     with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
         gs = torch.Generator(device).manual_seed(args.seed)
         noise = torch.randn((1, *shape), generator=gs, device=device)
-        x = dfd.sample(student, noise, spec.make_cond(first, device), ts, generator=gs,
-                       renoise=args.sampler == "renoise")
+        x = spec.sample_video(student, noise, spec.make_cond(first, device), ts, gs, args.sampler == "renoise")
         frames = spec.open_encoders(args.model_dir, device, torch.float32, text=False).vae.decode(x)[0].cpu().numpy()
     stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
                latent_mean=float(x.float().mean()), latent_std=float(x.float().std()), **saturation_stats(frames))
