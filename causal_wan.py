@@ -31,15 +31,13 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformerBlock
 
 import dfd
+from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT  # noqa: F401  (SF-DFD's; prepare stores it for LMDB data)
 
 FRAMES_PER_BLOCK = 3  # Self-Forcing's num_frame_per_block (configs/self_forcing_dmd.yaml, self_forcing_dfd.yaml)
 # Self-Forcing's denoising_step_list [1000, 750, 500, 250] under warp_denoising_step: the timesteps of its 1000-step
 # shift-5 FlowMatchScheduler at those indices, i.e. shift(1 - k/4) for k = 0..3 (model/base.py).
 SELF_FORCING_TS = (1.0, 0.9375, 2.5 / 3.0, 0.625)
-# SF-DFD's negative prompt (configs/self_forcing_dfd.yaml; Wan's own default), the teacher's unconditional branch.
-SELF_FORCING_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
-    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
 
 
 def grid_sigma(t: float, shift: float = 5.0, steps: int = 1000) -> float:
@@ -255,11 +253,13 @@ def rollout(student: Block, noise: torch.Tensor, cond: Any, ts, exit_step: int, 
 
 def make_generate(ts, frames_per_block: int = FRAMES_PER_BLOCK, context_sigma: float = 0.0):
     """dfd.train's `generate` hook for Self-Forcing: G from a data-free rollout from fresh noise of x_real's shape,
-    with one exit step for every block drawn uniformly from the student's steps (same_step_across_blocks)."""
+    with one exit step for every block drawn uniformly from the student's steps (same_step_across_blocks), the same
+    on every rank (Self-Forcing broadcasts it from rank 0: under FSDP every rank must make the same calls)."""
     ts = tuple(ts)
 
-    def generate(student, x_real: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
-        exit_step = int(torch.randint(len(ts), (), generator=generator, device=generator.device))
+    def generate(student, x_real: torch.Tensor, cond: Any, generator: torch.Generator,
+                 shared: torch.Generator) -> torch.Tensor:
+        exit_step = int(torch.randint(len(ts), (), generator=shared, device=shared.device))
         noise = torch.randn(x_real.shape, generator=generator, device=x_real.device, dtype=x_real.dtype)
         return rollout(student, noise, cond, ts, exit_step, generator, frames_per_block, context_sigma)
     return generate
@@ -297,6 +297,26 @@ SF_DFD_PRESET: dict[str, Any] = dict(
     ema=0.99, ema_init="checkpoint", fake_updates=5, student_ts=list(SELF_FORCING_TS), t_min=0.0, t_max=0.999,
     t_clamp=[0.02, 0.98], t_shift=5.0, fake_loss="flow", grad_clip=10.0, grad_clip_fake=10.0, batch_size=64,
     steps=32, fake_init="critic", grad_accum=lambda world: max(1, 64 // world))  # 1 sample per rank and pass
+
+
+def preset_notes(args) -> list[str]:
+    """Where a train command line with --preset sf-dfd differs from SF-DFD in what the preset cannot set."""
+    if getattr(args, "preset", None) != "sf-dfd":
+        return []
+    import json
+    import os
+    notes = []
+    if not reads_causal(args):
+        notes.append("the student is read as bidirectional; SF-DFD trains a block-causal Self-Forcing student")
+    try:
+        with open(os.path.join(args.data, "manifest.json")) as f:
+            neg = json.load(f).get("negative_prompt")
+    except (OSError, ValueError, TypeError):
+        neg = None
+    if neg is not None and neg != SELF_FORCING_NEGATIVE_PROMPT:
+        notes.append(f"--data {args.data} stores the negative prompt {neg[:40]!r}...; SF-DFD guides against its Chinese "
+                     "one (prepare --negative-prompt, or prepare from its LMDB, which stores it)")
+    return notes
 
 
 def add_causal_args(p, cmd: str) -> None:

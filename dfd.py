@@ -30,9 +30,10 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x_t, t, cond) -> x0_hat
 Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detached, x_real, cond) -> x per G
-# (student, x_real, cond, generator) -> G: how a student other than a one-call denoiser makes its sample, e.g. the
-# autoregressive rollout of a causal video student (causal_wan.py); x_real gives the shape, the draws use generator
-Generate = Callable[[Any, torch.Tensor, Any, torch.Generator], torch.Tensor]
+# (student, x_real, cond, generator, shared) -> G: how a student other than a one-call denoiser makes its sample, e.g.
+# the autoregressive rollout of a causal video student (causal_wan.py). x_real gives the shape; `generator` is this
+# rank's, `shared` draws the same on every rank (what must agree across ranks, e.g. how many network calls FSDP makes)
+Generate = Callable[[Any, torch.Tensor, Any, torch.Generator, torch.Generator], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,10 +326,11 @@ def _generator(c: DFDConfig, device, *parts: int) -> torch.Generator:
 
 
 def make_sample(student, x_real: torch.Tensor, cond: Any, c: DFDConfig, g: torch.Generator,
-                generate: Generate | None = None) -> torch.Tensor:
-    """The student's sample G for a batch: `generate` when given, else one call on student_input."""
+                generate: Generate | None = None, *parts: int) -> torch.Tensor:
+    """The student's sample G for a batch: `generate` when given (its shared generator seeded by `parts`, the
+    caller's draw key without the rank), else one call on student_input."""
     if generate is not None:
-        return generate(student, x_real, cond, g)
+        return generate(student, x_real, cond, g, _generator(c, x_real.device, *parts, -1))
     x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
     return student(x_in, t_in, cond)
 
@@ -341,7 +343,7 @@ def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step
         x_real, cond, mask = _unpack(batch)
         g = _generator(c, x_real.device, step, j, a, rank)
         with torch.no_grad():
-            x_gen = make_sample(student, x_real, cond, c, g, generate)
+            x_gen = make_sample(student, x_real, cond, c, g, generate, step, j, a)
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         loss = fake_score_loss(fake, x_gen, eps, sample_t(x_real.shape[0], c, g, x_real.device), cond, mask,
                                c.fake_loss == "flow")
@@ -371,7 +373,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
         x_real, cond, mask = _unpack(batch)
         use_real = coins.split(sizes)[a] if per_sample else coins[a] if c.per_micro_coin else coins
         g = _generator(c, x_real.device, step, -1, a, rank)
-        x_gen = make_sample(student, x_real, cond, c, g, generate)  # G, with grad
+        x_gen = make_sample(student, x_real, cond, c, g, generate, step, -1, a)  # G, with grad
         x_real = x_real if pair is None else pair(x_gen.detach(), x_real, cond)  # the x the teacher sees for G
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size

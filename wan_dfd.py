@@ -29,6 +29,7 @@ empty string), real videos are encoded with a seeded VAE posterior sample (`prep
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -120,6 +121,9 @@ class WanAdapter(ModelSpec):
 
     def resolve(self, args) -> ModelSpec:
         """CausalWanAdapter for a block-causal student (causal_wan.reads_causal), recorded in the run's args.json."""
+        if args.cmd == "train" and os.environ.get("RANK", "0") == "0":
+            for note in causal_wan.preset_notes(args):
+                print(f"--preset {args.preset}: {note}", file=sys.stderr)
         if args.cmd not in ("train", "check", "sample", "export") or not causal_wan.reads_causal(args):
             return self
         args.causal_student = True

@@ -304,7 +304,8 @@ def add_export_args(p: argparse.ArgumentParser, spec) -> None:
 def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
-                   "captions.jsonl (columns video, caption)")
+                   "captions.jsonl (columns video, caption), or a Self-Forcing latent LMDB (SF-DFD's data; "
+                   "docs/causal.md)")
     p.add_argument("--out", required=True, help="output data folder")
     add_clip_args(p, "frames per clip (4k + 1)", "frames are sampled at this rate from the start of each video")
     p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
@@ -316,8 +317,8 @@ def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     p.add_argument("--negative-prompt", default=None,
                    help="text of CFG's unconditional branch, stored as the negative embedding the teacher is guided "
                         "against (default: FastGen's English Wan negative prompt, which its Wan and Cosmos DMD2 "
-                        "configs feed; \"\": the diffusers pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT "
-                        "for Cosmos)")
+                        "configs feed; for a Self-Forcing LMDB --videos, SF-DFD's Chinese one; \"\": the diffusers "
+                        "pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT for Cosmos)")
     if spec.text_store:
         p.add_argument("--text", default="cache", choices=("cache", "online"),
                        help="cache: store one embedding per unique caption (103 MB each for the real Cosmos encoder); "

@@ -25,6 +25,13 @@ FASTGEN_NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards")
 
+# SF-DFD's negative prompt (csy2077/DFD-self-forcing configs/self_forcing_dfd.yaml; the original Wan repo's default),
+# the teacher's unconditional branch there: `prepare` stores it for a Self-Forcing LMDB unless --negative-prompt says
+# otherwise (docs/causal.md).
+SELF_FORCING_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
 
 class ModelSpec:
     """The contract between a model and the drivers. Subclasses set the attributes and implement the methods."""
