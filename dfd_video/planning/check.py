@@ -74,8 +74,10 @@ def checkpoint_report(args: argparse.Namespace, spec, net: nn.Module) -> dict:
     desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
                          args.rectified_flow_ckpt)
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": describe_lines(desc),
-           "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"])}
+    lines = describe_lines(desc) + ([spec.describe_student] if spec.describe_student else [])  # e.g. causal
+    out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": lines,
+           "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"]),
+           "causal": bool(spec.describe_student)}
     show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
     for name in ("student", "fake_score", "ema"):
         src = desc["networks"][name]
