@@ -55,21 +55,32 @@ def grid_sigma(t: float, shift: float = 5.0, steps: int = 1000) -> float:
 
 @dataclass
 class KVCache:
-    """Self-attention keys and values of the committed (context) frames, per layer, RoPE already applied.
+    """Self-attention keys and values of the committed (context) frames, per layer, RoPE already applied, one chunk
+    [B, L_block, heads, head_dim] per committed call (chunks are never copied or changed: a block's backward, and
+    its activation-checkpointing recompute, see the context as it was, and no step holds a second copy).
     A forward with commit=True appends its own; the next block attends to them. Built under no_grad, so no
     gradient flows into the context (Self-Forcing's rollout keeps none there either)."""
-    k: list = field(default_factory=list)  # per layer: [B, L_ctx, heads, head_dim] or None
+    k: list = field(default_factory=list)  # per layer: list of chunks
     v: list = field(default_factory=list)
     frames: int = 0  # latent frames committed; the RoPE time offset of the next call
 
     def layer(self, i: int):
-        return (self.k[i], self.v[i]) if i < len(self.k) and self.k[i] is not None else None
+        """(keys, values) of layer i as tuples of chunks (a snapshot), or None when nothing is committed."""
+        return (tuple(self.k[i]), tuple(self.v[i])) if i < len(self.k) else None
+
+    def commit(self, chunks: list) -> None:
+        for i, (k, v) in enumerate(chunks):
+            if i == len(self.k):
+                self.k.append([])
+                self.v.append([])
+            self.k[i].append(k)
+            self.v[i].append(v)
 
 
 class CausalWanAttnProcessor(WanAttnProcessor):
-    """diffusers' Wan self-attention, plus: keys and values of earlier frames (`prefix`) put in front of the
-    current ones, and the joined keys and values handed back in `store` for the cache. Without prefix and store
-    it is diffusers' processor (the masked full-sequence path passes attention_mask through)."""
+    """diffusers' Wan self-attention, plus: keys and values of earlier frames (`prefix`: tuples of chunks) put in front
+    of the current ones, and the current keys and values handed back in `store` for the cache. Without prefix and
+    store it is diffusers' processor (the masked full-sequence path passes attention_mask through)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  prefix=None, store=None):
@@ -80,10 +91,11 @@ class CausalWanAttnProcessor(WanAttnProcessor):
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))  # [B, L, heads, head_dim]
         cos, sin = rotary_emb
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if prefix is not None:
-            k, v = torch.cat([prefix[0].to(k.dtype), k], 1), torch.cat([prefix[1].to(v.dtype), v], 1)
         if store is not None:
             store.append((k.detach(), v.detach()))
+        if prefix is not None:
+            k = torch.cat([*(c.to(k.dtype) for c in prefix[0]), k], 1)
+            v = torch.cat([*(c.to(v.dtype) for c in prefix[1]), v], 1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
@@ -175,7 +187,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             if commit:
                 stores.append(store[0])
         if commit:
-            cache.k, cache.v = [s[0] for s in stores], [s[1] for s in stores]
+            cache.commit(stores)
             cache.frames += frames
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).chunk(2, dim=3)
         x = x.unflatten(1, (frames // p_t, -1))  # [B, F, hw, D]
