@@ -317,3 +317,27 @@ def test_two_ranks_match_the_emulation(sf, tmp_path):
     assert max((student_ref[k] - start[k]).abs().max().item() for k in got) > 1e-4
     for k in got:
         torch.testing.assert_close(got[k], student_ref[k], atol=2e-6, rtol=0)
+
+
+def test_plan_counts_the_kv_cache(capsys):
+    """plan --causal adds every layer's keys and values of all tokens in bf16: 30 x 2 x 32760 x 1536 x 2 bytes for
+    the paper's clip on Wan2.1-1.3B (Self-Forcing allocates the same: 30 blocks x [B, 32760, 12, 128] x 2)."""
+    wan_dfd.main(["plan", "--world-size", "8", "--causal"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "KV cache" in x)
+    assert float(line.split()[-2]) == round(30 * 2 * 32760 * 1536 * 2 / 2**30, 2)
+
+
+@pytest.mark.slow
+def test_lora_on_the_causal_student_trains_and_samples(sf, tmp_path):
+    from safetensors.torch import load_file
+    run = str(tmp_path / "lora")
+    cli(["--model-dir", sf["pipe"], "--data", sf["data"], "--dmd2-ckpt", sf["pt"], "--out", run, "--steps", "2",
+         "--batch-size", "1", "--fake-updates", "1", "--lora-rank", "2", "--lr", "1e-3", "--lr-fake", "1e-3",
+         "--save-every", "0", "--device", "cpu"])
+    w = load_file(os.path.join(run, "checkpoints", "step-000001", "student.safetensors"))
+    assert any("lora_B" in k and w[k].abs().max() > 0 for k in w)  # the adapters moved (lora_B starts at zero)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball rolls\n")
+    cli(["sample", "--model-dir", sf["pipe"], "--ckpt", run, "--prompts", str(prompts), "--out", str(tmp_path / "s"),
+         "--num-frames", "21", "--height", "32", "--width", "48", "--device", "cpu"])
+    assert os.path.exists(tmp_path / "s" / "prompt000_seed0.mp4")

@@ -26,6 +26,13 @@ B, FRAMES, H, W = 1, 6, 4, 6
 TOKENS = (H // 2) * (W // 2)  # per latent frame
 
 
+def close(what: str, got: torch.Tensor, want: torch.Tensor, **tol) -> None:
+    """assert_close, printing the largest difference (pytest -s shows it; docs/causal.md quotes it)."""
+    diff = (got.double() - want.double()).abs().max().item()
+    print(f"\n{what}: max |ours - reference| = {diff:.1e} (reference max |x| = {want.abs().max().item():.2g})")
+    torch.testing.assert_close(got, want, **tol)
+
+
 def sdpa(q, k, v, **_):  # [B, L, heads, d] like flash_attention / attention
     return F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
                                           v.transpose(1, 2).float()).transpose(1, 2)
@@ -96,7 +103,7 @@ def test_kv_cache_forward_matches_causal_wan_model(ref):
             want = theirs(x[:, :, s:s + 3], t=torch.full((B, 3), t), context=text, seq_len=FRAMES * TOKENS,
                           kv_cache=kv, crossattn_cache=cross, current_start=s * TOKENS)
             got = ours(x[:, :, s:s + 3], torch.full((B,), t), text, cache=cache, commit=commit, return_dict=False)[0]
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            close(f"KV-cache forward, frames {s}-{s + 2}, t = {t:g}", got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_rollout_matches_self_forcing_training_pipeline(ref, monkeypatch):
@@ -132,7 +139,7 @@ def test_rollout_matches_self_forcing_training_pipeline(ref, monkeypatch):
             got = causal_wan.rollout(wan_dfd.WanDenoiser(ours), noise, text, causal_wan.SELF_FORCING_TS, exit_step,
                                      None, context_sigma=causal_wan.grid_sigma(0.0))
         monkeypatch.setattr(torch, "randn", randn)
-        torch.testing.assert_close(got, want.permute(0, 2, 1, 3, 4), atol=1e-4, rtol=1e-4)
+        close(f"rollout, exit step {exit_step}", got, want.permute(0, 2, 1, 3, 4), atol=1e-4, rtol=1e-4)
 
 
 def test_dmd_and_dfd_loss_match_model_dmd(ref, monkeypatch):
@@ -170,5 +177,6 @@ def test_dmd_and_dfd_loss_match_model_dmd(ref, monkeypatch):
             x0_teacher = ours_teacher(dfd.forward_diffusion(seen, to_ours(eps), tt), tt, text)
         ours, _ = dfd.dm_loss(g2, x0_teacher, x0_fake)
         ours.backward()
-        torch.testing.assert_close(ours.double(), loss, atol=0, rtol=1e-4)
-        torch.testing.assert_close(g2.grad, to_ours(g1.grad).float(), atol=1e-9, rtol=1e-3)
+        branch = "DMD" if clean is None else "DFD"
+        close(f"{branch} loss", ours.double(), loss, atol=0, rtol=1e-4)
+        close(f"{branch} gradient wrt G", g2.grad, to_ours(g1.grad).float(), atol=1e-9, rtol=1e-3)

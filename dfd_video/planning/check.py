@@ -340,7 +340,7 @@ def memory_report(spec, args: argparse.Namespace, sizes: dict, data: LatentShard
     lora_rank = getattr(args, "lora_rank", 0)
     plan = plan_model(spec, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
                         compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
-                        latent=lat, checkpointing=not args.no_checkpointing)
+                        latent=lat, checkpointing=not args.no_checkpointing, kv_cache=bool(spec.describe_student))
     out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],
                fixed=plan["fixed"], activations_counted=plan["counted"],
                rows=part_rows(plan, lora_rank > 0, args.ema > 0, per_rank), per_rank_batch=per_rank,
