@@ -13,13 +13,14 @@ before it (3 frames per block), generated block by block with a KV cache. This m
   self_forcing_state_dict / read_lmdb_rows
                          the .pt that Self-Forcing's inference.py loads; its LMDB latents (utils/lmdb.py).
 
+wan_dfd.py holds the command-line side (flags, --preset sf-dfd, which checkpoints read as causal) and imports this
+module only when a causal student is built, because diffusers is a slow import.
 Conventions are wan_dfd.py's: x_t = (1 - t) x0 + t eps, t in [0, 1], the network takes t * 1000 and predicts
 v = eps - x0; latents [B, C, T, H, W] (Self-Forcing stores [B, T, C, H, W]).
 """
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,23 +32,6 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformerBlock
 
 import dfd
-from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT  # noqa: F401  (SF-DFD's; prepare stores it for LMDB data)
-
-FRAMES_PER_BLOCK = 3  # Self-Forcing's num_frame_per_block (configs/self_forcing_dmd.yaml, self_forcing_dfd.yaml)
-# Self-Forcing's denoising_step_list [1000, 750, 500, 250] under warp_denoising_step: the timesteps of its 1000-step
-# shift-5 FlowMatchScheduler at those indices, i.e. shift(1 - k/4) for k = 0..3 (model/base.py).
-SELF_FORCING_TS = (1.0, 0.9375, 2.5 / 3.0, 0.625)
-
-
-
-def grid_sigma(t: float, shift: float = 5.0, steps: int = 1000) -> float:
-    """The sigma Self-Forcing's FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) with 1000 training steps
-    uses for timestep t * 1000: the nearest of its grid. Its add_noise at timestep 0 (the context frames' "no
-    noise") therefore noises with the smallest grid sigma, shift(1/1000) = 0.00498, not 0."""
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    grid = shift * grid / (1 + (shift - 1) * grid)
-    return float(grid[(grid * steps - t * steps).abs().argmin()])
-
 
 # ---------------------------------------------------------------------------------------------------
 # The network
@@ -233,7 +217,7 @@ def _blocks(frames: int, frames_per_block: int) -> list[tuple[int, int]]:
 
 
 def rollout(student: Block, noise: torch.Tensor, cond: Any, ts, exit_step: int, generator: torch.Generator,
-            frames_per_block: int = FRAMES_PER_BLOCK, context_sigma: float = 0.0) -> torch.Tensor:
+            frames_per_block: int = 3, context_sigma: float = 0.0) -> torch.Tensor:
     """Self-Forcing's training rollout (SelfForcingTrainingPipeline.inference_with_trajectory, same_step_across_blocks):
     block by block, the few-step sampler with fresh noise between steps runs without grad up to step `exit_step`,
     whose x0 keeps its grad (the only place gradient reaches the student); then the block's x0, re-noised to
@@ -263,7 +247,7 @@ def rollout(student: Block, noise: torch.Tensor, cond: Any, ts, exit_step: int, 
     return torch.cat(out, dim=2)
 
 
-def make_generate(ts, frames_per_block: int = FRAMES_PER_BLOCK, context_sigma: float = 0.0):
+def make_generate(ts, frames_per_block: int = 3, context_sigma: float = 0.0):
     """dfd.train's `generate` hook for Self-Forcing: G from a data-free rollout from fresh noise of x_real's shape,
     with one exit step for every block drawn uniformly from the student's steps (same_step_across_blocks), the same
     on every rank (Self-Forcing broadcasts it from rank 0: under FSDP every rank must make the same calls)."""
@@ -279,7 +263,7 @@ def make_generate(ts, frames_per_block: int = FRAMES_PER_BLOCK, context_sigma: f
 
 @torch.no_grad()
 def stream_sample(student: Block, noise: torch.Tensor, cond: Any, ts, generator: torch.Generator | None = None,
-                  renoise: bool = True, frames_per_block: int = FRAMES_PER_BLOCK, context_t: float = 0.0,
+                  renoise: bool = True, frames_per_block: int = 3, context_t: float = 0.0,
                   on_block: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Self-Forcing's CausalInferencePipeline: each block runs every step of the few-step sampler (dfd.sample's
     rule: fresh noise between steps when renoise, else the noise x_t implies), then its x0 runs once at
@@ -296,87 +280,6 @@ def stream_sample(student: Block, noise: torch.Tensor, cond: Any, ts, generator:
         out.append(x0)
         student(x0, full(context_t), cond, cache=cache, commit=True)
     return torch.cat(out, dim=2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The command line: flags, the preset, and which reading a checkpoint gets
-
-# SF-DFD's recipe (csy2077/DFD-self-forcing configs/self_forcing_dfd.yaml, trainer/distillation_dfd.py, README;
-# docs/recipe.md has a row per value). Train-flag defaults applied by --preset sf-dfd; grad_accum is filled in for
-# the world size (global batch 64 at one sample per rank and pass).
-SF_DFD_PRESET: dict[str, Any] = dict(
-    p=0.5, per_micro_coin=True, guidance=4.0, lr=2e-6, lr_fake=4e-7, adam_beta1=0.0, weight_decay=0.01,
-    ema=0.99, ema_init="checkpoint", fake_updates=5, student_ts=list(SELF_FORCING_TS), t_min=0.0, t_max=0.999,
-    t_clamp=[0.02, 0.98], t_shift=5.0, fake_loss="flow", grad_clip=10.0, grad_clip_fake=10.0, batch_size=64,
-    steps=32, fake_init="critic", grad_accum=lambda world: max(1, 64 // world))  # 1 sample per rank and pass
-
-
-def preset_notes(args) -> list[str]:
-    """Where a train command line with --preset sf-dfd differs from SF-DFD in what the preset cannot set."""
-    if getattr(args, "preset", None) != "sf-dfd":
-        return []
-    import json
-    import os
-    notes = []
-    if not reads_causal(args):
-        notes.append("the student is read as bidirectional; SF-DFD trains a block-causal Self-Forcing student")
-    try:
-        with open(os.path.join(args.data, "manifest.json")) as f:
-            neg = json.load(f).get("negative_prompt")
-    except (OSError, ValueError, TypeError):
-        neg = None
-    if neg is not None and neg != SELF_FORCING_NEGATIVE_PROMPT:
-        notes.append(f"--data {args.data} stores the negative prompt {neg[:40]!r}...; SF-DFD guides against its Chinese "
-                     "one (prepare --negative-prompt, or prepare from its LMDB, which stores it)")
-    return notes
-
-
-def add_causal_args(p, cmd: str) -> None:
-    """The causal student's flags (wan_dfd.py train / check / sample / export)."""
-    g = p.add_argument_group("causal students", "Self-Forcing / CausVid block-causal Wan students (docs/causal.md)")
-    g.add_argument("--causal", action="store_true", help="read the student as block-causal whatever its layout "
-                   "(e.g. FastGen's CausalWan <iter>.net_model/); a Self-Forcing / CausVid .pt is read so without it")
-    g.add_argument("--frames-per-block", type=int, default=FRAMES_PER_BLOCK,
-                   help="latent frames per causal block (Self-Forcing's num_frame_per_block)")
-    if cmd in ("train", "check"):
-        g.add_argument("--context-sigma", type=float, default=grid_sigma(0.0), help="noise level of the context "
-                       "frames the rollout commits to the KV cache (Self-Forcing: its add_noise at timestep 0, the "
-                       "smallest grid sigma; FastGen: 0)")
-
-
-def _run_args(ckpt: str) -> dict | None:
-    """The args.json of the training run a checkpoint (step folder, run folder or `latest`) belongs to, else None."""
-    import json
-    import os
-    from dfd_video.runs import latest_checkpoint
-    try:
-        folder = latest_checkpoint(ckpt)
-    except ValueError:
-        return None
-    try:
-        with open(os.path.join(os.path.dirname(os.path.dirname(folder)), "args.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def reads_causal(args) -> bool:
-    """Whether this command line's student is block-causal: --causal; else not with --bidirectional-ckpt; else a
-    training run's own record (--resume, --ckpt of a run); else a Self-Forcing / CausVid .pt (describe_dmd2)."""
-    if getattr(args, "causal", False):
-        return True
-    if getattr(args, "bidirectional_ckpt", False):
-        return False
-    if getattr(args, "resume", None) is not None:
-        return bool((_run_args(args.out if args.resume == "latest" else args.resume) or {}).get("causal_student"))
-    path = getattr(args, "ckpt", None) or getattr(args, "dmd2_ckpt", None)
-    if path is None:
-        return False
-    run = _run_args(path)
-    if run is not None:
-        return bool(run.get("causal_student"))
-    from dfd_video.weights import describe_dmd2
-    return describe_dmd2(path)["format"] == "self-forcing"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def test_rollout_keeps_grad_only_at_the_exit_step():
     x, text = inputs(frames=6)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(x.shape, generator=g)
-    G = causal_wan.rollout(student, noise, text, causal_wan.SELF_FORCING_TS, 2, torch.Generator().manual_seed(4),
-                           context_sigma=causal_wan.grid_sigma(0.0))
+    G = causal_wan.rollout(student, noise, text, wan_dfd.SELF_FORCING_TS, 2, torch.Generator().manual_seed(4),
+                           context_sigma=wan_dfd.grid_sigma(0.0))
     assert G.shape == x.shape and G.requires_grad
     G[:, :, 3:].square().sum().backward()  # the second block's loss
     grad_rollout = [p.grad.clone() for p in net.parameters()]
@@ -85,7 +85,7 @@ def test_rollout_keeps_grad_only_at_the_exit_step():
     # the same rollout by hand: 2 skipped steps with fresh noise, the exit step, then the committed context (noised
     # to Self-Forcing's grid_sigma(0)); the second block's exit step with grad, on the cache the first block left
     gen, cache, blocks = torch.Generator().manual_seed(4), causal_wan.KVCache(), []
-    ts = causal_wan.SELF_FORCING_TS
+    ts = wan_dfd.SELF_FORCING_TS
     for s in (0, 3):
         xb = noise[:, :, s:s + 3]
         with torch.no_grad():
@@ -104,12 +104,12 @@ def test_rollout_keeps_grad_only_at_the_exit_step():
     blocks[1].square().sum().backward()
     for a, b in zip(grad_rollout, (p.grad for p in net.parameters())):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert all(not c.requires_grad for layer in cache.k for c in layer) and abs(causal_wan.grid_sigma(0.0) - 0.0049801) < 1e-7
+    assert all(not c.requires_grad for layer in cache.k for c in layer) and abs(wan_dfd.grid_sigma(0.0) - 0.0049801) < 1e-7
     # with activation checkpointing (train's default) the backward recomputes each block on the cache it saw
     net.zero_grad()
     net.enable_gradient_checkpointing()
-    G2 = causal_wan.rollout(student, noise, text, causal_wan.SELF_FORCING_TS, 2, torch.Generator().manual_seed(4),
-                            context_sigma=causal_wan.grid_sigma(0.0))
+    G2 = causal_wan.rollout(student, noise, text, wan_dfd.SELF_FORCING_TS, 2, torch.Generator().manual_seed(4),
+                            context_sigma=wan_dfd.grid_sigma(0.0))
     G2[:, :, 3:].square().sum().backward()
     for a, p in zip(grad_rollout, net.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
@@ -151,10 +151,10 @@ def test_self_forcing_pt_takes_the_causal_path(tmp_path):
     d = dfd_video.weights.describe_dmd2(paths["pt"])
     assert d["format"] == "self-forcing" and not d["refusals"]
     ns = lambda **kw: argparse.Namespace(**{"causal": False, "bidirectional_ckpt": False, "resume": None, **kw})
-    assert causal_wan.reads_causal(ns(dmd2_ckpt=paths["pt"]))
-    assert not causal_wan.reads_causal(ns(dmd2_ckpt=paths["pt"], bidirectional_ckpt=True))
-    assert not causal_wan.reads_causal(ns(dmd2_ckpt=paths["safetensors"]))
-    assert causal_wan.reads_causal(ns(dmd2_ckpt=paths["safetensors"], causal=True))
+    assert wan_dfd.reads_causal(ns(dmd2_ckpt=paths["pt"]))
+    assert not wan_dfd.reads_causal(ns(dmd2_ckpt=paths["pt"], bidirectional_ckpt=True))
+    assert not wan_dfd.reads_causal(ns(dmd2_ckpt=paths["safetensors"]))
+    assert wan_dfd.reads_causal(ns(dmd2_ckpt=paths["safetensors"], causal=True))
     spec = wan_dfd.WanAdapter().resolve(ns(cmd="train", dmd2_ckpt=paths["pt"], frames_per_block=3, context_sigma=0.0))
     assert isinstance(spec, wan_dfd.CausalWanAdapter) and spec.generate((1.0, 0.5)) is not None
 
@@ -197,7 +197,7 @@ def test_prepare_reads_a_self_forcing_lmdb(tmp_path):
                   "--device", "cpu", "--store-dtype", "fp32"])
     data = dfd_video.data.LatentShards(str(tmp_path / "data"), ("latents", "text"))
     m = json.load(open(tmp_path / "data" / "manifest.json"))
-    assert m["count"] == 3 and m["negative_prompt"] == causal_wan.SELF_FORCING_NEGATIVE_PROMPT
+    assert m["count"] == 3 and m["negative_prompt"] == wan_dfd.SELF_FORCING_NEGATIVE_PROMPT
     enc = wan_dfd.WanEncoders(pipe, torch.device("cpu"), vae=False)
     for i in range(3):
         assert torch.equal(data[i]["latents"], torch.from_numpy(lat[i].astype(np.float32)).permute(1, 0, 2, 3))
@@ -210,7 +210,7 @@ def test_preset_sets_the_sf_dfd_recipe_and_given_flags_win(tmp_path):
     args = dfd_video.cli.build_parser(spec, "", "train", dfd_video.cli.preset_name(argv)).parse_args(argv)
     assert (args.lr, args.lr_fake, args.guidance, args.adam_beta1, args.fake_updates, args.ema) == (1e-6, 4e-7, 4.0,
                                                                                                     0.0, 5, 0.99)
-    assert args.student_ts == list(causal_wan.SELF_FORCING_TS) and args.t_clamp == [0.02, 0.98]
+    assert args.student_ts == list(wan_dfd.SELF_FORCING_TS) and args.t_clamp == [0.02, 0.98]
     assert args.per_micro_coin and args.fake_loss == "flow" and args.batch_size == 64 and args.grad_accum == 64
     c = __import__("dfd_video.train", fromlist=["x"]).dfd_config(args)
     assert c.per_micro_coin and c.t_clamp == (0.02, 0.98) and c.fake_updates == 5

@@ -113,7 +113,7 @@ def test_rollout_matches_self_forcing_training_pipeline(ref, monkeypatch):
     ours.load_state_dict(diff.state_dict())
     steps = torch.tensor([1000, 750, 500, 250])
     warped = torch.cat([gen.scheduler.timesteps, torch.zeros(1)])[1000 - steps]  # model/base.py, warp_denoising_step
-    torch.testing.assert_close(warped / 1000, torch.tensor(causal_wan.SELF_FORCING_TS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(warped / 1000, torch.tensor(wan_dfd.SELF_FORCING_TS), atol=1e-6, rtol=0)
     torch.manual_seed(1)
     noise, text = torch.randn(B, 16, FRAMES, H, W), torch.randn(B, 512, 32)
     draws = [torch.randn(B, 16, 3, H, W) for _ in range(2 * 4)]  # every fresh draw of the rollout, our layout
@@ -136,8 +136,8 @@ def test_rollout_matches_self_forcing_training_pipeline(ref, monkeypatch):
         randn = torch.randn
         monkeypatch.setattr(torch, "randn", lambda *a, generator=None, **k: next(queue))
         with torch.no_grad():
-            got = causal_wan.rollout(wan_dfd.WanDenoiser(ours), noise, text, causal_wan.SELF_FORCING_TS, exit_step,
-                                     None, context_sigma=causal_wan.grid_sigma(0.0))
+            got = causal_wan.rollout(wan_dfd.WanDenoiser(ours), noise, text, wan_dfd.SELF_FORCING_TS, exit_step,
+                                     None, context_sigma=wan_dfd.grid_sigma(0.0))
         monkeypatch.setattr(torch, "randn", randn)
         close(f"rollout, exit step {exit_step}", got, want.permute(0, 2, 1, 3, 4), atol=1e-4, rtol=1e-4)
 
