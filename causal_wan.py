@@ -10,8 +10,8 @@ before it (3 frames per block), generated block by block with a KV cache. This m
                          and csy2077/DFD-self-forcing): the G that dfd.student_step trains, through dfd.train's
                          `generate` hook.
   stream_sample          Self-Forcing's inference (pipeline/causal_inference.py): block by block with the KV cache.
-  self_forcing_state_dict / read_lmdb_rows
-                         the .pt that Self-Forcing's inference.py loads; its LMDB latents (utils/lmdb.py).
+  save_self_forcing      the .pt that Self-Forcing's inference.py loads (`export`); its LMDB latents are read by
+                         dfd_video/lmdb_latents.py (`prepare`).
 
 wan_dfd.py holds the command-line side (flags, --preset sf-dfd, which checkpoints read as causal) and imports this
 module only when a causal student is built, because diffusers is a slow import.

@@ -14,6 +14,8 @@ Launch lines (every subcommand has --help):
   python wan_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --names DMD2 DFD --clip clip-vit-large-patch14/ \
       --dino dinov2-large/ [--poses poses_dmd2/ poses_dfd/] --out eval/
 A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one; no subcommand means train.
+A Self-Forcing / CausVid model.pt is a block-causal student: it trains through Self-Forcing's KV-cache rollout
+(causal_wan.py); `--preset sf-dfd` is SF-DFD's recipe (docs/causal.md).
 
 Conventions (Wan2.1, verified against diffusers 0.42.1 in tests/test_wan_oracle.py): x_t = (1 - t) x0 + t eps, the
 transformer predicts v = eps - x0 and takes timestep t * 1000 as a float [B]; CFG is uncond + g (cond - uncond) with

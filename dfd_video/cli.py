@@ -210,6 +210,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
                    f"= {world} x {args.grad_accum}")
     if given.get("stop_on_drift", 0) > 0 and not args.probe_every:
         bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
+    if given.get("per_micro_coin") and (args.per_sample_coin or args.p_t_min > 0):
+        bad.append("--per-micro-coin draws one coin per micro-batch: it excludes --per-sample-coin and --p-t-min")
     if "t_min" in given and not 0.0 <= args.t_min < args.t_max <= 1.0:
         bad.append(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     for k in PATH_FLAGS:
