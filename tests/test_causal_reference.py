@@ -3,7 +3,8 @@
   1. CausalWanModel's KV-cache forward (wan/modules/causal_model.py), block by block, vs ours;
   2. SelfForcingTrainingPipeline.inference_with_trajectory (the training rollout) vs causal_wan.rollout;
   3. DMD.compute_distribution_matching_loss (model/dmd.py; DMD and DFD branches) vs dfd.dm_loss with our teacher and
-     critic, value and gradient.
+     critic, value and gradient;
+  4. `export`'s model.pt loaded as their inference.py loads it (strict load_state_dict into WanDiffusionWrapper).
 Their flash-attention calls are replaced by fp32 scaled_dot_product_attention (their own CPU fallback casts to bf16),
 their rank-0 broadcasts by the fixed draws, and `.cuda()` by the identity; nothing else of theirs is changed."""
 import importlib.util
@@ -104,6 +105,16 @@ def test_kv_cache_forward_matches_causal_wan_model(ref):
                           kv_cache=kv, crossattn_cache=cross, current_start=s * TOKENS)
             got = ours(x[:, :, s:s + 3], torch.full((B,), t), text, cache=cache, commit=commit, return_dict=False)[0]
             close(f"KV-cache forward, frames {s}-{s + 2}, t = {t:g}", got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_export_loads_as_inference_py_loads_it(ref, tmp_path):
+    """`export`'s model.pt into their WanDiffusionWrapper, as inference.py --checkpoint_path does (strict)."""
+    diff = tiny_wan.tiny_transformer(5)
+    causal_wan.save_self_forcing(diff.state_dict(), str(tmp_path / "model.pt"))
+    wrapper = their_wrapper(ref, their_net(ref, tiny_wan.tiny_transformer(6), causal=True), causal=True)
+    wrapper.load_state_dict(torch.load(str(tmp_path / "model.pt"), map_location="cpu")["generator"])
+    want = causal_wan.to_original_wan(diff.state_dict())
+    assert all(torch.equal(v, want[k]) for k, v in wrapper.model.state_dict().items())
 
 
 def test_rollout_matches_self_forcing_training_pipeline(ref, monkeypatch):
