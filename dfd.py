@@ -30,6 +30,10 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x_t, t, cond) -> x0_hat
 Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detached, x_real, cond) -> x per G
+# (student, x_real, cond, generator, shared) -> G: how a student other than a one-call denoiser makes its sample, e.g.
+# the autoregressive rollout of a causal video student (causal_wan.py). x_real gives the shape; `generator` is this
+# rank's, `shared` draws the same on every rank (what must agree across ranks, e.g. how many network calls FSDP makes)
+Generate = Callable[[Any, torch.Tensor, Any, torch.Generator, torch.Generator], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,11 +151,16 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def dfd_coin(step: int, p: float, seed: int = 0, batch: int | None = None, rank: int = 0) -> torch.Tensor:
+def dfd_coin(step: int, p: float, seed: int = 0, batch: int | None = None, rank: int = 0,
+             micro: int | None = None) -> torch.Tensor:
     """True where the teacher sees the real sample (Eq. 10). A pure function of (seed, step), so every rank
     of a distributed run draws the same coin without communicating, and a resumed run draws what the
     unbroken run drew. batch=None: one coin for the step (the authors' choice; shape []). batch=B: one coin
-    per sample (shape [B]), also varying with rank so that ranks do not mirror each other."""
+    per sample (shape [B]), also varying with rank so that ranks do not mirror each other. micro=a: one coin
+    for micro-batch a of the step, the same on every rank (SF-DFD's draw, one per gradient-accumulation pass)."""
+    if micro is not None:
+        g = torch.Generator().manual_seed(_seed(seed, step, micro, 0xC2))
+        return torch.rand((), generator=g) < p
     if batch is None:
         g = torch.Generator().manual_seed(_seed(seed, step, 0xC0))
         return torch.rand((), generator=g) < p
@@ -172,10 +181,14 @@ def pick(x_gen: torch.Tensor, x_real: torch.Tensor, use_real: torch.Tensor) -> t
 
 
 def fake_score_loss(fake: Denoiser, x_gen: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """E || fake(alpha_t G + sigma_t eps, t) - G ||^2 with G detached (the fake score tracks p_fake, Eq. 1)."""
+                    mask: torch.Tensor | None = None, flow: bool = False) -> torch.Tensor:
+    """E || fake(alpha_t G + sigma_t eps, t) - G ||^2 with G detached (the fake score tracks p_fake, Eq. 1).
+    flow=True: the error of the flow velocity instead, || v_hat - (eps - G) ||^2 = || x0_hat - G ||^2 / t^2
+    (Self-Forcing's critic, denoising_loss_type: flow)."""
     x_gen = x_gen.detach()
     err = (fake(forward_diffusion(x_gen, eps, t), t, cond).float() - x_gen.float()) ** 2
+    if flow:
+        err = err / expand(t, err).float() ** 2
     return err.mean() if mask is None else (err * mask).sum() / mask.float().expand_as(err).sum()
 
 
@@ -238,6 +251,7 @@ class DFDConfig:
 
     p: float = 0.5  # P(teacher sees the real sample) per student step (Eq. 10); 0 = DMD, 1 = pure DFD
     per_sample_coin: bool = False  # one coin per sample instead of per step
+    per_micro_coin: bool = False  # one coin per micro-batch (gradient-accumulation pass) instead of per step
     p_t_min: float = 0.0  # > 0: p(t) = p for the noise level t >= p_t_min, 0 below (DFD at high noise only;
     #                       per-sample coins, since t is per sample; t compared after the shift). 0: off
     space: str = "x0"  # "x0": the authors' code; "score": Eq. 8 taken literally (see dm_loss)
@@ -249,6 +263,9 @@ class DFDConfig:
     t_min: float = 0.02  # range of the DMD / fake-score noise level t, before the shift (the video scripts use
     t_max: float = 0.98  # FastGen's 0.001, 0.999 with shift 5)
     t_shift: float = 1.0  # shift applied to t ~ U[t_min, t_max]; the result is clamped to [t_min, t_max]
+    t_clamp: tuple[float, float] | None = None  # clamp the shifted t to this range instead (Self-Forcing: draw on
+    #                                             [0, 1), clamp to [0.02, 0.98])
+    fake_loss: str = "x0"  # "x0": || x0_hat - G ||^2 (FastGen); "flow": the velocity error (Self-Forcing's critic)
     grad_clip: float = 1.0  # max global grad norm of the student (<= 0: no clipping)
     grad_clip_fake: float | None = None  # ... of the fake score (None: grad_clip; FastGen clips the student only)
     ema: float = 0.0  # EMA decay of the student (0: no EMA)
@@ -262,6 +279,10 @@ class DFDConfig:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         if self.space not in ("x0", "score"):
             raise ValueError(f"space must be 'x0' or 'score', got {self.space!r}")
+        if self.fake_loss not in ("x0", "flow"):
+            raise ValueError(f"fake_loss must be 'x0' or 'flow', got {self.fake_loss!r}")
+        if self.per_micro_coin and (self.per_sample_coin or self.p_t_min > 0):
+            raise ValueError("per_micro_coin excludes per_sample_coin and p_t_min (one coin per micro-batch)")
         if self.fake_updates < 0 or self.grad_accum < 1:
             raise ValueError(f"need fake_updates >= 0 and grad_accum >= 1, got {self.fake_updates}, {self.grad_accum}")
         if not 0.0 <= self.p_t_min <= 1.0:
@@ -281,7 +302,8 @@ def sample_t(B: int, c: DFDConfig, generator: torch.Generator, device) -> torch.
     """t ~ U[t_min, t_max], shifted, clamped back to [t_min, t_max] (FastGen's "shifted" draw: a shift > 1 pushes
     the top of the range past t_max, e.g. 0.999 -> 0.9998 at s = 5)."""
     u = torch.rand(B, generator=generator, device=device)
-    return shift_t(c.t_min + (c.t_max - c.t_min) * u, c.t_shift).clamp(c.t_min, c.t_max)
+    lo, hi = c.t_clamp if c.t_clamp is not None else (c.t_min, c.t_max)
+    return shift_t(c.t_min + (c.t_max - c.t_min) * u, c.t_shift).clamp(lo, hi)
 
 
 def _finite(name: str, value: torch.Tensor, step: int) -> None:
@@ -303,17 +325,28 @@ def _generator(c: DFDConfig, device, *parts: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_seed(c.seed, *parts))
 
 
-def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step: int, j: int, rank: int = 0):
+def make_sample(student, x_real: torch.Tensor, cond: Any, c: DFDConfig, g: torch.Generator,
+                generate: Generate | None = None, *parts: int) -> torch.Tensor:
+    """The student's sample G for a batch: `generate` when given (its shared generator seeded by `parts`, the
+    caller's draw key without the rank), else one call on student_input."""
+    if generate is not None:
+        return generate(student, x_real, cond, g, _generator(c, x_real.device, *parts, -1))
+    x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
+    return student(x_in, t_in, cond)
+
+
+def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step: int, j: int, rank: int = 0,
+                    generate: Generate | None = None):
     """One fake-score update (j-th before student step `step`) on fresh, detached student samples."""
     total = 0.0
     for a, batch in enumerate(batches):
         x_real, cond, mask = _unpack(batch)
         g = _generator(c, x_real.device, step, j, a, rank)
-        x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
         with torch.no_grad():
-            x_gen = student(x_in, t_in, cond)
+            x_gen = make_sample(student, x_real, cond, c, g, generate, step, j, a)
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
-        loss = fake_score_loss(fake, x_gen, eps, sample_t(x_real.shape[0], c, g, x_real.device), cond, mask)
+        loss = fake_score_loss(fake, x_gen, eps, sample_t(x_real.shape[0], c, g, x_real.device), cond, mask,
+                               c.fake_loss == "flow")
         _finite("fake-score loss", loss.detach(), step)
         (loss / len(batches)).backward()
         total += loss.item() / len(batches)
@@ -322,21 +355,25 @@ def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step
 
 
 def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[Batch], c: DFDConfig,
-                 step: int, rank: int = 0, pair: Pairing | None = None) -> dict[str, float]:
+                 step: int, rank: int = 0, pair: Pairing | None = None,
+                 generate: Generate | None = None) -> dict[str, float]:
     """One student update with the DMD (Eq. 3) or DFD (Eq. 8) gradient, chosen by the coin (Eq. 10).
     The student's input is always made from the batch's x_real; `pair(G, x_real, cond)` picks which real sample
     the teacher (and the delta^2 monitor) sees for each G: None = the same one ("paired"), e.g. a shuffle
-    within the condition ("independent") or a mini-batch optimal-transport assignment ("OT")."""
+    within the condition ("independent") or a mini-batch optimal-transport assignment ("OT").
+    `generate(student, x_real, cond, generator)` makes G instead of one student call (see make_sample)."""
     sizes = [b[0].shape[0] for b in batches]
     per_sample = c.per_sample_coin or c.p_t_min > 0
-    coins = dfd_coin(step, c.p, c.seed, sum(sizes) if per_sample else None, rank)
-    logs: dict[str, float] = {"dfd": coins.float().mean().item()}  # the fraction of DFD samples
+    if c.per_micro_coin:
+        coins = torch.stack([dfd_coin(step, c.p, c.seed, micro=a) for a in range(len(batches))])
+    else:
+        coins = dfd_coin(step, c.p, c.seed, sum(sizes) if per_sample else None, rank)
+    logs: dict[str, float] = {"dfd": coins.float().mean().item()}  # the fraction of DFD samples (or passes)
     for a, batch in enumerate(batches):
         x_real, cond, mask = _unpack(batch)
-        use_real = coins.split(sizes)[a] if per_sample else coins
+        use_real = coins.split(sizes)[a] if per_sample else coins[a] if c.per_micro_coin else coins
         g = _generator(c, x_real.device, step, -1, a, rank)
-        x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
-        x_gen = student(x_in, t_in, cond)  # G, with grad
+        x_gen = make_sample(student, x_real, cond, c, g, generate, step, -1, a)  # G, with grad
         x_real = x_real if pair is None else pair(x_gen.detach(), x_real, cond)  # the x the teacher sees for G
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
         t = sample_t(x_real.shape[0], c, g, x_real.device)  # micro-batches may differ in size
@@ -375,20 +412,22 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def train(student: torch.nn.Module, teacher: Denoiser, fake: torch.nn.Module, student_opt, fake_opt,
           data: Iterator[Batch], steps: int, c: DFDConfig, start_step: int = 0, rank: int = 0,
           ema: torch.nn.Module | None = None, log: Callable[[int, dict], None] | None = None,
-          on_step_end: Callable[[int], None] | None = None, pair: Pairing | None = None) -> None:
+          on_step_end: Callable[[int], None] | None = None, pair: Pairing | None = None,
+          generate: Generate | None = None) -> None:
     """The alternating loop: per student step, `fake_updates` fake-score updates, then one student update,
     each on `grad_accum` fresh micro-batches from `data`. Every draw is a function of (seed, step, rank),
     so resuming at `start_step` with `data` at the matching position repeats an unbroken run exactly.
-    `pair` goes to student_step (which real sample the teacher sees for each G; None: the batch's own)."""
+    `pair` goes to student_step (which real sample the teacher sees for each G; None: the batch's own);
+    `generate` to both steps (how the student makes G; None: one call on dfd.student_input)."""
     warned = False
     for step in range(start_step, steps):
         logs: dict[str, float] = {}
         for j in range(c.fake_updates):  # logged: the mean over the step's fake-score updates
             batches = [next(data) for _ in range(c.grad_accum)]
-            for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank).items():
+            for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank, generate).items():
                 logs[k] = logs.get(k, 0.0) + v / c.fake_updates
         batches = [next(data) for _ in range(c.grad_accum)]
-        logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank, pair))
+        logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank, pair, generate))
         if ema is not None and c.ema > 0:
             ema_update(ema, student, c.ema)
         if logs["delta2"] > c.delta2_warn and not warned:

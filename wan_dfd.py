@@ -14,6 +14,8 @@ Launch lines (every subcommand has --help):
   python wan_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --names DMD2 DFD --clip clip-vit-large-patch14/ \
       --dino dinov2-large/ [--poses poses_dmd2/ poses_dfd/] --out eval/
 A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one; no subcommand means train.
+A Self-Forcing / CausVid model.pt is a block-causal student: it trains through Self-Forcing's KV-cache rollout
+(causal_wan.py); `--preset sf-dfd` is SF-DFD's recipe (docs/causal.md).
 
 Conventions (Wan2.1, verified against diffusers 0.42.1 in tests/test_wan_oracle.py): x_t = (1 - t) x0 + t eps, the
 transformer predicts v = eps - x0 and takes timestep t * 1000 as a float [B]; CFG is uncond + g (cond - uncond) with
@@ -28,17 +30,113 @@ empty string), real videos are encoded with a seeded VAE posterior sample (`prep
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 import dfd
 from dfd_video.cli import main as cli_main
-from dfd_video.spec import GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
+from dfd_video.runs import latest_checkpoint
+from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT, GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
 from dfd_video.vae import WanVAE
+from dfd_video.weights import describe_dmd2
 
 WAN_TEXT_LEN = 512  # the pipeline's max_sequence_length: UMT5 output cut to the real length, zero-padded to 512
+
+
+# ---------------------------------------------------------------------------------------------------
+# Causal (Self-Forcing / CausVid) students: the command-line side. The network and its rollouts are causal_wan.py,
+# imported only when a causal student is built (diffusers is a slow import; --help and the flag checks stay fast).
+
+FRAMES_PER_BLOCK = 3  # Self-Forcing's num_frame_per_block (configs/self_forcing_dmd.yaml, self_forcing_dfd.yaml)
+# Self-Forcing's denoising_step_list [1000, 750, 500, 250] under warp_denoising_step: the timesteps of its 1000-step
+# shift-5 FlowMatchScheduler at those indices, i.e. shift(1 - k/4) for k = 0..3 (model/base.py).
+SELF_FORCING_TS = (1.0, 0.9375, 2.5 / 3.0, 0.625)
+
+
+def grid_sigma(t: float, shift: float = 5.0, steps: int = 1000) -> float:
+    """The sigma Self-Forcing's FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) with 1000 training steps
+    uses for timestep t * 1000: the nearest of its grid. Its add_noise at timestep 0 (the context frames' "no
+    noise") therefore noises with the smallest grid sigma, shift(1/1000) = 0.00498, not 0."""
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    return float(grid[(grid * steps - t * steps).abs().argmin()])
+
+
+# SF-DFD's recipe (csy2077/DFD-self-forcing configs/self_forcing_dfd.yaml, trainer/distillation_dfd.py, README;
+# docs/recipe.md has a row per value). Train-flag defaults applied by --preset sf-dfd; grad_accum is filled in for
+# the world size (global batch 64 at one sample per rank and pass).
+SF_DFD_PRESET: dict[str, Any] = dict(
+    p=0.5, per_micro_coin=True, guidance=4.0, lr=2e-6, lr_fake=4e-7, adam_beta1=0.0, weight_decay=0.01,
+    ema=0.99, ema_init="checkpoint", fake_updates=5, student_ts=list(SELF_FORCING_TS), t_min=0.0, t_max=0.999,
+    t_clamp=[0.02, 0.98], t_shift=5.0, fake_loss="flow", grad_clip=10.0, grad_clip_fake=10.0, batch_size=64,
+    steps=32, fake_init="critic", grad_accum=lambda world: max(1, 64 // world))  # 1 sample per rank and pass
+
+
+def preset_notes(args) -> list[str]:
+    """Where a train command line with --preset sf-dfd differs from SF-DFD in what the preset cannot set."""
+    if getattr(args, "preset", None) != "sf-dfd":
+        return []
+    notes = []
+    if not reads_causal(args):
+        notes.append("the student is read as bidirectional; SF-DFD trains a block-causal Self-Forcing student")
+    try:
+        with open(os.path.join(args.data, "manifest.json")) as f:
+            neg = json.load(f).get("negative_prompt")
+    except (OSError, ValueError, TypeError):
+        neg = None
+    if neg is not None and neg != SELF_FORCING_NEGATIVE_PROMPT:
+        notes.append(f"--data {args.data} stores the negative prompt {neg[:40]!r}...; SF-DFD guides against its Chinese "
+                     "one (prepare --negative-prompt, or prepare from its LMDB, which stores it)")
+    return notes
+
+
+def add_causal_args(p, cmd: str) -> None:
+    """The causal student's flags (wan_dfd.py train / check / sample / export)."""
+    g = p.add_argument_group("causal students", "Self-Forcing / CausVid block-causal Wan students (docs/causal.md)")
+    g.add_argument("--causal", action="store_true", help="read the student as block-causal whatever its layout "
+                   "(e.g. FastGen's CausalWan <iter>.net_model/); a Self-Forcing / CausVid .pt is read so without it")
+    g.add_argument("--frames-per-block", type=int, default=FRAMES_PER_BLOCK,
+                   help="latent frames per causal block (Self-Forcing's num_frame_per_block)")
+    if cmd in ("train", "check"):
+        g.add_argument("--context-sigma", type=float, default=grid_sigma(0.0), help="noise level of the context "
+                       "frames the rollout commits to the KV cache (Self-Forcing: its add_noise at timestep 0, the "
+                       "smallest grid sigma; FastGen: 0)")
+
+
+def _run_args(ckpt: str) -> dict | None:
+    """The args.json of the training run a checkpoint (step folder, run folder or `latest`) belongs to, else None."""
+    try:
+        folder = latest_checkpoint(ckpt)
+    except ValueError:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(folder)), "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def reads_causal(args) -> bool:
+    """Whether this command line's student is block-causal: --causal; else not with --bidirectional-ckpt; else a
+    training run's own record (--resume, --ckpt of a run); else a Self-Forcing / CausVid .pt (describe_dmd2)."""
+    if getattr(args, "causal", False):
+        return True
+    if getattr(args, "bidirectional_ckpt", False):
+        return False
+    if getattr(args, "resume", None) is not None:
+        return bool((_run_args(args.out if args.resume == "latest" else args.resume) or {}).get("causal_student"))
+    path = getattr(args, "ckpt", None) or getattr(args, "dmd2_ckpt", None)
+    if path is None:
+        return False
+    run = _run_args(path)
+    if run is not None:
+        return bool(run.get("causal_student"))
+    return describe_dmd2(path)["format"] == "self-forcing"
 
 
 class WanDenoiser(GuidedDenoiser):
@@ -48,7 +146,8 @@ class WanDenoiser(GuidedDenoiser):
     embedding [1, 512, D]) runs in the same forward as the conditional one (batch 2B) and the result is
     uncond + g (cond - uncond) (dfd.cfg; guiding x0 equals guiding v, the affine map is shared)."""
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, **causal) -> torch.Tensor:
+        """causal: the KV-cache arguments of causal_wan.CausalWanTransformer (cache=, commit=), unguided only."""
         B = x_t.shape[0]
         guided = self.guided
         text = torch.cat([cond, self.uncond.expand(B, -1, -1)]) if guided else cond
@@ -56,7 +155,7 @@ class WanDenoiser(GuidedDenoiser):
         t_in = torch.cat([t, t]) if guided else t
         dt = self.compute_dtype or x_t.dtype
         v = self.net(hidden_states=x_in.to(dt), timestep=(t_in * 1000).float(), encoder_hidden_states=text.to(dt),
-                     return_dict=False)[0].float()
+                     return_dict=False, **causal)[0].float()
         x0 = dfd.x0_from_v(x_in.float(), v, t_in.float())
         if guided:
             x0_cond, x0_uncond = x0.chunk(2)
@@ -111,6 +210,21 @@ class WanAdapter(ModelSpec):
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
+    presets = {"sf-dfd": SF_DFD_PRESET}  # --preset: SF-DFD's recipe for Self-Forcing students
+
+    def add_args(self, p, cmd: str) -> None:
+        if cmd in ("train", "check", "sample", "export"):
+            add_causal_args(p, cmd)
+
+    def resolve(self, args) -> ModelSpec:
+        """CausalWanAdapter for a block-causal student (reads_causal), recorded in the run's args.json."""
+        if args.cmd == "train" and os.environ.get("RANK", "0") == "0":
+            for note in preset_notes(args):
+                print(f"--preset {args.preset}: {note}", file=sys.stderr)
+        if args.cmd not in ("train", "check", "sample", "export") or not reads_causal(args):
+            return self
+        args.causal_student = True
+        return CausalWanAdapter(args.frames_per_block, getattr(args, "context_sigma", 0.0))
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """WanTransformer3DModel from model_dir/transformer (or model_dir itself) in fp32."""
@@ -178,6 +292,44 @@ class WanAdapter(ModelSpec):
         x0 = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, height=8 * h, width=8 * w, num_frames=4 * (T - 1) + 1,
                   num_inference_steps=1, guidance_scale=guidance, latents=x_t, output_type="latent").frames
         return x0.float(), cond, None
+
+
+class CausalWanAdapter(WanAdapter):
+    """A block-causal Wan student (Self-Forcing / CausVid; causal_wan.py): the same weights and names, G from
+    Self-Forcing's autoregressive rollout with the KV cache, samples streamed block by block. The teacher and the
+    critic stay bidirectional: the same class called without a cache is diffusers' WanTransformer3DModel."""
+
+    presets = {}  # the train presets apply to both readings (WanAdapter.presets)
+
+    def __init__(self, frames_per_block: int = FRAMES_PER_BLOCK, context_sigma: float = 0.0):
+        self.frames_per_block, self.context_sigma = frames_per_block, context_sigma
+        self.describe_student = (f"  causal     <- the student is block-causal ({frames_per_block} latent frames per "
+                                 "block, Self-Forcing's KV-cache rollout; --bidirectional-ckpt reads it as a "
+                                 "full-sequence student)")
+
+    def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
+        from causal_wan import CausalWanTransformer
+        return load_transformer(CausalWanTransformer, model_dir, self.family, fix=self.init_buffers, meta=meta)
+
+    def generate(self, student_ts):
+        import causal_wan
+        return causal_wan.make_generate(student_ts, self.frames_per_block, self.context_sigma)
+
+    def sample_video(self, student, noise, cond, student_ts, generator, renoise):
+        import causal_wan
+        return causal_wan.stream_sample(student, noise, cond, student_ts, generator, renoise, self.frames_per_block)
+
+    def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
+        super().check_data(shapes, net)
+        if shapes["latents"][1] % self.frames_per_block:
+            raise ValueError(f"data latents have {shapes['latents'][1]} frames: the causal student needs a multiple of "
+                             f"--frames-per-block {self.frames_per_block} (Self-Forcing: 21 = 7 blocks of 3)")
+
+    def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
+        """<out>/model.pt in Self-Forcing's layout ({"generator": WanDiffusionWrapper's state dict}), what its
+        inference.py --checkpoint_path loads; diffusers has no causal Wan pipeline (docs/causal.md)."""
+        from causal_wan import save_self_forcing
+        save_self_forcing(net.state_dict(), os.path.join(out, "model.pt"))
 
 
 def main(argv=None):

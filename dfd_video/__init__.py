@@ -10,7 +10,7 @@ The method path, what `train` runs:
   train        the `train` driver: networks, optimizers, dfd.train with a logger and a checkpointer
   lora         --lora-rank: peft adapters on frozen bases; export --lora
   prepare, sample, export
-               the other drivers of the method path
+               the other drivers of the method path; lmdb_latents: Self-Forcing's latent LMDBs as `prepare` input
   vae, video, files
                the Wan 2.1 VAE both models share; PyAV and captions; atomic writes and one-line write errors
   cli          the subcommands and their flags, the checks before any model loads, main(spec)

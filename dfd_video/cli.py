@@ -114,9 +114,49 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
                    "one (0: only after the last step)")
     p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+    add_recipe_args(p, spec)
     lora.add_lora_flags(p)
     add_probe_args(p)
     p.set_defaults(**(spec.defaults if spec is not None else {}))
+    if spec is not None:
+        spec.add_args(p, "check" if check else "train")
+
+
+def add_recipe_args(p: argparse.ArgumentParser, spec) -> None:
+    """The settings a published recipe other than FastGen's DMD2 fixes (SF-DFD's: --preset sf-dfd, docs/recipe.md)."""
+    if spec is not None and spec.presets:
+        p.add_argument("--preset", choices=sorted(spec.presets), default=None, help="a published recipe's flag "
+                       "defaults (flags given on the command line still win): sf-dfd = SF-DFD on a Self-Forcing "
+                       "student (docs/causal.md)")
+    p.add_argument("--per-micro-coin", action="store_true", help="one DFD coin per micro-batch (gradient-accumulation "
+                   "pass), the same on every rank, as SF-DFD draws it; default: one per student step")
+    p.add_argument("--t-clamp", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="clamp the shifted DMD / fake-score t to [LO, HI] instead of [t-min, t-max] (Self-Forcing: "
+                        "draw on [0, 0.999], clamp to [0.02, 0.98])")
+    p.add_argument("--fake-loss", default="x0", choices=("x0", "flow"), help="fake-score loss: x0 error (FastGen) "
+                   "or flow-velocity error, the x0 error / t^2 (Self-Forcing's critic)")
+    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1 of both networks (Self-Forcing: 0)")
+    p.add_argument("--ema-init", default="student", choices=("student", "checkpoint"), help="where --ema's average "
+                   "starts: the student's weights, or the DMD2 checkpoint's own EMA (e.g. Self-Forcing's "
+                   "generator_ema; the student's when it has none)")
+
+
+def resolve_preset(spec, name: str | None) -> dict[str, Any]:
+    """--preset's flag defaults; a callable value is given the number of ranks (torchrun's WORLD_SIZE)."""
+    if spec is None or name not in spec.presets:
+        return {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {k: v(world) if callable(v) else v for k, v in spec.presets[name].items()}
+
+
+def preset_name(argv: Sequence[str]) -> str | None:
+    """The --preset value on a command line (read before parsing: it sets the other flags' defaults)."""
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1]
+    return None
 
 
 # One rule per flag: (holds(value), what it must be). check_args applies those whose flag the subcommand has and
@@ -144,6 +184,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "probe_count": (lambda v: v >= 1, "need at least one condition"),
     "probe_seeds": (lambda v: len(v) >= 1, "need at least one seed"),
     "monitor_every": (lambda v: v >= 0, "must be >= 0 (0: off)"),
+    "adam_beta1": (_between(0.0, 0.999999), "must be in [0, 1)"),
+    "t_clamp": (lambda v: 0.0 <= v[0] < v[1] <= 1.0, "must be LO HI with 0 <= LO < HI <= 1"),
+    "frames_per_block": (lambda v: v >= 1, "must be >= 1"),
+    "context_sigma": (_between(0.0, 1.0), "must be in [0, 1]"),
     "save_every": (lambda v: v >= 0, "must be >= 0"),
     "student_ts": (lambda v: all(0 < t <= 1 for t in v) and all(a > b for a, b in zip(v, v[1:])),
                    "must be strictly decreasing values in (0, 1]"),
@@ -178,6 +222,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         bad.append("--allow-changes needs --resume (it lets a resumed run change its flags)")
     if given.get("stop_on_drift", 0) > 0 and not args.probe_every:
         bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
+    if given.get("per_micro_coin") and (args.per_sample_coin or args.p_t_min > 0):
+        bad.append("--per-micro-coin draws one coin per micro-batch: it excludes --per-sample-coin and --p-t-min")
     if "t_min" in given and not 0.0 <= args.t_min < args.t_max <= 1.0:
         bad.append(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     for k in PATH_FLAGS:
@@ -249,6 +295,7 @@ def add_sample_args(p: argparse.ArgumentParser, spec) -> None:
                         "computes); renoise: fresh noise between steps (FastGen's 'sde', DMD2's original sampler)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
     lora.add_lora_base_flag(p)
+    spec.add_args(p, "sample")
 
 
 def add_export_args(p: argparse.ArgumentParser, spec) -> None:
@@ -267,12 +314,14 @@ def add_export_args(p: argparse.ArgumentParser, spec) -> None:
     lora.add_lora_base_flag(p)
     p.add_argument("--lora", action="store_true", help="from a --lora-rank run: also write the LoRA alone, "
                    "<out>/lora/" + lora.LORA_FILE + ", for Pipeline.load_lora_weights on the DMD2 student")
+    spec.add_args(p, "export")
 
 
 def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
-                   "captions.jsonl (columns video, caption)")
+                   "captions.jsonl (columns video, caption), or a Self-Forcing latent LMDB (SF-DFD's data; "
+                   "docs/causal.md)")
     p.add_argument("--out", required=True, help="output data folder")
     add_clip_args(p, "frames per clip (4k + 1)", "frames are sampled at this rate from the start of each video")
     p.add_argument("--per-shard", type=int, default=64, help="samples per shard file")
@@ -284,8 +333,8 @@ def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     p.add_argument("--negative-prompt", default=None,
                    help="text of CFG's unconditional branch, stored as the negative embedding the teacher is guided "
                         "against (default: FastGen's English Wan negative prompt, which its Wan and Cosmos DMD2 "
-                        "configs feed; \"\": the diffusers pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT "
-                        "for Cosmos)")
+                        "configs feed; for a Self-Forcing LMDB --videos, SF-DFD's Chinese one; \"\": the diffusers "
+                        "pipeline's default, \"\" for Wan, DEFAULT_NEGATIVE_PROMPT for Cosmos)")
     if spec.text_store:
         p.add_argument("--text", default="cache", choices=("cache", "online"),
                        help="cache: store one embedding per unique caption (103 MB each for the real Cosmos encoder); "
@@ -337,7 +386,7 @@ USAGE = """%(prog)s [train] --model-dir DIR --data DIR --dmd2-ckpt CKPT [flags] 
        %(prog)s {prepare,train,sample,export,evaluate,plot,check,plan} --help"""
 
 
-def build_parser(spec, description: str = "", cmd: str | None = None) -> argparse.ArgumentParser:
+def build_parser(spec, description: str = "", cmd: str | None = None, preset: str | None = None) -> argparse.ArgumentParser:
     """The command line: every subcommand listed, and the flags of `cmd` (all subcommands' when None; the optional
     layers' modules are imported only for theirs). description: the model script's docstring (--help shows its
     title and launch lines; from a line starting "Conventions" on it is left out)."""
@@ -348,6 +397,8 @@ def build_parser(spec, description: str = "", cmd: str | None = None) -> argpars
         sp = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
         if cmd in (None, name):
             (add or importlib.import_module(module).add_args)(sp, spec)
+            if name in ("train", "check"):
+                sp.set_defaults(**resolve_preset(spec, preset))
     return parser
 
 
@@ -365,7 +416,7 @@ def _main(spec, argv: Sequence[str] | None, description: str) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    args = build_parser(spec, description, argv[0] if argv[0] in SUBCOMMANDS else "").parse_args(argv)
+    args = build_parser(spec, description, argv[0] if argv[0] in SUBCOMMANDS else "", preset_name(argv)).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.cmd][0])
     bad = check_args(args) if args.cmd not in ("evaluate", "plot") else []  # those two check their own flags
     bad += module.check_args(args) if hasattr(module, "check_args") else []
@@ -374,6 +425,10 @@ def _main(spec, argv: Sequence[str] | None, description: str) -> Any:
     if bad:
         wait_for_rank0()
         raise SystemExit("error: " + bad[0])
+    try:
+        spec = spec.resolve(args)  # e.g. the causal Wan for a Self-Forcing .pt
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     finished = False
     try:
         result = run_driver(module, spec, args)

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from dfd_video.data import MANIFEST, PromptStore, ShardWriter, write_manifest
 from dfd_video.distributed import compute_dtype, setup_distributed
-from dfd_video.spec import negative_prompt
+from dfd_video import lmdb_latents
+from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT, negative_prompt
 from dfd_video.files import fail, write_text
 from dfd_video.video import VIDEO_EXT, list_videos, read_video_frames
 
@@ -51,7 +52,14 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def run(spec, args: argparse.Namespace) -> dict:
     """Videos + captions -> shards of latents and text embeddings, plus the negative-prompt embedding.
-    Under torchrun each rank encodes every world-th video into its own shards; rank 0 merges the manifests."""
+    Under torchrun each rank encodes every world-th video into its own shards; rank 0 merges the manifests.
+    A Self-Forcing latent LMDB as --videos is converted by dfd_video.lmdb_latents instead."""
+    if lmdb_latents.environments(args.videos):
+        if earlier_prepare(args.out):
+            raise SystemExit(f"error: --out {args.out} already holds a prepared data set; give an empty --out")
+        neg = SELF_FORCING_NEGATIVE_PROMPT if args.negative_prompt is None else negative_prompt(
+            args.negative_prompt, spec.pipeline_negative_prompt())
+        return lmdb_latents.prepare(spec, args, neg)
     try:
         videos = list_videos(args.videos)
     except ValueError as e:

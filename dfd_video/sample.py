@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import dfd
 from dfd_video import lora
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype, setup_distributed
 from dfd_video.files import atomic_write, fail
@@ -80,7 +79,7 @@ def run(spec, args: argparse.Namespace) -> list[str]:
                             device=d.device)
         cond = spec.make_cond({k: v[None].to(d.device) for k, v in items[i].items()}, d.device)
         with torch.no_grad():
-            x0 = dfd.sample(student, noise, cond, tuple(args.student_ts), generator=g, renoise=args.sampler == "renoise")
+            x0 = spec.sample_video(student, noise, cond, tuple(args.student_ts), g, args.sampler == "renoise")
             frames = encoders.vae.decode(x0)[0]
         path = os.path.join(args.out, f"prompt{i:03d}_seed{seed}.mp4")
         write_mp4(path, frames, args.fps)

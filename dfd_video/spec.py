@@ -25,6 +25,13 @@ FASTGEN_NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards")
 
+# SF-DFD's negative prompt (csy2077/DFD-self-forcing configs/self_forcing_dfd.yaml; the original Wan repo's default),
+# the teacher's unconditional branch there: `prepare` stores it for a Self-Forcing LMDB unless --negative-prompt says
+# otherwise (docs/causal.md).
+SELF_FORCING_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
 
 class ModelSpec:
     """The contract between a model and the drivers. Subclasses set the attributes and implement the methods."""
@@ -111,6 +118,28 @@ class ModelSpec:
     def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
         """Writes the export format into the folder `out` (the student's times: for a pipeline scheduler)."""
         net.save_pretrained(out, safe_serialization=True)
+
+    # --- students that are not one network call (the causal Wan, wan_dfd.CausalWanAdapter) ---------------------
+    presets: dict[str, dict[str, Any]] = {}  # --preset NAME -> train flag defaults (a published recipe)
+    describe_student: str = ""  # a line `train` logs about the student's architecture ("": nothing to say)
+
+    def add_args(self, p: Any, cmd: str) -> None:
+        """Adds the model's own flags to subcommand `cmd`'s parser (none by default)."""
+
+    def resolve(self, args: Any) -> "ModelSpec":
+        """The spec of the student this command line names (e.g. Wan's causal one for a Self-Forcing .pt); the only
+        member that reads args, called once by cli.main before the driver runs. Default: self."""
+        return self
+
+    def generate(self, student_ts: tuple[float, ...]) -> Any:
+        """dfd.train's `generate` hook (how the student makes G), or None for dfd's one call on student_input."""
+        return None
+
+    def sample_video(self, student: nn.Module, noise: torch.Tensor, cond: Any, student_ts: tuple[float, ...],
+                     generator: torch.Generator, renoise: bool) -> torch.Tensor:
+        """The few-step sampler `sample` and the probes run: dfd.sample by default."""
+        import dfd
+        return dfd.sample(student, noise, cond, student_ts, generator=generator, renoise=renoise)
 
     # --- check: the preflight ----------------------------------------------------------------------------------
     def check_items(self, net: nn.Module, shape: tuple[int, ...],

@@ -37,7 +37,13 @@ def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
                          t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip,
                          grad_clip_fake=args.grad_clip_fake, ema=args.ema,
-                         seed=args.seed, monitor_every=args.monitor_every)
+                         seed=args.seed, monitor_every=args.monitor_every, **recipe_config(args))
+
+
+def recipe_config(args: argparse.Namespace) -> dict:
+    """The DFDConfig fields of add_recipe_args' flags (SF-DFD's recipe), at dfd's defaults when not given."""
+    return dict(per_micro_coin=args.per_micro_coin, t_clamp=tuple(args.t_clamp) if args.t_clamp else None,
+                fake_loss=args.fake_loss)
 
 
 @dataclass
@@ -106,7 +112,8 @@ def build_networks(spec, args: argparse.Namespace, d: Dist, dtype, resume: Resum
         if desc["refusals"]:
             raise ValueError(desc["refusals"][0])
         if d.main:
-            lines = describe_lines(desc) + (["  EMA        <- the student's starting weights"] if args.ema > 0 else [])
+            lines = describe_lines(desc) + ([spec.describe_student] if spec.describe_student else [])
+            lines += [f"  EMA        <- {ema_source(args, desc)[1]}"] if args.ema > 0 else []
             print("\n".join(lines), file=sys.stderr)
     if args.lora_rank:
         nets = lora.build_networks(spec, args, (resume.lora_weights, resume.state) if resume else None, d, dtype,
@@ -119,7 +126,9 @@ def build_networks(spec, args: argparse.Namespace, d: Dist, dtype, resume: Resum
         student_w = lambda: read_checkpoint(s["source"], s["role"])
         critic_w = (lambda: read_checkpoint(f["source"], f["role"])) if f else None
         student = build(student_w, f"{s['source']} (student)", True)
-        ema = build(student_w, f"{s['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
+        e = ema_source(args, desc)[0]
+        ema_w = lambda: read_checkpoint(e["source"], e["role"])
+        ema = build(ema_w, f"{e['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
         fake = build(critic_w, f"{f['source']} (critic)" if f else "teacher", True)
         return Networks(teacher, student, fake, ema)
     src = f"--resume {resume.folder}"
@@ -130,6 +139,16 @@ def build_networks(spec, args: argparse.Namespace, d: Dist, dtype, resume: Resum
     ema = build(ema_w, f"{src} (EMA)", False, mixed=False, convert=False) if args.ema > 0 else None
     fake = build(saved("fake"), f"{src} (fake)", True, convert=False)
     return Networks(teacher, student, fake, ema)
+
+
+def ema_source(args: argparse.Namespace, desc: dict) -> tuple[dict, str]:
+    """Where a fresh run's EMA starts (describe_dmd2's entry, and the line train logs): --ema-init checkpoint takes
+    the checkpoint's own EMA when it has one (SF-DFD restores Self-Forcing's generator_ema), else the student."""
+    own = desc["networks"]["ema"]
+    if getattr(args, "ema_init", "student") == "checkpoint" and own is not None:
+        return own, f"the checkpoint's EMA, {own['source']} [{own['role']}]"
+    note = " (--ema-init checkpoint: the checkpoint has no EMA)" if getattr(args, "ema_init", "") == "checkpoint" else ""
+    return desc["networks"]["student"], "the student's starting weights" + note
 
 
 def restore_optimizers(resume: Resume, nets: Networks, opts: dict, d: Dist, per_rank: int) -> tuple[int, int]:
@@ -244,7 +263,7 @@ def run(spec, args: argparse.Namespace) -> dict:
     student, fake = spec.denoiser(nets.student, dtype=dtype), spec.denoiser(nets.fake, dtype=dtype)
     ema = spec.denoiser(nets.ema, dtype=dtype) if nets.ema is not None else None
     adamw = lambda net, lr: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
-                                              betas=(0.9, 0.999), weight_decay=args.weight_decay)
+                                              betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
     opts = {"student": adamw(nets.student, args.lr), "fake": adamw(nets.fake, args.lr_fake)}
     start, position = restore_optimizers(resume, nets, opts, d, per_rank) if resume else (0, 0)
     if start >= args.steps:
@@ -263,7 +282,7 @@ def run(spec, args: argparse.Namespace) -> dict:
     try:
         dfd.train(student, teacher, fake, opts["student"], opts["fake"], batches, args.steps, dfd_config(args),
                   start_step=start, rank=d.rank, ema=None if nets.lora else ema, log=progress.log,
-                  on_step_end=progress.step_end)
+                  on_step_end=progress.step_end, generate=spec.generate(tuple(args.student_ts)))
     except FloatingPointError as e:
         where = (f"the last good checkpoint {progress.last_saved} is untouched" if progress.last_saved
                  else "no checkpoint was written")

@@ -487,13 +487,12 @@ def _describe_file(path: str, bidirectional: bool, out: dict) -> dict[str, tuple
             f"<iteration>.pth and writes each network to a folder next to it: {prefix}.net_model/, "
             f"{prefix}.fake_score_model/ (and {prefix}.ema_model/ with an EMA). None is there; copy them next "
             f"to it, or pass the {os.path.basename(prefix)}.net_model folder")
-    if fmt == "self-forcing":
-        (out["warnings"] if bidirectional else out["refusals"]).append(
-            f"{path}: a Self-Forcing / CausVid checkpoint. Their released students are block-causal (3 latent "
-            "frames per block, generated autoregressively with a KV cache), and the file cannot tell: the causal "
-            "and bidirectional Wan share every key name. Run as a full-sequence student, a causal one is "
-            "meaningless and nothing fails. Pass --bidirectional-ckpt if it is a bidirectional student (e.g. "
-            "CausVid's bidirectional_checkpoint1/2)")
+    if fmt == "self-forcing" and bidirectional:  # read as causal otherwise (wan_dfd.py's causal path, docs/causal.md)
+        out["warnings"].append(
+            f"{path}: a Self-Forcing / CausVid checkpoint read as a bidirectional (full-sequence) student "
+            "(--bidirectional-ckpt). Their released students are block-causal, and the file cannot tell: the causal "
+            "and bidirectional Wan share every key name; run as a full-sequence student, a causal one is "
+            "meaningless and nothing fails. Right for e.g. CausVid's bidirectional_checkpoint1/2")
     return found
 
 

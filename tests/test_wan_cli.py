@@ -403,7 +403,7 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path, capsys):
 
 def test_train_from_a_fastgen_fsdp_checkpoint_logs_where_each_network_came_from(setup, tmp_path, capsys):
     """--dmd2-ckpt <iter>.pth of FastGen's per-network folders: the student from net_model, the fake score from the
-    sibling fake_score_model (not the teacher), one logged line each; a Self-Forcing .pt stops without the flag."""
+    sibling fake_score_model (not the teacher), one logged line each; a Self-Forcing .pt takes the causal path."""
     s = setup
     gen, critic = tiny_wan.tiny_transformer(5), tiny_wan.tiny_transformer(6)
     stem = tiny_wan.write_fastgen_fsdp(str(tmp_path / "fastgen"), 25000, {"net": gen, "fake_score": critic})
@@ -417,4 +417,6 @@ def test_train_from_a_fastgen_fsdp_checkpoint_logs_where_each_network_came_from(
     assert f"  fake score <- {stem}.fake_score_model ({n} tensors)\n" in err
     fake = load_file(str(out / "checkpoints" / "step-000000" / "fake.safetensors"))  # no fake update was made
     assert all(torch.equal(fake[k], v) for k, v in critic.state_dict().items())
-    assert "block-causal" in main_error(["train", *common, "--dmd2-ckpt", s["dmd2"]["pt"], "--out", str(tmp_path / "r")])
+    # (its data check names the causal student's block size: the causal path, without training; tests/test_causal.py)
+    assert "the causal student needs a multiple of --frames-per-block 2" in main_error(
+        ["train", *common, "--dmd2-ckpt", s["dmd2"]["pt"], "--frames-per-block", "2", "--out", str(tmp_path / "r")])

@@ -288,8 +288,9 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
     teacher = adapter.denoiser(teacher_net, args.guidance, data.negative)
     student, fake = adapter.denoiser(student_net, None, None), adapter.denoiser(fake_net, None, None)
     adamw = lambda net, lr: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
-                                              betas=(0.9, 0.999), weight_decay=args.weight_decay)
+                                              betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
     opt_s, opt_f = adamw(student_net, args.lr), adamw(fake_net, args.lr_fake)
+    generate = adapter.generate(tuple(args.student_ts))  # the causal student's rollout; None: one call
     c = dfd_video.train.dfd_config(args)
     per_rank = args.batch_size // (world * args.grad_accum)
     streams = [data.batches(0, per_rank, r, world, args.seed) for r in range(world)]
@@ -306,9 +307,10 @@ def emulate_ranks(adapter, args, steps: int, world: int = 2):
     for step in range(steps):
         for j in range(c.fake_updates):
             for r in range(world):
-                dfd.fake_score_step(student, fake, Deferred(), batches(r), c, step, j, rank=r)
+                dfd.fake_score_step(student, fake, Deferred(), batches(r), c, step, j, rank=r, generate=generate)
             average_and_step(fake_net, opt_f)
-        ranks = [dfd.student_step(student, teacher, fake, Deferred(), batches(r), c, step, rank=r) for r in range(world)]
+        ranks = [dfd.student_step(student, teacher, fake, Deferred(), batches(r), c, step, rank=r, generate=generate)
+                 for r in range(world)]
         average_and_step(student_net, opt_s)
         logs.append({k: sum(x[k] for x in ranks) / world for k in ("loss_student", "delta2", "dfd")})
     return student_net.state_dict(), fake_net.state_dict(), logs

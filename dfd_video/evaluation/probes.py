@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import dfd
 from dfd_video.evaluation.evaluate import ImageEncoder, pairwise_diversity, saturation_stats
 from dfd_video.files import atomic_write, write_text
 from dfd_video.video import read_prompts
@@ -107,8 +106,8 @@ class Probes:
             g = torch.Generator(dev).manual_seed(seed)
             noise = torch.randn((1, *self.noise_shape), generator=g, device=dev)
             cond = self.spec.make_cond({key: v[None].to(dev) for key, v in self.conds[i].items()}, dev)
-            x0 = dfd.sample(student, noise, cond, tuple(self.args.student_ts), generator=g,
-                            renoise=self.args.probe_sampler == "renoise")
+            x0 = self.spec.sample_video(student, noise, cond, tuple(self.args.student_ts), g,
+                                        self.args.probe_sampler == "renoise")
             if k >= len(mine):
                 continue
             video = self.vae.decode(x0)[0].cpu().numpy()  # uint8 [T, H, W, 3]

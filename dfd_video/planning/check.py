@@ -74,8 +74,10 @@ def checkpoint_report(args: argparse.Namespace, spec, net: nn.Module) -> dict:
     desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
                          args.rectified_flow_ckpt)
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": describe_lines(desc),
-           "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"])}
+    lines = describe_lines(desc) + ([spec.describe_student] if spec.describe_student else [])  # e.g. causal
+    out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": lines,
+           "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"]),
+           "causal": bool(spec.describe_student)}
     show = lambda xs: ", ".join(xs[:4]) + (f" ... (+{len(xs) - 4})" if len(xs) > 4 else "")
     for name in ("student", "fake_score", "ema"):
         src = desc["networks"][name]
@@ -177,8 +179,7 @@ def student_report(spec, args: argparse.Namespace, source: tuple[str, str], shap
     with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
         gs = torch.Generator(device).manual_seed(args.seed)
         noise = torch.randn((1, *shape), generator=gs, device=device)
-        x = dfd.sample(student, noise, spec.make_cond(first, device), ts, generator=gs,
-                       renoise=args.sampler == "renoise")
+        x = spec.sample_video(student, noise, spec.make_cond(first, device), ts, gs, args.sampler == "renoise")
         frames = spec.open_encoders(args.model_dir, device, torch.float32, text=False).vae.decode(x)[0].cpu().numpy()
     stu.update(frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]),
                latent_mean=float(x.float().mean()), latent_std=float(x.float().std()), **saturation_stats(frames))
@@ -339,7 +340,7 @@ def memory_report(spec, args: argparse.Namespace, sizes: dict, data: LatentShard
     lora_rank = getattr(args, "lora_rank", 0)
     plan = plan_model(spec, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
                         compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
-                        latent=lat, checkpointing=not args.no_checkpointing)
+                        latent=lat, checkpointing=not args.no_checkpointing, kv_cache=bool(spec.describe_student))
     out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],
                fixed=plan["fixed"], activations_counted=plan["counted"],
                rows=part_rows(plan, lora_rank > 0, args.ema > 0, per_rank), per_rank_batch=per_rank,

@@ -190,6 +190,7 @@ class PlanConfig:
     latent: tuple = (16, 21, 60, 104)  # C, T, H, W of one clip's latents
     text_len: int = 512             # conditioning tokens the cross-attention reads
     checkpointing: bool = True      # activation checkpointing of every block of the trained networks
+    kv_cache: bool = False          # a causal student (wan_dfd.CausalWanAdapter): its rollout's KV cache
 
 
 def shape_elements(sizes: dict, cfg: PlanConfig) -> dict[str, int]:
@@ -252,9 +253,15 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
         act = {"per_clip": rough["activations_per_sample"], "tokens": S,
                "total": rough["activations_per_sample"] * cfg.batch_per_gpu}
     working_per_clip = 2 * act["tokens"] * (2 * D * 4 + F * c)
+    # the causal rollout (causal_wan.rollout) keeps every layer's keys and values of all frames in the compute dtype
+    # until the student's backward; its exit forwards with grad save what one full-video forward saves (the
+    # activations above, which count the recompute of a whole-video block: an upper bound for a 3-frame block)
+    kv = sizes["n_blocks"] * 2 * act["tokens"] * D * c if cfg.kv_cache else 0
+    working_per_clip += kv
     parts = {"parameters": sum(v["params"] for v in trained), "gradients": sum(v["grads"] for v in trained),
              "optimizer": sum(v["optimizer"] for v in trained), "teacher": exact["teacher"]["params"],
-             "gathered": gathered, "activations": act["total"], "working": working_per_clip * cfg.batch_per_gpu}
+             "gathered": gathered, "activations": act["total"], "working": (working_per_clip - kv) * cfg.batch_per_gpu,
+             **({"kv_cache": kv * cfg.batch_per_gpu} if kv else {})}
     state = sum(sum(v.values()) for v in exact.values())
     return {"parts": parts, "exact": exact, "state": state, "activations": act["total"],
             "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip,
@@ -279,7 +286,9 @@ def part_rows(plan: dict, lora: bool, ema: bool, batch: int) -> list[tuple[str, 
             ("gathered parameters in flight (root + 2 blocks" + ("" if lora else ", + 1 block's fp32 gradient") + ")",
              parts["gathered"], "rough"),
             (f"activations ({batch} clip(s))", parts["activations"], "counted" if plan["counted"] else "rough"),
-            ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough")]
+            ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough"),
+            *([("KV cache of the causal student's rollout (every layer, all frames)", parts["kv_cache"], "exact")]
+              if "kv_cache" in parts else [])]
 
 
 def largest_batch(plan: dict, gpu_bytes: float, reserve_bytes: float) -> int:

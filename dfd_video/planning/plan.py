@@ -41,6 +41,8 @@ def add_args(p: argparse.ArgumentParser, spec=None) -> None:
     p.add_argument("--batch-per-gpu", type=int, default=1, help="clips per GPU per micro-batch")
     add_clip_args(p, "frames per clip (4k + 1)", None)
     p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    p.add_argument("--causal", action="store_true", help="plan a causal (Self-Forcing / CausVid) student: adds its "
+                   "rollout's KV cache (docs/causal.md)")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an \"80 GB\" A100 "
                    "has 80 GiB)")
     p.add_argument("--reserve-gb", type=float, default=6.0, help="GiB per GPU kept free for what is not modelled: "
@@ -70,7 +72,7 @@ def plan_for(spec, sizes: dict, args: argparse.Namespace, world: int, rank: int,
     lat = spec.latent_shape(args.num_frames, args.height, args.width)
     return plan_model(spec, sizes, world=world, lora_rank=rank, shared_fake=args.fake_init == "teacher",
                         compute_bytes=2 if args.dtype == "bf16" else 4, ema=args.ema > 0, batch_per_gpu=batch,
-                        latent=lat, checkpointing=not args.no_checkpointing)
+                        latent=lat, checkpointing=not args.no_checkpointing, kv_cache=getattr(args, "causal", False))
 
 
 def _g(b: float) -> str:
