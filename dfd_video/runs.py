@@ -19,7 +19,8 @@ from dfd_video.files import write_error, write_text
 
 
 CKPT_DIR = "checkpoints"
-CKPT_FILES = ("student", "fake", "ema")
+CKPT_FILES = ("student", "fake", "ema", "discriminator")
+CKPT_NAME = re.compile(r"(step-\d{6}|iteration-\d{7})")  # dfd_video.length.RunLength.name: the run's unit
 
 
 RUN_FILES = (CKPT_DIR, "metrics.jsonl", "args.json")  # what makes a folder a training run's
@@ -51,16 +52,16 @@ def start_run_folder(out: str, overwrite: bool) -> None:
 
 
 def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer],
-                    extra: dict, d: Dist, keep: int = 2, weights_of=None) -> str | None:
-    """A collective: gathers full state dicts and optimizer states, rank 0 writes out/checkpoints/step-NNNNNN
-    through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`.
+                    extra: dict, d: Dist, keep: int = 2, weights_of=None, name: str | None = None) -> str | None:
+    """A collective: gathers full state dicts and optimizer states, rank 0 writes out/checkpoints/<name> (default
+    step-NNNNNN) through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`.
     weights_of(net): what is saved of each network (default full_state_dict; LoRA runs: the adapter weights)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     opt_full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {name: (weights_of or full_state_dict)(net) for name, net in nets.items()}
     optim = {name: get_optimizer_state_dict(nets[name], opt, options=opt_full) for name, opt in opts.items()}
-    final = os.path.join(folder, CKPT_DIR, f"step-{step:06d}")
+    final = os.path.join(folder, CKPT_DIR, name or f"step-{step:06d}")
 
     def write() -> None:
         root = os.path.dirname(final)
@@ -84,7 +85,7 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
         else:
             os.replace(tmp, final)
         write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
-        done = sorted(x for x in os.listdir(root) if re.fullmatch(r"step-\d{6}", x))
+        done = sorted(x for x in os.listdir(root) if CKPT_NAME.fullmatch(x))
         for x in done[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, x), ignore_errors=True)
     on_main_rank(d, write)  # every rank stops with rank 0 if the disk is full
@@ -125,7 +126,8 @@ def load_checkpoint(path: str, state: bool = True, weights: bool = True) -> tupl
 
 
 def read_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
-    """One network's weights ("student", "fake", "ema") of a training checkpoint; None when it has none."""
+    """One network's weights ("student", "fake", "ema", "discriminator") of a training checkpoint; None when it has
+    none."""
     from safetensors.torch import load_file
     file = os.path.join(latest_checkpoint(path), f"{name}.safetensors")
     if not os.path.exists(file):
