@@ -360,9 +360,9 @@ class CosmosAdapter(ModelSpec):
     def add_model_args(self, p, cmd) -> None:
         p.add_argument("--cond-frame-t", default="zero", choices=tuple(COND_FRAME_T),
                        help="the timestep the conditioning frame enters every network with: zero (t = 0, FastGen "
-                            "since its PR #26, what the DFD fork runs), pipeline (1e-4, the diffusers pipeline's "
-                            "conditional_frame_timestep), uniform (the sample's t like every frame: FastGen at "
-                            "34f30e8, before PR #26, so a DMD2 checkpoint trained before that fix saw this)")
+                            "since its PR #26, reportedly what the DFD fork runs), pipeline (1e-4, the diffusers "
+                            "pipeline's conditional_frame_timestep), uniform (the sample's t like every frame: "
+                            "FastGen at 34f30e8, before PR #26, so a DMD2 checkpoint trained before that fix saw this)")
 
     def denoiser(self, net, guidance=None, uncond=None, dtype=None, cond_frame_t: str = "zero") -> nn.Module:
         return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype,

@@ -254,24 +254,39 @@ def gan_argv(s, out, *more):
             "--gan-r1-weight", "1", "--monitor-every", "0", "--device", "cpu", *more]
 
 
-def test_train_with_the_gan_head(setup, tmp_path, capfd):
-    """The discriminator starts from the FastGen folder (and says so), trains in the fake-score phase, is saved with
-    its optimizer; the student's loss carries the GAN term."""
+def test_train_gan_in_fastgen_iterations(setup, tmp_path, capfd):
+    """--iterations 8 at --fake-updates 2: FastGen runs iterations 1..7, the student on 3 and 6, then one fake-score
+    update. The discriminator starts from the FastGen folder (and says so), trains in the fake-score phase (the tail's
+    too), is saved with its optimizer; checkpoints are named by FastGen iterations done, metrics say both units, plot
+    draws them against FastGen iterations; the run's last state cannot be continued."""
+    from dfd_video.evaluation import plot
     out = str(tmp_path / "run")
-    wan_dfd.main(gan_argv(setup, out, "--iterations", "5"))
+    argv = [*gan_argv(setup, out, "--save-every", "1", "--keep", "9"), "--iterations"]
+    wan_dfd.main([*argv, "8"])
     err = capfd.readouterr().err
     assert f"  discriminator <- {setup['dmd2']}.discriminator_model" in err
     assert "GAN head (--gan-weight 0.5): multiscale_down_mlp_efficient on teacher blocks 0 1 (the flags)" in err
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert len(rows) == 2 and rows[0]["iteration"] == 3 and "loss_student" not in rows[1]  # 1 student update, tail 1
+    assert [(r["step"], r["iteration"], r["student_updates"]) for r in rows] == [(0, 3, 1), (1, 6, 2), (2, 7, 2)]
+    assert "loss_student" in rows[1] and "loss_student" not in rows[2] and rows[2]["samples"] == 7 * 2
     for k in ("gan_loss_gen", "gan_loss_disc", "gan_loss_r1", "grad_norm_disc"):
         assert math.isfinite(rows[0][k]), k
-    ck = os.path.join(out, "checkpoints", "iteration-0000004")
-    saved = load_file(os.path.join(ck, "discriminator.safetensors"))
+    ck = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(ck)) == ["iteration-0000003", "iteration-0000006", "iteration-0000007", "latest"]
+    a, b = (torch.load(os.path.join(ck, f"iteration-000000{i}", "state.pt"), weights_only=True) for i in (6, 7))
+    assert b["length"] == {"unit": "iterations", "count": 8} and b["tail_done"] and b["position"] == 7
+    adam = lambda st, net, k: st["optim"][net]["state"][k]["step"]
+    assert adam(a, "fake", "proj_out.weight") + 1 == adam(b, "fake", "proj_out.weight")  # the tail trained the fake
+    assert adam(a, "student", "proj_out.weight") == adam(b, "student", "proj_out.weight")  # score, not the student
+    k = "cls_pred_heads.0.classifier.3.weight"
+    assert adam(a, "discriminator", k) + 1 == adam(b, "discriminator", k)  # and the discriminator with it
+    saved = load_file(os.path.join(ck, "iteration-0000007", "discriminator.safetensors"))
     start = setup["disc"].state_dict()
     assert saved.keys() == start.keys() and max((saved[k] - start[k]).abs().max() for k in saved) > 1e-4
-    state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-    assert set(state["optim"]) == {"student", "fake", "discriminator"}
+    assert plot.run_unit(out) == "iterations"
+    assert plot.read_series(os.path.join(out, "metrics.jsonl"), "iteration")["loss_fake"][0] == [3, 6, 7]
+    with pytest.raises(SystemExit, match="trailing fake-score updates"):
+        wan_dfd.main([*argv, "11", "--resume"])
 
 
 def emulate(s, argv, steps: int, world: int):
@@ -367,3 +382,21 @@ def test_gan_run_resumes_bit_identically(setup, tmp_path, world):
                 if name == "discriminator":
                     tol = torch.clamp(tol, min=1e-2 * LR)
                 assert ((got[k] - want[k]).abs() / tol).max() < 1.0, (name, k)
+
+
+@pytest.mark.slow
+def test_lora_gan_run_resumes_bit_identically(setup, tmp_path):
+    """--lora-rank with the fake score on the teacher's base (a .safetensors DMD2 student: no critic): the GAN's
+    teacher features run with that adapter off and without activation checkpointing; a run resumed after 2 steps
+    ends where the unbroken 3-step run does (adapters, EMA, discriminator)."""
+    dmd2 = tiny_wan.write_dmd2_checkpoints(str(tmp_path / "dmd2"), tiny_wan.tiny_transformer(5),
+                                           tiny_wan.tiny_transformer(6))["safetensors"]
+    argv = lambda out, n: [*gan_argv({**setup, "dmd2": dmd2}, out, "--lora-rank", "4", "--ema", "0.9"),
+                           "--student-steps", n]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    wan_dfd.main(argv(a, "3"))
+    wan_dfd.main(argv(b, "2"))
+    wan_dfd.main([*argv(b, "3"), "--resume"])
+    for name in ("student", "fake", "ema", "discriminator"):
+        x, y = (load_file(os.path.join(r, "checkpoints", "step-000002", f"{name}.safetensors")) for r in (a, b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name

@@ -1,7 +1,10 @@
 """The larger public configs (dfd_video/configs/: Wan2.1-T2V-14B, Wan2.2-TI2V-5B, Cosmos-Predict2.5-14B): FastGen's
 recipe for each architecture (its 14B / 5B DMD2 configs), the discriminator widths of fastgen/configs/
 discriminator.py, `plan --config` tables from 1 to 64 GPUs with the GAN head counted exactly; and (slow) one block
-of each at real width through the GAN head."""
+of each at real width through the GAN head.
+
+    python -m pytest -m slow tests/test_larger_models.py -s   # ~2.5 min on 2 cores, peak 12.6 GB: run it once
+"""
 import json
 import math
 import os

@@ -1,16 +1,10 @@
-"""The run length in FastGen's unit (dfd_video.length): the counts against FastGen's own loop, the unit a resumed run
-keeps, and a tiny `train --iterations` run (names, metrics, the trailing fake-score updates)."""
+"""The run length in FastGen's unit (dfd_video.length): the counts against FastGen's own loop and the unit a resumed
+run keeps. A `train --iterations` run (names, metrics, probes' unit, plot, the trailing fake-score updates) is
+tests/test_gan.py::test_train_gan_in_fastgen_iterations, one tiny run for both features."""
 import argparse
-import json
-import os
 
 import pytest
-import torch
 
-import dfd
-import tiny_wan
-import wan_dfd
-from dfd_video.evaluation import plot
 from dfd_video.length import RunLength, resolve
 
 
@@ -48,33 +42,3 @@ def test_resume_keeps_the_unit():
     assert resolve(args(student_steps=60), 100, saved).count == 60
     with pytest.raises(ValueError, match=r"counts student steps \(--student-steps 50\)"):
         resolve(args(iterations=500), 100, saved)
-
-
-def test_train_in_fastgen_iterations(tmp_path):
-    """--iterations 9 at --fake-updates 2: FastGen runs iterations 1..8, the student on 3 and 6, then 2 fake-score
-    updates. Checkpoints are named by FastGen iterations done; metrics and probes say both units; plot draws them
-    against FastGen iterations; the run's last state cannot be extended."""
-    pipe = tiny_wan.cached_pipeline()
-    tiny_wan.random_data(tmp_path / "data")
-    stem = tiny_wan.write_fastgen_fsdp(str(tmp_path / "fg"), 25000, {"net": tiny_wan.tiny_transformer(5)})
-    out = tmp_path / "run"
-    argv = ["train", "--model-dir", pipe, "--data", str(tmp_path / "data"), "--dmd2-ckpt", stem, "--out", str(out),
-            "--fake-updates", "2", "--batch-size", "2", "--save-every", "1", "--keep", "9", "--device", "cpu",
-            "--monitor-every", "0"]
-    wan_dfd.main([*argv, "--iterations", "9"])
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [(r["step"], r["iteration"], r["student_updates"]) for r in rows] == [(0, 3, 1), (1, 6, 2), (2, 8, 2)]
-    assert "loss_student" in rows[1] and "loss_student" not in rows[2] and "loss_fake" in rows[2]
-    assert rows[2]["samples"] == 8 * 2  # every update drew one micro-batch of 2
-    assert sorted(os.listdir(out / "checkpoints")) == ["iteration-0000003", "iteration-0000006", "iteration-0000008",
-                                                       "latest"]
-    st = torch.load(out / "checkpoints" / "iteration-0000008" / "state.pt", weights_only=True)
-    assert st["length"] == {"unit": "iterations", "count": 9} and st["tail_done"] and st["position"] == 8
-    a, b = (torch.load(out / "checkpoints" / f"iteration-000000{i}" / "state.pt", weights_only=True) for i in (6, 8))
-    adam_steps = lambda st, net: st["optim"][net]["state"]["proj_out.weight"]["step"]
-    assert adam_steps(a, "fake") + 2 == adam_steps(b, "fake")  # the tail trained the fake score ...
-    assert adam_steps(a, "student") == adam_steps(b, "student")  # ... and not the student
-    assert plot.run_unit(str(out)) == "iterations"
-    assert plot.read_series(str(out / "metrics.jsonl"), "iteration")["loss_fake"][0] == [3, 6, 8]
-    with pytest.raises(SystemExit, match="trailing fake-score updates"):
-        wan_dfd.main([*argv, "--iterations", "12", "--resume"])
