@@ -77,13 +77,16 @@ def run_length(spec, args: argparse.Namespace, resume: Resume | None) -> RunLeng
         length = resolve(args, spec.defaults.get("iterations", DEFAULT_ITERATIONS), saved)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if resume is not None and resume.state.get("tail_done"):
+    return length
+
+
+def check_left(resume: Resume, length: RunLength, start: int) -> None:
+    """A resumed run must have steps left, and cannot continue past FastGen's trailing fake-score updates."""
+    if resume.state.get("tail_done"):
         raise SystemExit(f"error: --resume: {resume.folder} ends its run with the trailing fake-score updates after "
                          "the last student update (FastGen's loop stops inside a cycle); it cannot be continued")
-    if resume is not None and resume.state["step"] + 1 >= length.lines:
-        raise SystemExit(f"error: --resume: checkpoint is at {length.name(resume.state['step'])}, nothing left of "
-                         f"{length.flag()}")
-    return length
+    if start >= length.lines:
+        raise SystemExit(f"error: --resume: checkpoint is at {length.name(start - 1)}, nothing left of {length.flag()}")
 
 
 @dataclass
@@ -321,6 +324,8 @@ def run(spec, args: argparse.Namespace) -> dict:
     if adversary is not None:
         opts["discriminator"], trained["discriminator"] = adversary.opt, adversary.disc
     start, position = restore_optimizers(resume, trained, opts, d, per_rank) if resume else (0, 0)
+    if resume is not None:
+        check_left(resume, length, start)
     stream = data.batches(position, per_rank, d.rank, d.world, args.seed)
     batches = (spec.make_batch({k: v.to(d.device) for k, v in item.items()}, d.device) for item in stream)
     if d.main:
