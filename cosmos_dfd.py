@@ -1,8 +1,9 @@
 """DFD post-training of Cosmos-Predict2.5-2B image-to-video through diffusers (the paper's second setting).
 
 The paper (Sec. 5.1.2, Table 2): Cosmos-Predict2.5-2B distilled into a 4-step student with DMD2, then 300 DFD
-steps from that checkpoint; 81 frames at 480p, batch 16 (up to 128, Sec. 5.3), CFG 3.0, lr 1e-5 for student
-and fake score, student update frequency 5 (FastGen's: 4 fake-score updates, then 1 student update), p = 0.5. The loss and the loop are dfd.py's; this
+iterations (FastGen's unit, dfd_video/length.py) from that checkpoint; 81 frames at 480p, batch 16 (up to 128,
+Sec. 5.3), CFG 3.0, lr 1e-5 for student and fake score, student update frequency 5 (FastGen's: 4 fake-score updates,
+then 1 student update), p = 0.5. The loss and the loop are dfd.py's; this
 file only says how Cosmos-Predict2.5 turns (x_t, t, condition) into an x0 estimate (CosmosAdapter); the
 subcommands, flags, data shards, checkpoints, --resume, FSDP2 and logging are the shared package dfd_video/.
 
@@ -13,8 +14,10 @@ Launch lines (every subcommand has --help; a plain `python cosmos_dfd.py ...` ru
   python cosmos_dfd.py sample --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --prompts p.txt --images first.png
   python cosmos_dfd.py export --ckpt runs/dfd --model-dir Cosmos-Predict2.5-2B --out student/
   python cosmos_dfd.py evaluate --samples samples_dmd2/ samples_dfd/ --clip clip/ --dino dino/ --out eval/
-Defaults are the paper's Cosmos ones (--guidance 3.0, --steps 300, p = 0.5, 4 fake updates, lr 1e-5, the 4-step
-t = [0.999, 0.937, 0.833, 0.624]) and, where the paper is silent, FastGen's Cosmos DMD2 config's (docs/recipe.md). `prepare --text cache` (default) stores one embedding per unique caption;
+Defaults are the paper's Cosmos ones (--guidance 3.0, --iterations 300 = 59 student updates, p = 0.5, 4 fake updates,
+lr 1e-5, the 4-step t = [0.999, 0.937, 0.833, 0.624]) and, where the paper is silent, FastGen's Cosmos DMD2 config's
+(docs/recipe.md; the conditioning frame at t = 0, --cond-frame-t). `prepare --text cache` (default) stores one
+embedding per unique caption;
 `--text online` stores captions and `train` encodes them with the FSDP-sharded text encoder.
 
 Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and transformer_cosmos.py)
@@ -40,8 +43,10 @@ Conventions of diffusers 0.42.1 (read from pipeline_cosmos2_5_predict.py and tra
                c itself with timestep 1e-4 (its `conditional_frame_timestep`, "t = 0"), the rest as x_t at t,
                and the velocity there is replaced by the true one. Here: `CosmosDenoiser` does the same in
                x0 form (the x0 of conditioning frames is c), for the teacher, the student and the fake score
-               alike (the authors' fix: without it distillation gives incoherent video), and the loss and the
-               validity monitor cover only the generated frames (dfd's `mask`).
+               alike (the authors' fix: without it distillation gives incoherent video), with the conditioning
+               frames' timestep set by --cond-frame-t (default 0, FastGen's since its PR #26; `pipeline`: 1e-4;
+               `uniform`: FastGen before that PR), and the loss and the validity monitor cover only the
+               generated frames (dfd's `mask`).
   text         Qwen2.5-VL run on a chat (system: "You are a helpful assistant who will provide prompts to an
                image generator.", user: the prompt), padded to 512 tokens with no attention mask; every layer's
                hidden state (28 layers x 3584) is normalised over channels and concatenated: [B, 512, 100352],
@@ -80,12 +85,26 @@ import torch.nn.functional as F
 
 import dfd
 from dfd_video.cli import main as cli_main
-from dfd_video.spec import GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
+from dfd_video.spec import FastGenRecipe, GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
 from dfd_video.vae import WanVAE
 from dfd_video.video import read_video_frames
 
-COND_T = 1e-4  # timestep of conditioning frames: the pipeline's conditional_frame_timestep ("t = 0")
+COND_T = 1e-4  # timestep of conditioning frames in the diffusers pipeline (its conditional_frame_timestep)
+# --cond-frame-t: the timestep the conditioning frames enter the networks with (docs/recipe.md). None: the sample's t,
+# as every frame
+COND_FRAME_T = {"zero": 0.0,  # FastGen since its PR #26 (2026-05-16, by the DFD author): t = 0 on conditioning frames
+                "pipeline": COND_T,  # diffusers' Cosmos2_5_PredictBasePipeline
+                "uniform": None}  # FastGen at 34f30e8, before PR #26: one t for all frames, conditioning ones included
 TEXT_LEN = 512  # prompt tokens, padded: the pipeline's max_sequence_length
+
+# FastGen's Cosmos DMD2 configs (fastgen/configs/experiments/CosmosPredict2/, at 34f30e8), by (blocks, width): g = 3.0,
+# lr 1e-5, 4-step students. The 2B's discriminator is set in config_dmd2.py (which config_dmd2_v2w.py, the image-to-
+# world one, extends); config_dmd2_14b.py swaps in Discriminator_CosmosPredict2_14B_Config without setting its type or
+# blocks, so the class defaults hold: dit_simple_conv3d on the middle block (36 // 2).
+RECIPES = {(28, 2048): FastGenRecipe("CosmosPredict2/config_dmd2_v2w.py", 3.0, 1e-5, dfd.STUDENT_TS,
+                                     "multiscale_down_mlp_large", (13, 20, 27)),
+           (36, 5120): FastGenRecipe("CosmosPredict2/config_dmd2_14b.py", 3.0, 1e-5, dfd.STUDENT_TS,
+                                     "dit_simple_conv3d", (18,))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,12 +179,18 @@ def with_image(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 class CosmosDenoiser(GuidedDenoiser):
     """denoise(x_t, t, cond) -> x0 for Cosmos-Predict2.5, with image conditioning and optional guidance.
 
-    x_t [B, 16, T, h, w], t [B] in [0, 1]. Conditioning frames enter as the clean latent with timestep COND_T
-    and come out as exactly that latent; generated frames give x0 = x_t - t v. With a guidance g and the
+    x_t [B, 16, T, h, w], t [B] in [0, 1]. Conditioning frames enter as the clean latent with timestep cond_t (None:
+    the sample's t, as FastGen before its PR #26) and come out as exactly that latent; generated frames give
+    x0 = x_t - t v. With a guidance g and the
     negative-prompt embedding `uncond` [1, 512, D], x0 = uncond + g (cond - uncond) (the paper's form;
     guidance_scale = g - 1 in the pipeline), both branches in one forward of batch 2B. Gradients flow
     through the transformer (student, fake score); nothing is detached here.
     """
+
+    def __init__(self, net: nn.Module, guidance: float | None = None, uncond: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None, cond_t: float | None = COND_FRAME_T["zero"]):
+        super().__init__(net, guidance, uncond, compute_dtype)
+        self.cond_t = cond_t
 
     def velocity(self, x_in: torch.Tensor, t_in: torch.Tensor, cond_mask: torch.Tensor,
                  prompt: torch.Tensor) -> torch.Tensor:
@@ -178,7 +203,9 @@ class CosmosDenoiser(GuidedDenoiser):
         B, _, T, h, w = x_t.shape
         m = frame_mask(T, cond.image.shape[2], x_t.device)  # [1, 1, T, 1, 1]
         x_in = with_image(x_t.float(), cond.image.float())
-        t_in = m * COND_T + (1 - m) * t.float().reshape(B, 1, 1, 1, 1)  # [B, 1, T, 1, 1], fp32 like the pipeline
+        t_all = t.float().reshape(B, 1, 1, 1, 1)
+        t_in = (m * self.cond_t + (1 - m) * t_all if self.cond_t is not None  # [B, 1, T, 1, 1], fp32 like the pipeline
+                else t_all.expand(B, 1, T, 1, 1))
         cond_mask = m.expand(B, 1, T, h, w)
         if self.guided:
             prompt = torch.cat([cond.prompt, self.uncond.expand(B, -1, -1).to(cond.prompt.dtype)])
@@ -302,7 +329,8 @@ class CosmosAdapter(ModelSpec):
     name, family = "cosmos", "Cosmos-Predict2.5"
     transformer_class = "CosmosTransformer3DModel"
     data_keys = ("latents", "image", "text_key")
-    defaults = {"guidance": 3.0, "steps": 300}  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
+    defaults = {"guidance": 3.0, "iterations": 300}  # paper Table 2 / Sec. 5.1.2: CFG 3.0, 300 DFD iterations
+    model_options = ("cond_frame_t",)
     text_len = TEXT_LEN
     text_store = True
     image_conditioned = True
@@ -330,8 +358,30 @@ class CosmosAdapter(ModelSpec):
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.transformer_blocks)
 
-    def denoiser(self, net, guidance=None, uncond=None, dtype=None) -> nn.Module:
-        return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype)
+    def add_model_args(self, p, cmd) -> None:
+        p.add_argument("--cond-frame-t", default="zero", choices=tuple(COND_FRAME_T),
+                       help="the timestep the conditioning frame enters every network with: zero (t = 0, FastGen "
+                            "since its PR #26, reportedly what the DFD fork runs), pipeline (1e-4, the diffusers "
+                            "pipeline's conditional_frame_timestep), uniform (the sample's t like every frame: "
+                            "FastGen at 34f30e8, before PR #26, so a DMD2 checkpoint trained before that fix saw this)")
+
+    def denoiser(self, net, guidance=None, uncond=None, dtype=None, cond_frame_t: str = "zero") -> nn.Module:
+        return CosmosDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype,
+                              COND_FRAME_T[cond_frame_t])
+
+    def feature_grid(self, net, feature, x_shape) -> torch.Tensor:
+        """FastGen's Cosmos features (fastgen/networks/cosmos_predict2/network.py): the block's tokens on their
+        patch grid, [B, D, T / p_t, H / p_h, W / p_w]."""
+        B, _, T, H, W = x_shape
+        pt, ph, pw = net.config.patch_size
+        return feature.reshape(B, T // pt, H // ph, W // pw, -1).permute(0, 4, 1, 2, 3)
+
+    def feature_dim(self, net) -> int:
+        return net.config.num_attention_heads * net.config.attention_head_dim
+
+    def fastgen_recipe(self, net) -> FastGenRecipe | None:
+        cfg = net.config
+        return RECIPES.get((cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim))
 
     def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> CosmosCond:
         return CosmosCond(items["text"].float().to(device), items["image"].float().to(device))

@@ -181,13 +181,12 @@ def pick(x_gen: torch.Tensor, x_real: torch.Tensor, use_real: torch.Tensor) -> t
 
 
 def fake_score_loss(fake: Denoiser, x_gen: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
-                    mask: torch.Tensor | None = None, flow: bool = False) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, space: str = "x0") -> torch.Tensor:
     """E || fake(alpha_t G + sigma_t eps, t) - G ||^2 with G detached (the fake score tracks p_fake, Eq. 1).
-    flow=True: the error of the flow velocity instead, || v_hat - (eps - G) ||^2 = || x0_hat - G ||^2 / t^2
-    (Self-Forcing's critic, denoising_loss_type: flow)."""
+    space="flow": the same error measured on the flow velocity, || v_hat - (eps - G) ||^2 = || x0_hat - G ||^2 / t^2."""
     x_gen = x_gen.detach()
     err = (fake(forward_diffusion(x_gen, eps, t), t, cond).float() - x_gen.float()) ** 2
-    if flow:
+    if space == "flow":
         err = err / expand(t, err).float() ** 2
     return err.mean() if mask is None else (err * mask).sum() / mask.float().expand_as(err).sum()
 
@@ -255,6 +254,8 @@ class DFDConfig:
     p_t_min: float = 0.0  # > 0: p(t) = p for the noise level t >= p_t_min, 0 below (DFD at high noise only;
     #                       per-sample coins, since t is per sample; t compared after the shift). 0: off
     space: str = "x0"  # "x0": the authors' code; "score": Eq. 8 taken literally (see dm_loss)
+    fake_loss: str = "x0"  # the fake score's loss: "x0" (FastGen's video configs) or "flow" (the velocity error:
+    #                        Self-Forcing's critic)
     fake_updates: int = 4  # fake-score updates before each student update: the paper's "student update
     #                        frequency 5" (FastGen's student_update_freq=5: 4 fake-score iterations, then 1 student one)
     grad_accum: int = 1  # micro-batches per update (each network)
@@ -265,9 +266,10 @@ class DFDConfig:
     t_shift: float = 1.0  # shift applied to t ~ U[t_min, t_max]; the result is clamped to [t_min, t_max]
     t_clamp: tuple[float, float] | None = None  # clamp the shifted t to this range instead (Self-Forcing: draw on
     #                                             [0, 1), clamp to [0.02, 0.98])
-    fake_loss: str = "x0"  # "x0": || x0_hat - G ||^2 (FastGen); "flow": the velocity error (Self-Forcing's critic)
     grad_clip: float = 1.0  # max global grad norm of the student (<= 0: no clipping)
     grad_clip_fake: float | None = None  # ... of the fake score (None: grad_clip; FastGen clips the student only)
+    zero_nonfinite: bool = False  # the student's non-finite gradients zeroed and stepped over, as FastGen does
+    #                               (default: stop the run)
     ema: float = 0.0  # EMA decay of the student (0: no EMA)
     seed: int = 0  # seeds every draw: (seed, step, rank) -> noise, t, coin
     monitor_every: int = 0  # every N student steps, one extra teacher call for the score discrepancy (0: off)
@@ -311,11 +313,16 @@ def _finite(name: str, value: torch.Tensor, step: int) -> None:
         raise FloatingPointError(f"non-finite {name} at student step {step}: {value.item() if value.numel() == 1 else value}")
 
 
-def _apply(module: torch.nn.Module, opt: torch.optim.Optimizer, clip: float, name: str, step: int) -> torch.Tensor:
+def _apply(module: torch.nn.Module, opt: torch.optim.Optimizer, clip: float, name: str, step: int,
+           zero_nonfinite: bool = False) -> torch.Tensor:
     params = [q for q in module.parameters() if q.grad is not None]
+    if zero_nonfinite:  # FastGen's GradClipCallback.nan_to_num: NaN -> 0, +-inf -> the largest finite value
+        for q in params:
+            torch.nan_to_num_(q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad, nan=0.0)
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
-    _finite(f"{name} gradient norm", norm, step)  # checked before the weights change
+    if not zero_nonfinite:
+        _finite(f"{name} gradient norm", norm, step)  # checked before the weights change
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
@@ -335,33 +342,65 @@ def make_sample(student, x_real: torch.Tensor, cond: Any, c: DFDConfig, g: torch
     return student(x_in, t_in, cond)
 
 
+class Adversary:
+    """An optional adversarial term beside the DMD / DFD loss: DMD2's GAN head (a discriminator on the teacher's
+    features, dfd_video/gan.py). The paper removes it for DFD (Table 5); the steps below call it only when one is
+    given, so without it they are exactly the plain method. Subclasses implement the three methods."""
+
+    def gen_loss(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, dict]:
+        """The student's extra loss (already weighted) on G noised as the fake score sees it, x~_t, with grad into G;
+        and stats to log."""
+        raise NotImplementedError
+
+    def disc_loss(self, x_noisy: torch.Tensor, x_real: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
+                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """The adversary's own loss on a detached x~_t against the real sample x (noised with the same eps and t, or
+        fresh draws from `generator`); backward fills its gradients."""
+        raise NotImplementedError
+
+    def step(self, step: int) -> dict:
+        """Its optimizer step after the fake-score phase's gradients; returns stats to log."""
+        raise NotImplementedError
+
+
 def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step: int, j: int, rank: int = 0,
-                    generate: Generate | None = None):
-    """One fake-score update (j-th before student step `step`) on fresh, detached student samples."""
-    total = 0.0
+                    generate: Generate | None = None, adversary: Adversary | None = None):
+    """One fake-score update (j-th before student step `step`) on fresh, detached student samples; with an
+    adversary, its update too, on the same samples (as DMD2 updates its discriminator with the fake score)."""
+    logs = {"loss_fake": 0.0}
     for a, batch in enumerate(batches):
         x_real, cond, mask = _unpack(batch)
         g = _generator(c, x_real.device, step, j, a, rank)
         with torch.no_grad():
             x_gen = make_sample(student, x_real, cond, c, g, generate, step, j, a)
         eps = torch.randn(x_real.shape, generator=g, device=x_real.device, dtype=x_real.dtype)
-        loss = fake_score_loss(fake, x_gen, eps, sample_t(x_real.shape[0], c, g, x_real.device), cond, mask,
-                               c.fake_loss == "flow")
+        t = sample_t(x_real.shape[0], c, g, x_real.device)
+        loss = fake_score_loss(fake, x_gen, eps, t, cond, mask, c.fake_loss)
         _finite("fake-score loss", loss.detach(), step)
         (loss / len(batches)).backward()
-        total += loss.item() / len(batches)
-    norm = _apply(fake, opt, c.grad_clip if c.grad_clip_fake is None else c.grad_clip_fake, "fake-score", step)
-    return {"loss_fake": total, "grad_norm_fake": norm.item()}
+        logs["loss_fake"] += loss.item() / len(batches)
+        if adversary is not None:
+            loss, stats = adversary.disc_loss(forward_diffusion(x_gen.detach(), eps, t), x_real, eps, t, cond, g)
+            _finite("discriminator loss", loss.detach(), step)
+            (loss / len(batches)).backward()
+            for k, v in stats.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+    logs["grad_norm_fake"] = _apply(fake, opt, c.grad_clip if c.grad_clip_fake is None else c.grad_clip_fake,
+                                    "fake-score", step).item()
+    if adversary is not None:
+        logs.update(adversary.step(step))
+    return logs
 
 
 def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[Batch], c: DFDConfig,
                  step: int, rank: int = 0, pair: Pairing | None = None,
-                 generate: Generate | None = None) -> dict[str, float]:
+                 generate: Generate | None = None, adversary: Adversary | None = None) -> dict[str, float]:
     """One student update with the DMD (Eq. 3) or DFD (Eq. 8) gradient, chosen by the coin (Eq. 10).
     The student's input is always made from the batch's x_real; `pair(G, x_real, cond)` picks which real sample
     the teacher (and the delta^2 monitor) sees for each G: None = the same one ("paired"), e.g. a shuffle
     within the condition ("independent") or a mini-batch optimal-transport assignment ("OT").
-    `generate(student, x_real, cond, generator)` makes G instead of one student call (see make_sample)."""
+    `generate(student, x_real, cond, generator)` makes G instead of one student call (see make_sample). An
+    adversary adds its loss on x~_t (G noised), whichever sample the coin showed the teacher."""
     sizes = [b[0].shape[0] for b in batches]
     per_sample = c.per_sample_coin or c.p_t_min > 0
     if c.per_micro_coin:
@@ -387,6 +426,10 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
             x0_teacher = teacher(forward_diffusion(x_clean, eps, t), t, cond)  # s_real(x~_t) or s_real(x_t)
         # score space: the extra -(G - x) term of Eq. 8; on DMD samples x_clean is G and it is exactly 0
         loss, stats = dm_loss(x_gen, x0_teacher, x0_fake, x_clean if c.space == "score" else None, mask)
+        if adversary is not None:
+            extra, more = adversary.gen_loss(forward_diffusion(x_gen, eps, t), t, cond)
+            loss = loss + extra
+            stats.update(more)
         _finite("student loss", loss.detach(), step)
         (loss / len(batches)).backward()
         with torch.no_grad():  # validity monitor (Eq. 7); every batch here pairs G with a real sample
@@ -399,7 +442,7 @@ def student_step(student, teacher: Denoiser, fake: Denoiser, opt, batches: list[
                 stats["teacher_gap"] = per_elem(x0_teacher - x0_other)  # ||x0_T(x_t) - x0_T(x~_t)||^2 / d
         for k, v in {"loss_student": loss.detach(), "t_mean": t.mean(), **stats}.items():
             logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
-    logs["grad_norm_student"] = _apply(student, opt, c.grad_clip, "student", step).item()
+    logs["grad_norm_student"] = _apply(student, opt, c.grad_clip, "student", step, c.zero_nonfinite).item()
     return logs
 
 
@@ -413,28 +456,34 @@ def train(student: torch.nn.Module, teacher: Denoiser, fake: torch.nn.Module, st
           data: Iterator[Batch], steps: int, c: DFDConfig, start_step: int = 0, rank: int = 0,
           ema: torch.nn.Module | None = None, log: Callable[[int, dict], None] | None = None,
           on_step_end: Callable[[int], None] | None = None, pair: Pairing | None = None,
-          generate: Generate | None = None) -> None:
+          generate: Generate | None = None, adversary: Adversary | None = None, tail: int = 0) -> None:
     """The alternating loop: per student step, `fake_updates` fake-score updates, then one student update,
     each on `grad_accum` fresh micro-batches from `data`. Every draw is a function of (seed, step, rank),
     so resuming at `start_step` with `data` at the matching position repeats an unbroken run exactly.
     `pair` goes to student_step (which real sample the teacher sees for each G; None: the batch's own);
-    `generate` to both steps (how the student makes G; None: one call on dfd.student_input)."""
+    `generate` (how the student makes G; None: one call on dfd.student_input) and an `adversary` (DMD2's GAN
+    head) to both steps. `tail` > 0: that many more fake-score updates after the last student step, logged and
+    ended as step `steps` (a run counted in FastGen's iterations can stop inside a cycle: docs/recipe.md)."""
     warned = False
-    for step in range(start_step, steps):
+    for step in range(start_step, steps + (tail > 0)):
+        fakes = c.fake_updates if step < steps else tail
         logs: dict[str, float] = {}
-        for j in range(c.fake_updates):  # logged: the mean over the step's fake-score updates
+        for j in range(fakes):  # logged: the mean over the step's fake-score updates
             batches = [next(data) for _ in range(c.grad_accum)]
-            for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank, generate).items():
-                logs[k] = logs.get(k, 0.0) + v / c.fake_updates
-        batches = [next(data) for _ in range(c.grad_accum)]
-        logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank, pair, generate))
-        if ema is not None and c.ema > 0:
-            ema_update(ema, student, c.ema)
-        if logs["delta2"] > c.delta2_warn and not warned:
-            warned = True
-            warnings.warn(f"validity condition (Eq. 7): delta^2 = {logs['delta2']:.3g} per element exceeds "
-                          f"{c.delta2_warn:g} at step {step}; DFD needs a student already close to the data "
-                          "(start from a DMD2 checkpoint)", stacklevel=2)
+            for k, v in fake_score_step(student, fake, fake_opt, batches, c, step, j, rank, generate,
+                                               adversary).items():
+                logs[k] = logs.get(k, 0.0) + v / fakes
+        if step < steps:
+            batches = [next(data) for _ in range(c.grad_accum)]
+            logs.update(student_step(student, teacher, fake, student_opt, batches, c, step, rank, pair, generate,
+                                     adversary))
+            if ema is not None and c.ema > 0:
+                ema_update(ema, student, c.ema)
+            if logs["delta2"] > c.delta2_warn and not warned:
+                warned = True
+                warnings.warn(f"validity condition (Eq. 7): delta^2 = {logs['delta2']:.3g} per element exceeds "
+                              f"{c.delta2_warn:g} at step {step}; DFD needs a student already close to the data "
+                              "(start from a DMD2 checkpoint)", stacklevel=2)
         if log is not None:
             log(step, logs)
         if on_step_end is not None:

@@ -41,11 +41,22 @@ import torch.nn as nn
 import dfd
 from dfd_video.cli import main as cli_main
 from dfd_video.runs import latest_checkpoint
-from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT, GuidedDenoiser, ModelSpec, load_transformer, one_step_scheduler
+from dfd_video.spec import (SELF_FORCING_NEGATIVE_PROMPT, FastGenRecipe, GuidedDenoiser, ModelSpec, load_transformer,
+                            one_step_scheduler)
 from dfd_video.vae import WanVAE
 from dfd_video.weights import describe_dmd2
 
 WAN_TEXT_LEN = 512  # the pipeline's max_sequence_length: UMT5 output cut to the real length, zero-padded to 512
+
+# FastGen's Wan DMD2 configs (fastgen/configs/experiments/WanT2V/, at 34f30e8), by (blocks, width): all guide with
+# g = 5.0 at lr 1e-5 and put the GAN head (multiscale_down_mlp_large) on three teacher blocks; the 14B and the
+# Wan2.2-5B ones train 2-step students (t_list [0.999, 0.833, 0]).
+RECIPES = {(30, 1536): FastGenRecipe("WanT2V/config_dmd2.py", 5.0, 1e-5, dfd.STUDENT_TS, "multiscale_down_mlp_large",
+                                     (15, 22, 29)),
+           (40, 5120): FastGenRecipe("WanT2V/config_dmd2_14b.py", 5.0, 1e-5, (0.999, 0.833),
+                                     "multiscale_down_mlp_large", (21, 30, 39)),
+           (30, 3072): FastGenRecipe("WanT2V/config_dmd2_wan22_5b.py", 5.0, 1e-5, (0.999, 0.833),
+                                     "multiscale_down_mlp_large", (15, 22, 29))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ SF_DFD_PRESET: dict[str, Any] = dict(
     p=0.5, per_micro_coin=True, guidance=4.0, lr=2e-6, lr_fake=4e-7, adam_beta1=0.0, weight_decay=0.01,
     ema=0.99, ema_init="checkpoint", fake_updates=5, student_ts=list(SELF_FORCING_TS), t_min=0.0, t_max=0.999,
     t_clamp=[0.02, 0.98], t_shift=5.0, fake_loss="flow", grad_clip=10.0, grad_clip_fake=10.0, batch_size=64,
-    steps=32, fake_init="critic", grad_accum=lambda world: max(1, 64 // world))  # 1 sample per rank and pass
+    student_steps=32, fake_init="critic", grad_accum=lambda world: max(1, 64 // world))  # 1 sample per rank and pass
 
 
 def preset_notes(args) -> list[str]:
@@ -212,7 +223,7 @@ class WanAdapter(ModelSpec):
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
     presets = {"sf-dfd": SF_DFD_PRESET}  # --preset: SF-DFD's recipe for Self-Forcing students
 
-    def add_args(self, p, cmd: str) -> None:
+    def add_model_args(self, p, cmd: str) -> None:
         if cmd in ("train", "check", "sample", "export"):
             add_causal_args(p, cmd)
 
@@ -246,8 +257,25 @@ class WanAdapter(ModelSpec):
     def blocks(self, net: nn.Module) -> list[nn.Module]:
         return list(net.blocks)
 
-    def denoiser(self, net, guidance=None, uncond=None, dtype=None) -> nn.Module:
+    def denoiser(self, net, guidance=None, uncond=None, dtype=None, **options) -> nn.Module:
         return WanDenoiser(net, guidance, None if uncond is None else uncond["text"][None].float(), dtype)
+
+    def feature_grid(self, net, feature, x_shape) -> torch.Tensor:
+        """FastGen's Wan features (fastgen/networks/Wan/network.py, _unpatchify_features): each token's D channels
+        read as (p_t, p_h, p_w, D / p_t p_h p_w) and put back on the latent grid, [B, D / 4, T, H, W]."""
+        B, _, T, H, W = x_shape
+        pt, ph, pw = net.config.patch_size
+        f = feature.reshape(B, T // pt, H // ph, W // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return f.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def feature_dim(self, net) -> int:
+        cfg = net.config  # the token's D channels over the p_t p_h p_w latent positions it covers
+        pt, ph, pw = cfg.patch_size
+        return cfg.num_attention_heads * cfg.attention_head_dim // (pt * ph * pw)
+
+    def fastgen_recipe(self, net) -> FastGenRecipe | None:
+        cfg = net.config
+        return RECIPES.get((cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim))
 
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
         return items["latents"].float(), self.make_cond(items, device)

@@ -8,7 +8,9 @@ The method path, what `train` runs:
   distributed  torchrun set-up, FSDP2 sharding with fp32 islands, full state dicts, the compute dtype rule
   runs         the run folder: training checkpoints, --resume, the metric log
   train        the `train` driver: networks, optimizers, dfd.train with a logger and a checkpointer
+  length       the run length in FastGen iterations (--iterations) or student updates (--student-steps)
   lora         --lora-rank: peft adapters on frozen bases; export --lora
+  gan          --gan-weight: DMD2's GAN head as FastGen trains it (imported only then)
   prepare, sample, export
                the other drivers of the method path; lmdb_latents: Self-Forcing's latent LMDBs as `prepare` input
   vae, video, files

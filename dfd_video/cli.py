@@ -20,6 +20,7 @@ import dfd
 from dfd_video import lora
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
 from dfd_video.files import check_writable, error_line
+from dfd_video.length import DEFAULT_ITERATIONS, add_length_args
 from dfd_video.runs import held_run_error, release_run_locks, run_files
 from dfd_video.spec import model_family_error
 from dfd_video.weights import fastgen_prefix_exists
@@ -75,9 +76,8 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     p.add_argument("--allow-changes", action="store_true", help="with --resume: continue although this command "
                    "changes flags that change the method (or --data) from the checkpoint's; each change is recorded "
                    "in <out>/segments.jsonl (docs/errors.md)")
-    p.add_argument("--steps", type=int, default=100, help="student updates in total (paper, Wan DFD: 100 \"iterations\"; "
-                   "FastGen counts every update of either network, so its 100 are 20 student updates: "
-                   "docs/recipe.md)")
+    defaults = dict(spec.defaults) if spec is not None else {}
+    add_length_args(p, defaults.pop("iterations", DEFAULT_ITERATIONS))
     p.add_argument("--batch-size", type=int, default=16, help="global batch: ranks x grad-accum x per-rank batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (each network)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the student (paper: 1e-5)")
@@ -89,6 +89,9 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     p.add_argument("--p-t-min", type=float, default=0.0, help="beyond the paper: DFD only on samples whose DMD noise "
                    "level t >= this (p(t) = p there, 0 below; per-sample coins); 0: the paper's p at every t")
     p.add_argument("--space", default="x0", choices=("x0", "score"), help="x0: the authors' loss; score: Eq. 8 literally")
+    p.add_argument("--fake-loss", default="x0", choices=("x0", "flow"), help="the fake score's loss: x0 (FastGen's "
+                   "fake_score_pred_type in its Wan and Cosmos DMD2 configs) or flow (the error of the flow velocity, "
+                   "i.e. the x0 error / t^2: FastGen's 'flow', SF-DFD's critic)")
     p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG g in uncond + g (cond - uncond)")
     p.add_argument("--fake-updates", type=int, default=4, help="fake-score updates before each student update "
                    "(4: the paper's student update frequency 5, FastGen's student_update_freq=5, a 5-iteration cycle)")
@@ -107,6 +110,9 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
                    "FastGen's DMD2: 10)")
     p.add_argument("--grad-clip-fake", type=float, default=0.0, help="max grad norm of the fake score (<= 0: off, "
                    "as in FastGen's DMD2, which clips the student only; Self-Forcing: 10)")
+    p.add_argument("--zero-nonfinite-grads", action="store_true", help="set the student's NaN gradients to 0 and "
+                   "+-inf to the largest finite value, then clip and step, as FastGen's GradClipCallback does "
+                   "(default: stop the run with the last checkpoint untouched)")
     p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
     p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
@@ -116,10 +122,11 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
     add_recipe_args(p, spec)
     lora.add_lora_flags(p)
+    add_gan_args(p)
     add_probe_args(p)
-    p.set_defaults(**(spec.defaults if spec is not None else {}))
     if spec is not None:
-        spec.add_args(p, "check" if check else "train")
+        spec.add_model_args(p, "check" if check else "train")
+    p.set_defaults(**defaults)
 
 
 def add_recipe_args(p: argparse.ArgumentParser, spec) -> None:
@@ -133,8 +140,6 @@ def add_recipe_args(p: argparse.ArgumentParser, spec) -> None:
     p.add_argument("--t-clamp", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="clamp the shifted DMD / fake-score t to [LO, HI] instead of [t-min, t-max] (Self-Forcing: "
                         "draw on [0, 0.999], clamp to [0.02, 0.98])")
-    p.add_argument("--fake-loss", default="x0", choices=("x0", "flow"), help="fake-score loss: x0 error (FastGen) "
-                   "or flow-velocity error, the x0 error / t^2 (Self-Forcing's critic)")
     p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1 of both networks (Self-Forcing: 0)")
     p.add_argument("--ema-init", default="student", choices=("student", "checkpoint"), help="where --ema's average "
                    "starts: the student's weights, or the DMD2 checkpoint's own EMA (e.g. Self-Forcing's "
@@ -159,6 +164,25 @@ def preset_name(argv: Sequence[str]) -> str | None:
     return None
 
 
+def add_gan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("GAN", "DMD2's GAN head as FastGen trains it: a discriminator on the teacher's block "
+                             "features (docs/gan.md); off by default, as in the paper's DFD (Table 5)")
+    g.add_argument("--gan-weight", type=float, default=0.0, help="weight of the GAN loss in the student's loss "
+                   "(FastGen's Wan / Cosmos DMD2 configs: 0.03; 0: no GAN, no discriminator)")
+    g.add_argument("--gan-blocks", type=int, nargs="+", default=None, help="teacher blocks whose outputs the "
+                   "discriminator reads (default: FastGen's DMD2 config for the architecture, e.g. 15 22 29 for "
+                   "Wan2.1-1.3B, 13 20 27 for Cosmos-Predict2.5-2B)")
+    g.add_argument("--gan-disc-type", default=None, help="FastGen's discriminator head: multiscale_down_mlp_large, "
+                   "multiscale_down_mlp[_efficient|_medium] or dit_simple_conv3d (default: FastGen's config for the "
+                   "architecture)")
+    g.add_argument("--gan-lr", type=float, default=1e-5, help="AdamW lr of the discriminator (FastGen: 1e-5)")
+    g.add_argument("--gan-r1-weight", type=float, default=0.0, help="weight of the approximate R1 penalty (FastGen's "
+                   "gan_r1_reg_weight; 0: off, as in its video configs)")
+    g.add_argument("--gan-r1-alpha", type=float, default=0.1, help="noise scale of that penalty (FastGen: 0.1)")
+    g.add_argument("--gan-fresh-noise", action="store_true", help="noise the real video with its own t and noise "
+                   "(FastGen's gan_use_same_t_noise=False); default: the fake sample's, as both video configs")
+
+
 # One rule per flag: (holds(value), what it must be). check_args applies those whose flag the subcommand has and
 # the command line gives (None: not given).
 _between = lambda lo, hi: lambda v: lo <= v <= hi
@@ -166,7 +190,13 @@ _LR = "must be a finite number > 0 and < 1 (AdamW moves every weight by about lr
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "p": (_between(0.0, 1.0), "must be in [0, 1]"),
     "p_t_min": (_between(0.0, 1.0), "must be in [0, 1]"),
-    "steps": (lambda v: v >= 1, "must be >= 1"),
+    "iterations": (lambda v: v >= 2, "must be >= 2 (FastGen runs iterations 1..N-1)"),
+    "student_steps": (lambda v: v >= 1, "must be >= 1"),
+    "gan_weight": (lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0 (0: no GAN)"),
+    "gan_lr": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+    "gan_r1_weight": (lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0 (0: off)"),
+    "gan_r1_alpha": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+    "gan_blocks": (lambda v: all(b >= 0 for b in v), "must be block indices >= 0"),
     "batch_size": (lambda v: v >= 1, "must be >= 1"),
     "grad_accum": (lambda v: v >= 1, "must be >= 1"),
     "lr": (lambda v: 0 < v < 1, _LR),
@@ -224,6 +254,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         bad.append("--stop-on-drift needs --probe-every N (the drift is measured by the probes)")
     if given.get("per_micro_coin") and (args.per_sample_coin or args.p_t_min > 0):
         bad.append("--per-micro-coin draws one coin per micro-batch: it excludes --per-sample-coin and --p-t-min")
+    if given.get("iterations") is not None and args.fake_updates >= 0 and args.iterations < args.fake_updates + 2:
+        bad.append(f"--iterations {args.iterations} gives no student update at --fake-updates {args.fake_updates} "
+                   f"(FastGen runs iterations 1..N-1, the student on every {args.fake_updates + 1}th): need "
+                   f">= {args.fake_updates + 2}")
     if "t_min" in given and not 0.0 <= args.t_min < args.t_max <= 1.0:
         bad.append(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     for k in PATH_FLAGS:
@@ -295,7 +329,7 @@ def add_sample_args(p: argparse.ArgumentParser, spec) -> None:
                         "computes); renoise: fresh noise between steps (FastGen's 'sde', DMD2's original sampler)")
     p.add_argument("--save-latents", action="store_true", help="also write the final latents next to each mp4")
     lora.add_lora_base_flag(p)
-    spec.add_args(p, "sample")
+    spec.add_model_args(p, "sample")
 
 
 def add_export_args(p: argparse.ArgumentParser, spec) -> None:
@@ -314,7 +348,7 @@ def add_export_args(p: argparse.ArgumentParser, spec) -> None:
     lora.add_lora_base_flag(p)
     p.add_argument("--lora", action="store_true", help="from a --lora-rank run: also write the LoRA alone, "
                    "<out>/lora/" + lora.LORA_FILE + ", for Pipeline.load_lora_weights on the DMD2 student")
-    spec.add_args(p, "export")
+    spec.add_model_args(p, "export")
 
 
 def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:

@@ -21,7 +21,8 @@ from dfd_video.files import is_write_failure, move_aside, torch_save, write_erro
 
 
 CKPT_DIR = "checkpoints"
-CKPT_FILES = ("student", "fake", "ema")
+CKPT_FILES = ("student", "fake", "ema", "discriminator")
+CKPT_NAME = re.compile(r"(step-\d{6}|iteration-\d{7})")  # dfd_video.length.RunLength.name: the run's unit
 
 
 RUN_FILES = (CKPT_DIR, "metrics.jsonl", "args.json")  # what makes a folder a training run's
@@ -47,16 +48,16 @@ def start_run_folder(out: str, overwrite: bool) -> None:
 
 
 def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer],
-                    extra: dict, d: Dist, keep: int = 2, weights_of=None) -> str | None:
-    """A collective: gathers full state dicts and optimizer states, rank 0 writes out/checkpoints/step-NNNNNN
-    through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`.
+                    extra: dict, d: Dist, keep: int = 2, weights_of=None, name: str | None = None) -> str | None:
+    """A collective: gathers full state dicts and optimizer states, rank 0 writes out/checkpoints/<name> (default
+    step-NNNNNN) through a temporary folder and a rename, then points `latest` at it; keeps the newest `keep`.
     weights_of(net): what is saved of each network (default full_state_dict; LoRA runs: the adapter weights)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     opt_full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {name: (weights_of or full_state_dict)(net) for name, net in nets.items()}
     optim = {name: get_optimizer_state_dict(nets[name], opt, options=opt_full) for name, opt in opts.items()}
-    final = os.path.join(folder, CKPT_DIR, f"step-{step:06d}")
+    final = os.path.join(folder, CKPT_DIR, name or f"step-{step:06d}")
 
     def write() -> None:
         root = os.path.dirname(final)
@@ -83,7 +84,7 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
         else:
             os.replace(tmp, final)
         write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
-        done = sorted(x for x in os.listdir(root) if re.fullmatch(r"step-\d{6}", x))
+        done = sorted(x for x in os.listdir(root) if CKPT_NAME.fullmatch(x))
         for x in done[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, x), ignore_errors=True)
     on_main_rank(d, write)  # every rank stops with rank 0 if the disk is full
@@ -124,7 +125,8 @@ def load_checkpoint(path: str, state: bool = True, weights: bool = True) -> tupl
 
 
 def read_weights(path: str, name: str) -> dict[str, torch.Tensor] | None:
-    """One network's weights ("student", "fake", "ema") of a training checkpoint; None when it has none."""
+    """One network's weights ("student", "fake", "ema", "discriminator") of a training checkpoint; None when it has
+    none."""
     from safetensors.torch import load_file
     file = os.path.join(latest_checkpoint(path), f"{name}.safetensors")
     if not os.path.exists(file):
@@ -375,7 +377,7 @@ def data_fingerprint(data: str | None) -> str | None:
 # where and how often it saves, the hardware (a different rank count is checked by the global batch), logging and
 # probes, and where the starting weights came from (a resume reads them from the checkpoint). Every other flag the
 # checkpoint recorded must be the same, unless --allow-changes; a flag the checkpoint did not record is not compared.
-RESUME_FREE = {"cmd", "steps", "out", "resume", "overwrite", "allow_changes", "save_every", "keep", "monitor_every",
+RESUME_FREE = {"cmd", "steps", "iterations", "student_steps", "out", "resume", "overwrite", "allow_changes", "save_every", "keep", "monitor_every",
                "device", "no_checkpointing", "grad_accum", "dmd2_ckpt", "init_from", "fake_init",
                "bidirectional_ckpt", "rectified_flow_ckpt", "model_dir", "data", "lora_rank", "lora_alpha",
                "probe_every", "probe_prompts", "probe_count", "probe_seeds", "probe_sampler", "probe_encoder",
@@ -408,7 +410,7 @@ def accept_resume(args, state: dict, folder: str, main: bool) -> dict[str, list]
                          f"{os.path.join(args.out, SEGMENTS)})")
     if main:
         print(f"--resume: continuing from {folder} (saved after student step {state['step']}) at student step "
-              f"{state['step'] + 1} of --steps {args.steps}" +
+              f"{state['step'] + 1}" +
               (f"; changed: {', '.join('--' + k.replace('_', '-') for k in changes)}" if changes else ""),
               file=sys.stderr)
     return changes
@@ -443,7 +445,7 @@ def run_args(run_folder: str, step: int | None = None) -> dict:
         return {}
 
 
-def where_it_stopped(out: str, steps: int) -> str:
+def where_it_stopped(out: str) -> str:
     """For an interrupted train: the last student step logged in <out>/metrics.jsonl and the checkpoint to resume."""
     last = None
     try:
@@ -456,12 +458,9 @@ def where_it_stopped(out: str, steps: int) -> str:
         ckpt = latest_checkpoint(out)
     except (ValueError, OSError):
         ckpt = None
-    done = (f"after student step {last} (of {steps}, counted from 0)" if last is not None
-            else "before the first student step")
+    done = f"after student step {last} (counted from 0)" if last is not None else "before the first student step"
     if ckpt is not None:
-        saved = ckpt.rstrip(os.sep).rpartition("step-")[2]
-        return (f"{done}; the last checkpoint, {ckpt} (student step {int(saved) if saved.isdigit() else saved}), "
-                "continues: add --resume to the same command")
+        return f"{done}; the last checkpoint, {ckpt}, continues: add --resume to the same command"
     if last is not None:
         return f"{done}; no checkpoint was written yet: run the same command with --overwrite to start again"
     return f"{done}; nothing was written"

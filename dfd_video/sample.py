@@ -13,6 +13,7 @@ from dfd_video import lora
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype, setup_distributed
 from dfd_video.files import atomic_write, fail
 from dfd_video.runs import refuse_non_finite
+from dfd_video.spec import model_options
 from dfd_video.video import read_prompts, write_mp4
 from dfd_video.weights import load_student_weights, load_weights
 
@@ -69,7 +70,7 @@ def run(spec, args: argparse.Namespace) -> list[str]:
         raise fail(e)
     if dtype is not None:
         cast_keeping_fp32(net, dtype)
-    student = spec.denoiser(net, dtype=dtype)
+    student = spec.denoiser(net, dtype=dtype, **model_options(spec, args))
     os.makedirs(args.out, exist_ok=True)
     jobs = [(i, s) for i in range(len(items)) for s in args.seeds][d.rank::d.world]
     written = []

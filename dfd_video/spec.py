@@ -7,8 +7,9 @@ a run decided: the dtype, the data folder, the student's times are arguments of 
 """
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,17 @@ SELF_FORCING_NEGATIVE_PROMPT = (
     "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
+class FastGenRecipe(NamedTuple):
+    """What FastGen's DMD2 config for one architecture fixes (fastgen/configs/experiments/<config>): the guidance
+    g, the lr of every network, the student's times, and the GAN head (discriminator type, teacher feature blocks)."""
+    config: str
+    guidance: float
+    lr: float
+    student_ts: tuple[float, ...]
+    disc_type: str
+    blocks: tuple[int, ...]
+
+
 class ModelSpec:
     """The contract between a model and the drivers. Subclasses set the attributes and implement the methods."""
 
@@ -42,7 +54,11 @@ class ModelSpec:
     transformer_class: str = ""         # the diffusers class of the base transformer, as its config.json names it
     #                                     (_class_name); a --model-dir naming another is refused before anything loads
     data_keys: tuple[str, ...] = ()     # per-sample tensors the prepared shards hold, e.g. ("latents", "text")
-    defaults: dict[str, Any] = {}       # train / check flag defaults that differ from the shared ones (Wan's)
+    defaults: dict[str, Any] = {}       # train / check flag defaults that differ from the shared ones (Wan's);
+    #                                     "iterations": the run length when neither --iterations nor --student-steps
+    #                                     is given (dfd_video.length)
+    model_options: tuple[str, ...] = () # the dests of add_model_args' flags; drivers pass them to denoiser() as
+    #                                     keyword arguments (model_options(spec, args))
     text_len: int = 512                 # conditioning tokens the cross-attention reads
     text_store: bool = False            # shards hold a caption key per sample; the data folder's prompts/ holds one
     #                                     embedding per unique caption (dfd_video.data.PromptStore)
@@ -73,10 +89,29 @@ class ModelSpec:
         return fp32_islands(net)  # diffusers' _keep_in_fp32_modules
 
     def denoiser(self, net: nn.Module, guidance: float | None = None, uncond: dict | None = None,
-                 dtype: torch.dtype | None = None) -> nn.Module:
+                 dtype: torch.dtype | None = None, **options: Any) -> nn.Module:
         """(x_t [B, C, T, H, W], t [B] in [0, 1], cond) -> x0_hat, the network run in `dtype` (None: as stored).
-        With guidance g: uncond + g (cond - uncond), against the negative-prompt tensors `uncond`."""
+        With guidance g: uncond + g (cond - uncond), against the negative-prompt tensors `uncond`. options: the
+        model's own flags (model_options), their defaults when not given."""
         raise NotImplementedError
+
+    def add_model_args(self, p: argparse.ArgumentParser, cmd: str) -> None:
+        """The model's own flags of subcommand `cmd` ("train", "check", "sample", "export"), each with its default and
+        source; those the denoiser takes are listed in model_options. None by default."""
+
+    # --- DMD2's GAN head (--gan-weight, dfd_video/gan.py) and FastGen's recipe ----------------------------------
+    def feature_grid(self, net: nn.Module, feature: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+        """One block's output [B, N, D] (N tokens) as FastGen's discriminator reads it, [B, C, T, H, W], for latents
+        of shape x_shape [B, C0, T0, H0, W0]."""
+        raise NotImplementedError
+
+    def feature_dim(self, net: nn.Module) -> int:
+        """C of feature_grid: the discriminator's input channels (FastGen's inner_dim)."""
+        raise NotImplementedError
+
+    def fastgen_recipe(self, net: nn.Module) -> FastGenRecipe | None:
+        """FastGen's DMD2 config for this architecture (matched on block count and width); None when it has none."""
+        return None
 
     # --- conditioning and data ---------------------------------------------------------------------------------
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
@@ -123,9 +158,6 @@ class ModelSpec:
     presets: dict[str, dict[str, Any]] = {}  # --preset NAME -> train flag defaults (a published recipe)
     describe_student: str = ""  # a line `train` logs about the student's architecture ("": nothing to say)
 
-    def add_args(self, p: Any, cmd: str) -> None:
-        """Adds the model's own flags to subcommand `cmd`'s parser (none by default)."""
-
     def resolve(self, args: Any) -> "ModelSpec":
         """The spec of the student this command line names (e.g. Wan's causal one for a Self-Forcing .pt); the only
         member that reads args, called once by cli.main before the driver runs. Default: self."""
@@ -154,6 +186,11 @@ class ModelSpec:
         and CFG, with one_step_scheduler(t)); returns (x0, the conditioning to give our denoiser for the same
         computation, the 0/1 mask of the elements to compare or None for all)."""
         raise NotImplementedError
+
+
+def model_options(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """The model's own flags (spec.model_options) that this subcommand has, for spec.denoiser(**options)."""
+    return {k: getattr(args, k) for k in spec.model_options if hasattr(args, k)}
 
 
 def negative_prompt(flag: str | None, pipeline_default: str) -> str:

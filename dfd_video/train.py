@@ -17,12 +17,14 @@ import torch
 import dfd
 from dfd_video import lora
 from dfd_video.data import LatentShards, online_text_encoder
-from dfd_video.distributed import (Dist, compute_dtype, mean_over_ranks, on_main_rank, peak_memory_gb,
-                                   set_full_state_dict, setup_distributed, shard)
+from dfd_video.distributed import (Dist, compute_dtype, full_state_dict, mean_over_ranks, on_main_rank,
+                                   peak_memory_gb, set_full_state_dict, setup_distributed, shard)
 from dfd_video.files import fail
+from dfd_video.length import DEFAULT_ITERATIONS, RunLength, resolve
 from dfd_video.runs import (MetricLog, accept_resume, claim_run_folder, data_fingerprint, latest_checkpoint,
                            load_checkpoint, read_weights, record_segment, save_checkpoint, set_rng_state,
                            where_it_stopped)
+from dfd_video.spec import model_options
 from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, read_checkpoint, read_raw
 
 
@@ -33,17 +35,17 @@ class StopRun(Exception):
 def dfd_config(args: argparse.Namespace) -> dfd.DFDConfig:
     """The method settings (dfd.DFDConfig) from the train flags."""
     return dfd.DFDConfig(p=args.p, per_sample_coin=args.per_sample_coin, p_t_min=args.p_t_min, space=args.space,
+                         fake_loss=args.fake_loss,
                          fake_updates=args.fake_updates, grad_accum=args.grad_accum,
                          student_ts=tuple(args.student_ts), backward_sim=args.backward_sim, t_min=args.t_min,
                          t_max=args.t_max, t_shift=args.t_shift, grad_clip=args.grad_clip,
-                         grad_clip_fake=args.grad_clip_fake, ema=args.ema,
+                         grad_clip_fake=args.grad_clip_fake, ema=args.ema, zero_nonfinite=args.zero_nonfinite_grads,
                          seed=args.seed, monitor_every=args.monitor_every, **recipe_config(args))
 
 
 def recipe_config(args: argparse.Namespace) -> dict:
     """The DFDConfig fields of add_recipe_args' flags (SF-DFD's recipe), at dfd's defaults when not given."""
-    return dict(per_micro_coin=args.per_micro_coin, t_clamp=tuple(args.t_clamp) if args.t_clamp else None,
-                fake_loss=args.fake_loss)
+    return dict(per_micro_coin=args.per_micro_coin, t_clamp=tuple(args.t_clamp) if args.t_clamp else None)
 
 
 @dataclass
@@ -71,6 +73,29 @@ def read_resume(args: argparse.Namespace, d: Dist, spec) -> Resume | None:
     return Resume(folder, weights, state, full["optim"] if d.main else None, changes)
 
 
+def run_length(spec, args: argparse.Namespace, resume: Resume | None) -> RunLength:
+    """The run's length in its unit (dfd_video.length); a resumed run keeps the unit it was started with (a checkpoint
+    from before the unit existed counted student steps)."""
+    saved = None
+    if resume is not None:
+        st = resume.state
+        saved = st.get("length") or {"unit": "student_steps", "count": st.get("args", {}).get("steps", st["step"] + 1)}
+    try:
+        length = resolve(args, spec.defaults.get("iterations", DEFAULT_ITERATIONS), saved)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return length
+
+
+def check_left(resume: Resume, length: RunLength, start: int) -> None:
+    """A resumed run must have steps left, and cannot continue past FastGen's trailing fake-score updates."""
+    if resume.state.get("tail_done"):
+        raise SystemExit(f"error: --resume: {resume.folder} ends its run with the trailing fake-score updates after "
+                         "the last student update (FastGen's loop stops inside a cycle); it cannot be continued")
+    if start >= length.lines:
+        raise SystemExit(f"error: --resume: checkpoint is at {length.name(start - 1)}, nothing left of {length.flag()}")
+
+
 @dataclass
 class Networks:
     teacher: torch.nn.Module
@@ -78,14 +103,17 @@ class Networks:
     fake: torch.nn.Module
     ema: torch.nn.Module | None
     lora: lora.LoraNets | None = None
+    desc: dict | None = None  # describe_dmd2's answer (a fresh run)
 
 
 def build_network(spec, args: argparse.Namespace, d: Dist, dtype, weights: Callable[[], dict] | None, source: str,
-                  trainable: bool, mixed: bool = True, convert: bool = True) -> torch.nn.Module:
+                  trainable: bool, mixed: bool = True, convert: bool = True,
+                  checkpoint: bool | None = None) -> torch.nn.Module:
     """One network, sharded before it holds any weight: every rank builds it on the meta device and allocates only
     its own shard; rank 0 alone reads the full state dict (weights(), or the base model's when None) and streams it
     to the others tensor by tensor. So no rank but 0 ever holds a full copy, and rank 0 one at a time
-    (bench/bench_host_memory.py). mixed=False: fp32 compute (the EMA)."""
+    (bench/bench_host_memory.py). mixed=False: fp32 compute (the EMA). checkpoint: activation checkpointing
+    (None: for the trained networks; the teacher too when the GAN backpropagates through it)."""
     net = spec.load_network(args.model_dir, meta=True)
 
     def read() -> dict:  # rank 0; a ValueError here stops every rank with its one line
@@ -93,7 +121,7 @@ def build_network(spec, args: argparse.Namespace, d: Dist, dtype, weights: Calla
         sd = fit_state_dict(net, sd, source, spec.convert_state_dict if convert else None)
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # the sharded params' dtype
     full = on_main_rank(d, read)
-    checkpointing = not args.no_checkpointing and trainable and mixed
+    checkpointing = not args.no_checkpointing and (trainable if checkpoint is None else checkpoint) and mixed
     net = shard(net, spec.blocks(net), d, dtype if mixed else None, spec.fp32_islands(net) if mixed else None,
                 checkpointing, trainable)
     net.to_empty(device=d.device)
@@ -112,15 +140,15 @@ def build_networks(spec, args: argparse.Namespace, d: Dist, dtype, resume: Resum
         if desc["refusals"]:
             raise ValueError(desc["refusals"][0])
         if d.main:
-            lines = describe_lines(desc) + ([spec.describe_student] if spec.describe_student else [])
+            lines = describe_lines(desc, args.gan_weight > 0) + ([spec.describe_student] if spec.describe_student else [])
             lines += [f"  EMA        <- {ema_source(args, desc)[1]}"] if args.ema > 0 else []
             print("\n".join(lines), file=sys.stderr)
     if args.lora_rank:
         nets = lora.build_networks(spec, args, (resume.lora_weights, resume.state) if resume else None, d, dtype,
                                    not args.no_checkpointing, desc)
-        return Networks(nets.teacher, nets.student, nets.fake, nets.ema, nets)
+        return Networks(nets.teacher, nets.student, nets.fake, nets.ema, nets, desc)
     build = lambda *a, **kw: build_network(spec, args, d, dtype, *a, **kw)
-    teacher = build(None, f"--model-dir {args.model_dir}", False)
+    teacher = build(None, f"--model-dir {args.model_dir}", False, checkpoint=args.gan_weight > 0)
     if resume is None:
         s, f = desc["networks"]["student"], desc["networks"]["fake_score"]
         student_w = lambda: read_checkpoint(s["source"], s["role"])
@@ -130,7 +158,7 @@ def build_networks(spec, args: argparse.Namespace, d: Dist, dtype, resume: Resum
         ema_w = lambda: read_checkpoint(e["source"], e["role"])
         ema = build(ema_w, f"{e['source']} (EMA)", False, mixed=False) if args.ema > 0 else None
         fake = build(critic_w, f"{f['source']} (critic)" if f else "teacher", True)
-        return Networks(teacher, student, fake, ema)
+        return Networks(teacher, student, fake, ema, desc=desc)
     src = f"--resume {resume.folder}"
     saved = lambda name: lambda: read_weights(resume.folder, name)
     student = build(saved("student"), f"{src} (student)", True, convert=False)
@@ -151,9 +179,10 @@ def ema_source(args: argparse.Namespace, desc: dict) -> tuple[dict, str]:
     return desc["networks"]["student"], "the student's starting weights" + note
 
 
-def restore_optimizers(resume: Resume, nets: Networks, opts: dict, d: Dist, per_rank: int) -> tuple[int, int]:
-    """Loads both optimizers' states (rank 0 streams each rank its shards) and the RNG; returns (first step, data
-    position). A different global batch is refused; a different rank count is said."""
+def restore_optimizers(resume: Resume, trained: dict, opts: dict, d: Dist, per_rank: int) -> tuple[int, int]:
+    """Loads the optimizers' states (rank 0 streams each rank its shards; trained: the network of each optimizer) and
+    the RNG; returns (first step, data position). A different global batch is refused; a different rank count is
+    said."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     st = resume.state
     if st.get("world") is not None and st["world"] * st.get("per_rank_batch", per_rank) != d.world * per_rank:
@@ -163,8 +192,11 @@ def restore_optimizers(resume: Resume, nets: Networks, opts: dict, d: Dist, per_
         print(f"--resume: the checkpoint was written by {st['world']} ranks, this run has {d.world}: same global "
               "batch and data, but the sums run in another order, so the weights will be close to an unbroken "
               "run's, not bit-identical", file=sys.stderr)
-    for name, net in (("student", nets.student), ("fake", nets.fake)):
-        set_optimizer_state_dict(net, opts[name], resume.optim[name] if d.main else {},
+    saved = on_main_rank(d, lambda: sorted(resume.optim), share=True)
+    for name, opt in opts.items():
+        if name not in saved:  # a discriminator new at this resume: its optimizer starts afresh
+            continue
+        set_optimizer_state_dict(trained[name], opt, resume.optim[name] if d.main else {},
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     resume.optim = None
     set_rng_state(st["rng"])
@@ -182,50 +214,68 @@ def open_data(spec, args: argparse.Namespace, d: Dist, dtype, teacher_net) -> La
 
 
 class Progress:
-    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples) and `step_end` (the
-    LoRA EMA, probes, checkpoints every --save-every steps and after the last)."""
+    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples, FastGen iterations)
+    and `step_end` (the LoRA EMA, probes, checkpoints every --save-every steps and after the last)."""
 
     def __init__(self, spec, args, d: Dist, nets: Networks, opts: dict, start: int, position: int, per_rank: int,
-                 saved: str | None, probes: Any):
+                 saved: str | None, probes: Any, length: RunLength, disc: torch.nn.Module | None = None):
         self.spec, self.args, self.d, self.nets, self.opts = spec, args, d, nets, opts
         self.start, self.position, self.per_rank, self.probes = start, position, per_rank, probes
-        self.per_step = (args.fake_updates + 1) * args.grad_accum  # micro-batches dfd.train draws per student step
-        self.metrics = MetricLog(os.path.join(args.out, "metrics.jsonl"), args.steps, start, d.main)
+        self.length, self.disc = length, disc
+        self.metrics = MetricLog(os.path.join(args.out, "metrics.jsonl"), length.lines, start, d.main)
         self.last_saved, self.last_logs = saved, {}
         self.clock = time.perf_counter()
         self.sampler = None  # the denoiser probes sample with (the EMA's if any)
+
+    def drawn(self, step: int) -> int:
+        """Micro-batches dfd.train draws from the run's start through step `step` (-1: none): one per network
+        update and accumulation round."""
+        return self.length.iteration(step) * self.args.grad_accum if step >= 0 else 0
 
     def log(self, step: int, logs: dict) -> None:
         now = time.perf_counter()
         logs = mean_over_ranks(logs, self.d.device)
         logs.update(step_time_s=now - self.clock, peak_mem_gb=peak_memory_gb(self.d.device),
                     lr=self.opts["student"].param_groups[0]["lr"],
-                    samples=(step + 1) * self.per_step * self.per_rank * self.d.world)
+                    samples=self.drawn(step) * self.per_rank * self.d.world,
+                    iteration=self.length.iteration(step), student_updates=self.length.updates(step))
         self.clock = now
         self.last_logs = {"step": step, **logs}
         self.metrics(step, logs)
 
     def step_end(self, step: int) -> None:
         a, nets = self.args, self.nets
-        if nets.lora and nets.lora.ema is not None:  # dfd.train got ema=None: the EMA covers the adapter only
+        if nets.lora and nets.lora.ema is not None and step < self.length.student_steps:  # dfd.train got ema=None
             nets.lora.ema.update(a.ema)
-        drift = self.probes(step, self.sampler) if self.probes is not None and self.probes.due(step) else None
-        if (a.save_every and (step + 1) % a.save_every == 0) or step + 1 == a.steps or drift:
+        due = self.probes is not None and step < self.length.student_steps and self.probes.due(step)
+        drift = self.probes(step, self.sampler) if due else None
+        if (a.save_every and (step + 1) % a.save_every == 0) or step + 1 == self.length.lines or drift:
             self.save(step)
             self.clock = time.perf_counter()  # do not bill the save (or the probe) to the next step
         if drift:
             raise StopRun(f"stopped after student step {step}: {drift}; checkpoint {self.last_saved}")
 
     def save(self, step: int) -> None:
-        nets, a = self.nets, self.args
-        weights = {"student": nets.student, "fake": nets.fake, **({"ema": nets.ema} if nets.ema is not None else {})}
-        extra = {"position": (step + 1 - self.start) * self.per_step + self.position, "world": self.d.world,
+        nets, a, n = self.nets, self.args, self.length
+        weights = {"student": nets.student, "fake": nets.fake, **({"ema": nets.ema} if nets.ema is not None else {}),
+                   **({"discriminator": self.disc} if self.disc is not None else {})}
+        extra = {"position": self.drawn(step) - self.drawn(self.start - 1) + self.position, "world": self.d.world,
                  "per_rank_batch": self.per_rank, "adapter": self.spec.name, "args": vars(a),
+                 "length": {"unit": n.unit, "count": n.count}, "iteration": n.iteration(step),
+                 "student_updates": n.updates(step), "tail_done": step >= n.student_steps,
                  "data_manifest": data_fingerprint(a.data)}
         if nets.lora:
             extra["lora"] = nets.lora.info
-        self.last_saved = save_checkpoint(a.out, step, weights, self.opts, extra, self.d, a.keep,
-                                          weights_of=lora.adapter_state_dict if nets.lora else None)
+        of = None  # LoRA runs save their adapters, and the discriminator whole
+        if nets.lora:
+            of = lambda net: full_state_dict(net) if net is self.disc else lora.adapter_state_dict(net)
+        self.last_saved = save_checkpoint(a.out, step, weights, self.opts, extra, self.d, a.keep, weights_of=of,
+                                          name=n.name(step))
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What cli.main adds to the line of an interrupted train: the last step done and the checkpoint to resume."""
+    return where_it_stopped(args.out)
 
 
 def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
@@ -236,9 +286,33 @@ def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
     return open_(spec, args, d, data, start, dtype)
 
 
-def interrupted(args: argparse.Namespace) -> str:
-    """What cli.main adds to the line of an interrupted train: the last step done and the checkpoint to resume."""
-    return where_it_stopped(args.out, args.steps)
+def open_gan(spec, args: argparse.Namespace, d: Dist, dtype, nets: Networks, resume: Resume | None, options: dict):
+    """DMD2's GAN head (--gan-weight > 0; dfd_video.gan, imported only then): the discriminator and its optimizer,
+    and the teacher's features it reads (the teacher's unguided branch; its LoRA switched off when it carries the fake
+    score's)."""
+    from dfd_video import gan
+    features_of = spec.denoiser(nets.teacher, None, None, dtype, **options)
+    if nets.lora and nets.lora.fake is nets.lora.teacher:
+        features_of = gan.Uncheckpointed(nets.lora.teacher_denoiser(features_of), nets.teacher)
+    return gan.open_gan(spec, args, d, dtype, nets.teacher, features_of, nets.desc, resume.folder if resume else None,
+                        dfd_config(args))
+
+
+def log_recipe(spec, args: argparse.Namespace, d: Dist, net, length: RunLength) -> None:
+    """Rank 0: the run length in both units, and where this run's flags differ from FastGen's DMD2 config for the
+    architecture (e.g. its Wan 14B students take 2 steps)."""
+    if not d.main:
+        return
+    lines = [f"run length: {length.describe()}"]
+    recipe = spec.fastgen_recipe(net)
+    if recipe is not None:
+        ours = {"--guidance": (args.guidance, recipe.guidance), "--lr": (args.lr, recipe.lr),
+                "--lr-fake": (args.lr_fake, recipe.lr), "--student-ts": (tuple(args.student_ts), recipe.student_ts)}
+        diff = [f"{k} {v[0]} (FastGen: {v[1]})" for k, v in ours.items() if v[0] != v[1]]
+        if diff:
+            lines.append(f"warning: FastGen's {recipe.config} differs from this run: {', '.join(diff)}; a DMD2 "
+                         "checkpoint trained with it expects FastGen's values")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def run(spec, args: argparse.Namespace) -> dict:
@@ -249,30 +323,41 @@ def run(spec, args: argparse.Namespace) -> dict:
         raise SystemExit("error: --dmd2-ckpt is required (DFD post-trains a DMD2 student; or pass --resume)")
     on_main_rank(d, lambda: claim_run_folder(args.out, args.overwrite, args.resume is not None))
     dtype = compute_dtype(args.dtype, d.device)
+    options = model_options(spec, args)
+    adversary = None
     try:
         resume = read_resume(args, d, spec)
+        length = run_length(spec, args, resume)
         data = open_data(spec, args, d, dtype, spec.load_network(args.model_dir, meta=True))
+        log_recipe(spec, args, d, spec.load_network(args.model_dir, meta=True), length)
         nets = build_networks(spec, args, d, dtype, resume)
+        if args.gan_weight > 0:
+            adversary = open_gan(spec, args, d, dtype, nets, resume, options)
         probes = open_probes(spec, args, d, data, resume.state["step"] + 1 if resume else 0, dtype)
     except ValueError as e:
         raise fail(e)
     uncond = {k: v.to(d.device) for k, v in data.negative.items()} if data.negative else None
-    teacher = spec.denoiser(nets.teacher, args.guidance, uncond, dtype)
+    teacher = spec.denoiser(nets.teacher, args.guidance, uncond, dtype, **options)
     if nets.lora:
         teacher = nets.lora.teacher_denoiser(teacher)
-    student, fake = spec.denoiser(nets.student, dtype=dtype), spec.denoiser(nets.fake, dtype=dtype)
-    ema = spec.denoiser(nets.ema, dtype=dtype) if nets.ema is not None else None
+    student, fake = spec.denoiser(nets.student, dtype=dtype, **options), spec.denoiser(nets.fake, dtype=dtype, **options)
+    ema = spec.denoiser(nets.ema, dtype=dtype, **options) if nets.ema is not None else None
     adamw = lambda net, lr: torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=lr,
                                               betas=(args.adam_beta1, 0.999), weight_decay=args.weight_decay)
     opts = {"student": adamw(nets.student, args.lr), "fake": adamw(nets.fake, args.lr_fake)}
-    start, position = restore_optimizers(resume, nets, opts, d, per_rank) if resume else (0, 0)
-    if start >= args.steps:
-        raise SystemExit(f"error: --resume: checkpoint is at step {start}, nothing left of --steps {args.steps}")
+    trained = {"student": nets.student, "fake": nets.fake}
+    if adversary is not None:
+        opts["discriminator"], trained["discriminator"] = adversary.opt, adversary.disc
+    start, position = restore_optimizers(resume, trained, opts, d, per_rank) if resume else (0, 0)
+    if resume is not None:
+        check_left(resume, length, start)
     stream = data.batches(position, per_rank, d.rank, d.world, args.seed)
     batches = (spec.make_batch({k: v.to(d.device) for k, v in item.items()}, d.device) for item in stream)
     if d.main:
-        record_segment(args.out, vars(args), start, resume.folder if resume else None, resume.changes if resume else {})
-    progress = Progress(spec, args, d, nets, opts, start, position, per_rank, resume.folder if resume else None, probes)
+        record_segment(args.out, {**vars(args), "unit": length.unit, "length": length.count}, start,
+                       resume.folder if resume else None, resume.changes if resume else {})
+    progress = Progress(spec, args, d, nets, opts, start, position, per_rank, resume.folder if resume else None, probes,
+                        length, adversary.disc if adversary is not None else None)
     progress.sampler = ema or student
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -280,9 +365,10 @@ def run(spec, args: argparse.Namespace) -> dict:
         probes(-1, progress.sampler)  # the starting checkpoint: the reference of --stop-on-drift
         progress.clock = time.perf_counter()
     try:
-        dfd.train(student, teacher, fake, opts["student"], opts["fake"], batches, args.steps, dfd_config(args),
-                  start_step=start, rank=d.rank, ema=None if nets.lora else ema, log=progress.log,
-                  on_step_end=progress.step_end, generate=spec.generate(tuple(args.student_ts)))
+        dfd.train(student, teacher, fake, opts["student"], opts["fake"], batches, length.student_steps,
+                  dfd_config(args), start_step=start, rank=d.rank, ema=None if nets.lora else ema, log=progress.log,
+                  on_step_end=progress.step_end, generate=spec.generate(tuple(args.student_ts)), adversary=adversary,
+                  tail=length.tail)
     except FloatingPointError as e:
         where = (f"the last good checkpoint {progress.last_saved} is untouched" if progress.last_saved
                  else "no checkpoint was written")
@@ -292,6 +378,6 @@ def run(spec, args: argparse.Namespace) -> dict:
     finally:
         progress.metrics.close()
     if d.main:
-        print(f"trained to step {args.steps} of --steps {args.steps}: last checkpoint {progress.last_saved}, metrics "
+        print(f"trained {length.describe()}: last checkpoint {progress.last_saved}, metrics "
               f"{os.path.join(args.out, 'metrics.jsonl')}", file=sys.stderr)
     return progress.last_logs

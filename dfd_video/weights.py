@@ -26,6 +26,7 @@ ROLES = {  # names a training checkpoint uses for each network
     "generator_ema": ("generator_ema", "ema", "net_ema", "student_ema", "ema_model"),
     "generator": ("generator", "net", "student", "model_student"),
     "critic": ("critic", "fake_score", "fake_score_net", "fake", "fake_net"),
+    "discriminator": ("discriminator",),  # DMD2's GAN head (FastGen's .pth; --gan-weight)
 }
 
 
@@ -250,8 +251,10 @@ def load_student_weights(path: str, weights: str = "auto", bidirectional: bool =
 # What a DMD2 checkpoint is, and where each network of a DFD run comes from (docs/checkpoints.md).
 
 # FastGen's FSDPCheckpointer writes <save_dir>/<iteration:07d>.<name>_model/ (one DCP folder per network: net,
-# fake_score, ema or ema_<beta>, discriminator), <iteration>.<name>_optim/ and <iteration>.pth (scheduler state only).
-_FASTGEN_ENTRY = re.compile(r"^(?P<iter>\d+)\.(?P<net>\w+?)_(?P<kind>model|optim)(?P<zip>\.zip)?$")
+# fake_score, ema or ema_<beta>, discriminator), <iteration>.<name>_optim/ and <iteration>.pth (scheduler state only);
+# its auto-resume save (fastgen/trainer.py, auto_resume_exit) uses the prefix latest_ar instead of the iteration.
+AUTO_RESUME = "latest_ar"
+_FASTGEN_ENTRY = re.compile(r"^(?P<iter>\d+|latest_ar)\.(?P<net>\w+?)_(?P<kind>model|optim)(?P<zip>\.zip)?$")
 # NVIDIA's distilled Cosmos-Predict2.5-2B (experiment dmd2_trigflow_distill_cosmos_predict2_2B_bidirectional_TnI2V):
 # nvidia/Cosmos-Predict2.5-2B, base/distilled/575edf0f-d973-4c74-b52c-69929a08d0a5_ema_bf16.pt. Its keys are the
 # same `net.*` names as the rectified-flow checkpoints; only the path tells them apart.
@@ -282,13 +285,28 @@ def _fastgen_prefix(path: str) -> tuple[str, str | None] | None:
     if not os.path.exists(p) and _fastgen_siblings(p):
         return p, None
     if os.path.isdir(p) and not _is_dcp(p):
-        iters = sorted({m["iter"] for n in os.listdir(p) if (m := _FASTGEN_ENTRY.match(n)) and m["kind"] == "model"},
-                       key=int)
-        if iters:
-            note = (f"{p} holds FastGen iterations {', '.join(iters)}; using the latest, {iters[-1]} (pass "
-                    f"{os.path.join(p, iters[0])} for another)") if len(iters) > 1 else None
-            return os.path.join(p, iters[-1]), note
+        found = {m["iter"] for n in os.listdir(p) if (m := _FASTGEN_ENTRY.match(n)) and m["kind"] == "model"}
+        iters = sorted(found - {AUTO_RESUME}, key=int)
+        notes = [f"{p} holds FastGen iterations {', '.join(iters)}; using the latest, {iters[-1]} (pass "
+                 f"{os.path.join(p, iters[0])} for another)"] if len(iters) > 1 else []
+        if AUTO_RESUME in found and iters:  # FastGen's own latest_checkpoint skips it too
+            notes.append(f"{p} also holds an auto-resume save, {AUTO_RESUME}.* ({_fastgen_iteration(os.path.join(p, AUTO_RESUME))});"
+                         f" pass {os.path.join(p, AUTO_RESUME)} for it")
+        if iters or AUTO_RESUME in found:
+            return os.path.join(p, iters[-1] if iters else AUTO_RESUME), "; ".join(notes) or None
     return None
+
+
+def _fastgen_iteration(prefix: str) -> str:
+    """"iteration N" of a FastGen prefix: its name, or for latest_ar the iteration its .pth records (if readable)."""
+    name = os.path.basename(prefix)
+    if name != AUTO_RESUME:
+        return f"iteration {int(name)}"
+    try:
+        it = torch.load(prefix + ".pth", map_location="cpu", weights_only=True).get("iteration")
+    except Exception:
+        it = None
+    return f"auto-resume save, iteration {it}" if isinstance(it, int) else "auto-resume save, iteration unknown"
 
 
 def fastgen_prefix_exists(path: str) -> bool:
@@ -382,7 +400,7 @@ def describe_dmd2(path: str, init_from: str = "generator", fake_init: str | None
     means the teacher; ema is the checkpoint's own EMA. refusals: why `train` would stop before loading anything,
     each naming the flag or command that resolves it."""
     out: dict[str, Any] = {"path": path, "format": None, "summary": "", "warnings": [], "refusals": [],
-                           "networks": {"student": None, "fake_score": None, "ema": None}}
+                           "networks": {"student": None, "fake_score": None, "ema": None, "discriminator": None}}
     if any(TRIGFLOW_PATH.search(p.replace(os.sep, "/")) for p in (path, os.path.realpath(path))):
         (out["warnings"] if rectified_flow else out["refusals"]).append(
             f"{path}: the path of NVIDIA's distilled Cosmos-Predict2.5-2B (base/distilled, 575edf0f-...): a 4-step "
@@ -417,16 +435,18 @@ def _describe_fastgen(fg: tuple[str, str | None], path: str, init_from: str, fak
     sib = _fastgen_siblings(prefix)
     emas = sorted(n for n in sib if n.startswith("ema"))
     out["format"] = "fastgen-fsdp"
-    out["summary"] = (f"FastGen FSDP checkpoint, iteration {int(os.path.basename(prefix))}: one DCP folder per "
+    out["summary"] = (f"FastGen FSDP checkpoint, {_fastgen_iteration(prefix)}: one DCP folder per "
                       f"network ({', '.join(os.path.basename(f) for f in sib.values()) or 'none found'})")
     if len(emas) > 1:
         out["warnings"].append(f"{prefix}: several EMA networks ({', '.join(emas)}); --init-from generator_ema uses "
                                f"{emas[0]}")
-    need = {"generator": True, "critic": fake_init != "teacher", "generator_ema": init_from == "generator_ema"}
+    need = {"generator": True, "critic": fake_init != "teacher", "generator_ema": init_from == "generator_ema",
+            "discriminator": False}
     what = {"generator": "the student", "critic": "the critic (fake score; or pass --fake-init teacher)",
-            "generator_ema": "the EMA"}
+            "generator_ema": "the EMA", "discriminator": "the discriminator"}
     found = {}
-    for role, name in (("generator", "net"), ("critic", "fake_score"), ("generator_ema", emas[0] if emas else "")):
+    for role, name in (("generator", "net"), ("critic", "fake_score"), ("generator_ema", emas[0] if emas else ""),
+                       ("discriminator", "discriminator")):
         f = sib.get(name)
         if f is None:
             continue
@@ -511,6 +531,8 @@ def _assign_networks(out: dict, found: dict[str, tuple[str, str, int]], init_fro
         refuse(f"{out['path']}: holds no student ({role}) weights")
     if "generator_ema" in found:
         nets["ema"] = entry("generator_ema")
+    if "discriminator" in found:
+        nets["discriminator"] = entry("discriminator")
     if fake_init != "teacher" and "critic" in found:
         nets["fake_score"] = entry("critic")
     elif fake_init == "critic" and not out["refusals"]:
@@ -521,8 +543,9 @@ def _assign_networks(out: dict, found: dict[str, tuple[str, str, int]], init_fro
              "from the critic the DMD2 student was trained against")
 
 
-def describe_lines(desc: dict[str, Any]) -> list[str]:
-    """describe_dmd2's answer as the lines `train` logs: the format, one line per network, the warnings."""
+def describe_lines(desc: dict[str, Any], gan: bool = False) -> list[str]:
+    """describe_dmd2's answer as the lines `train` logs: the format, one line per network, the warnings. gan: the run
+    trains a GAN head (--gan-weight > 0), so where its discriminator starts is said too."""
     def where(net: dict | None, none: str) -> str:
         if net is None:
             return none
@@ -537,4 +560,7 @@ def describe_lines(desc: dict[str, Any]) -> list[str]:
             f"  fake score <- {where(n['fake_score'], 'the teacher (--model-dir)')}",
             *([f"  its EMA is not used ({where(ema, '')}; --init-from generator_ema starts the student from it)"]
               if unused else []),
+            *([f"  discriminator <- {where(n.get('discriminator'), 'a fresh one (the checkpoint holds none)')}"] if gan
+              else [f"  its discriminator is not used ({where(n['discriminator'], '')}; --gan-weight > 0 trains it)"]
+              if n.get("discriminator") else []),
             *[f"  warning: {w}" for w in desc["warnings"]]]

@@ -142,7 +142,7 @@ def test_recipe_settings_of_dfd():
     assert 10 < sum(coins) < 54 and coins == [bool(dfd.dfd_coin(7, 0.5, 0, micro=a)) for a in range(64)]
     x, eps, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0.5, 0.25])
     fake = lambda x_t, t, c: torch.zeros_like(x_t)
-    assert torch.allclose(dfd.fake_score_loss(fake, x, eps, t, None, flow=True),
+    assert torch.allclose(dfd.fake_score_loss(fake, x, eps, t, None, space="flow"),
                           (x ** 2 / t[:, None] ** 2).mean())
 
 

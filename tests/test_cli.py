@@ -44,8 +44,8 @@ def test_help_shows_main_usage_and_defaults(script, capsys):
         assert e.value.code == 0
         return capsys.readouterr().out
     train = run("train", "--help")
-    for flag, default in (("--p", "0.5"), ("--steps", "100" if script == "wan_dfd.py" else "300"),
-                          ("--save-every", "50"), ("--keep", "2"), ("--out", "runs/dfd")):
+    for flag, default in (("--p", "0.5"), ("--iterations", "100" if script == "wan_dfd.py" else "300"),
+                          ("--save-every", "50"), ("--keep", "2"), ("--out", "runs/dfd"), ("--gan-weight", "0.0")):
         block = train.split(f"  {flag} ")[1].split("\n  --")[0]
         assert f"(default: {default})" in " ".join(block.split()), (flag, block)
     assert "(default: None)" not in train and "(default: False)" not in train

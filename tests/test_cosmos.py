@@ -103,7 +103,7 @@ def test_teacher_adapter_reproduces_pipeline(pipe):
                num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0),
                output_type="latent", num_latent_conditional_frames=1).frames
     c = encode_image(pipe.vae, image)  # the image alone: the causal VAE gives the pipeline's first latent frame
-    teacher = C.CosmosDenoiser(pipe.transformer, guidance_scale + 1, neg)
+    teacher = C.CosmosDenoiser(pipe.transformer, guidance_scale + 1, neg, cond_t=C.COND_T)  # the pipeline's time
     cond = C.CosmosCond(emb, c)
     sched = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
@@ -131,7 +131,7 @@ def test_teacher_adapter_reproduces_pipeline(pipe):
 
 def test_conditioning_frames_are_clean_in_every_network(pipe):
     """x0 of the conditioning frame is the image latent whatever x_t holds there, and the generated frames see
-    it as the clean latent at t = 1e-4, whatever t the rest gets."""
+    it as the clean latent at the conditioning-frame time (0 by default, --cond-frame-t), whatever t the rest gets."""
     g = torch.Generator().manual_seed(3)
     net = C.CosmosDenoiser(pipe.transformer)
     c = torch.randn(2, 16, 1, 4, 4, generator=g)
@@ -142,7 +142,7 @@ def test_conditioning_frames_are_clean_in_every_network(pipe):
     with torch.no_grad():
         a = net(x_t, t, cond)
         b = net(torch.cat([torch.randn(2, 16, 1, 4, 4, generator=g), x_t[:, :, 1:]], 2), t, cond)
-        v = net.velocity(C.with_image(x_t, c), m * C.COND_T + (1 - m) * t.view(2, 1, 1, 1, 1),
+        v = net.velocity(C.with_image(x_t, c), m * net.cond_t + (1 - m) * t.view(2, 1, 1, 1, 1),
                          m.expand(2, 1, 3, 4, 4), cond.prompt)
         noisy_image = net.velocity(x_t, m * 0.5 + (1 - m) * t.view(2, 1, 1, 1, 1), m.expand(2, 1, 3, 4, 4), cond.prompt)
     assert torch.equal(a[:, :, :1], c.expand(2, -1, -1, -1, -1)) and torch.equal(b, a)
@@ -380,8 +380,8 @@ def test_train_resume_sample_export(e2e):
     sched.set_timesteps(4)
     noise = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = dfd.sample(C.CosmosDenoiser(net), noise, C.CosmosCond(emb, c[None]), sched.sigmas[:-1].tolist(),
-                          renoise=False)
+        ours = dfd.sample(C.CosmosDenoiser(net, cond_t=C.COND_T), noise, C.CosmosCond(emb, c[None]),
+                          sched.sigmas[:-1].tolist(), renoise=False)
     assert (ours - via_pipe).abs().max() < 1e-4 * via_pipe.abs().max()
     # `sample --sampler ode` at the scheduler's times is that same computation
     ode = C.main(["sample", "--model-dir", s["model"], "--ckpt", exported, "--embeddings", emb_file, "--seeds", "0",
@@ -550,7 +550,7 @@ def test_real_teacher_matches_pipeline():
             num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="latent",
             num_latent_conditional_frames=1).frames.float()
     c = encode_image(p.vae, image.cuda())  # in the pipeline's VAE dtype, as it encodes
-    teacher = C.CosmosDenoiser(net, 3.0, neg, torch.bfloat16)
+    teacher = C.CosmosDenoiser(net, 3.0, neg, torch.bfloat16, C.COND_T)  # the pipeline's conditioning-frame time
     sched = UniPCMultistepScheduler.from_config(p.scheduler.config)
     sched.set_timesteps(2, device="cuda")
     x = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).cuda()

@@ -184,8 +184,8 @@ def test_resume_refuses_changed_method_flags_and_records_allowed_changes(s, tmp_
     capsys.readouterr()
     wan_dfd.main([*argv, "--p", "0", "--allow-changes"])
     err = capsys.readouterr().err
-    assert (f"--resume: continuing from {run}/checkpoints/step-000001 (saved after student step 1) at student step 2 "
-            "of --steps 3; changed: --p\n") in err
+    assert (f"--resume: continuing from {run}/checkpoints/step-000001 (saved after student step 1) at student step 2"
+            "; changed: --p\n") in err
     assert json.load(open(f"{run}/args.json"))["p"] == 0.5  # the flags the run started with, not rewritten
     segments = [json.loads(x) for x in open(f"{run}/segments.jsonl")]
     assert [(x["start_step"], x["args"]["p"], x["changes"]) for x in segments] == [(0, 0.5, {}), (2, 0.0, {"p": [0.5, 0.0]})]
@@ -385,8 +385,8 @@ def test_ctrl_c_in_train_says_where_it_stopped(s, tmp_path, monkeypatch, capsys)
         wan_dfd.main(train_argv(s, out, "--steps", "4"))
     assert e.value.code == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"error: interrupted (Ctrl-C) after student step 1 (of 4, counted from 0); the last checkpoint, "
-        f"{out}/checkpoints/step-000001 (student step 1), continues: add --resume to the same command")
+        f"error: interrupted (Ctrl-C) after student step 1 (counted from 0); the last checkpoint, "
+        f"{out}/checkpoints/step-000001, continues: add --resume to the same command")
     assert held == [os.getpid()] * 2 and not (out / "run.lock").exists()  # held while training, released at the end
     # Ctrl-C while the networks load: the --out this run created is removed again, empty
     monkeypatch.setattr(dfd_video.train, "build_networks", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))

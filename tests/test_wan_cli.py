@@ -205,7 +205,7 @@ def test_bad_inputs_get_one_clear_line(setup, tmp_path):
     cases = [
         (base(p="1.5"), r"--p 1.5: must be in \[0, 1\]"),
         (base(p_t_min="1.5"), r"--p-t-min 1.5: must be in \[0, 1\]"),
-        (base(steps="0"), "--steps 0: must be >= 1"),
+        (base(steps="0"), "--student-steps 0: must be >= 1"),
         (base(keep="0"), "--keep 0: must be >= 1"),
         (base(lr="0"), "--lr 0.0: must be a finite number > 0"),
         (base(student_ts=["0.5", "0.9"]), r"--student-ts \[0.5, 0.9\]: must be strictly decreasing"),
@@ -346,7 +346,7 @@ def test_method_flags_reach_the_loop(setup, tmp_path, capsys):
         logs = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
         assert [r["dfd"] for r in logs] == [want] * 3 and last["step"] == 2
         closing = capsys.readouterr().err.strip().splitlines()[-1]  # says where the run went
-        assert closing.startswith("trained to step 3") and str(tmp_path / name / "checkpoints" / "step-000002") in closing
+        assert closing.startswith("trained --student-steps 3") and str(tmp_path / name / "checkpoints" / "step-000002") in closing
     out = tmp_path / "acc"
     wan_dfd.main(["train", *common, "--grad-accum", "2", "--batch-size", "2", "--backward-sim",
                   "--fake-updates", "1", "--out", str(out)])

@@ -1,5 +1,6 @@
-"""The `plot` subcommand: a run's metrics.jsonl (and probes.jsonl, when the run has probes) over student steps, as
-one PNG, because people would rather look at a curve than read JSON."""
+"""The `plot` subcommand: a run's metrics.jsonl (and probes.jsonl, when the run has probes) over its unit (FastGen
+iterations or student steps, dfd_video.length), as one PNG, because people would rather look at a curve than read
+JSON."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,9 @@ from dfd_video.files import atomic_write
 # panels in this order when the run logged them; any other numeric key follows
 FIRST = ("loss_student", "loss_fake", "delta2", "teacher_gap", "dm_normaliser", "dm_grad_norm", "grad_norm_student",
          "grad_norm_fake", "dfd", "t_mean")
-SKIP = {"step", "samples", "lr", "step_time_s", "peak_mem_gb"}  # bookkeeping, not the run's health
+SKIP = {"step", "iteration", "student_updates", "samples", "lr", "step_time_s", "peak_mem_gb"}  # bookkeeping
+# the x axis in the run's unit (args.json "unit", dfd_video.length): the metrics key and its label
+AXES = {"iterations": ("iteration", "FastGen iteration"), "student_steps": ("step", "student step")}
 
 
 def add_args(p: argparse.ArgumentParser, spec=None) -> None:
@@ -22,9 +25,10 @@ def add_args(p: argparse.ArgumentParser, spec=None) -> None:
     p.add_argument("--out", help="the PNG to write (default: <run>/metrics.png)")
 
 
-def read_series(path: str) -> dict[str, tuple[list[int], list[float]]]:
-    """{key: (steps, values)} of every numeric key in a JSONL file of {"step": N, ...} lines; ValueError naming the
-    file and line when a line is not JSON or has no step."""
+def read_series(path: str, x: str = "step") -> dict[str, tuple[list[int], list[float]]]:
+    """{key: (x values, values)} of every numeric key in a JSONL file of {"step": N, ...} lines, against the key `x`
+    ("step", or "iteration" where the lines have it); ValueError naming the file and line when a line is not JSON or
+    has no step."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -32,7 +36,7 @@ def read_series(path: str) -> dict[str, tuple[list[int], list[float]]]:
                 continue
             try:
                 row = json.loads(line)
-                step = int(row["step"])
+                step = int(row[x] if x in row else row["step"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}:{n}: not a metrics line (JSON with a \"step\")") from None
             for k, v in row.items():
@@ -52,10 +56,11 @@ def plot_run(run: str, out: str) -> list[str]:
     metrics = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise ValueError(f"--run {run}: no metrics.jsonl (expected a training run folder, i.e. train's --out)")
-    series = read_series(metrics)
+    x, xlabel = AXES[run_unit(run)]
+    series = read_series(metrics, x)
     probes = os.path.join(run, "probes.jsonl")
     if os.path.isfile(probes):
-        series.update({f"probe/{k}": v for k, v in read_series(probes).items()})
+        series.update({f"probe/{k}": v for k, v in read_series(probes, x).items()})
     if not series:
         raise ValueError(f"{metrics}: no steps logged yet")
     keys = [k for k in FIRST if k in series] + sorted(k for k in series if k not in FIRST)
@@ -75,7 +80,7 @@ def plot_run(run: str, out: str) -> list[str]:
                     color="C1", label=f"mean of {w}")
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("student step", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
@@ -85,6 +90,16 @@ def plot_run(run: str, out: str) -> list[str]:
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return keys
+
+
+def run_unit(run: str) -> str:
+    """The unit the run counts in (args.json's "unit"; runs from before it counted student steps)."""
+    try:
+        with open(os.path.join(run, "args.json")) as f:
+            unit = json.load(f).get("unit", "student_steps")
+    except (OSError, ValueError, AttributeError):
+        unit = "student_steps"
+    return unit if unit in AXES else "student_steps"
 
 
 def run(spec, args: argparse.Namespace) -> str:

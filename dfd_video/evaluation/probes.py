@@ -6,8 +6,8 @@ over-saturated colour, collapse to static or single-colour videos); a probe seri
 Probes use their own torch.Generator per video, never the global RNG, so a run with probes ends with the same weights
 as one without (tests/test_probes.py).
 
-Files (rank 0): <out>/probes.jsonl, one line per probe {"step", "saturation", "clipped", "hf_energy"[, "diversity"]},
-step -1 being the starting checkpoint; <out>/probes/start.png and step-NNNNNN.png, the middle frame of every
+Files (rank 0): <out>/probes.jsonl, one line per probe {"step", "iteration", "saturation", "clipped", "hf_energy"[,
+"diversity"]}, step -1 (iteration 0) being the starting checkpoint, iteration the FastGen iterations done; <out>/probes/start.png and step-NNNNNN.png, the middle frame of every
 (condition, seed).
 """
 from __future__ import annotations
@@ -121,7 +121,9 @@ class Probes:
         if self.d.main:
             found = {(i, s): r for part in gathered for (i, s, *r) in part}
             stats = [found[j][0] for j in jobs]
-            row = {"step": step, **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}}
+            # step: the student step the probe follows (-1: the start); iteration: FastGen iterations done by then
+            row = {"step": step, "iteration": (step + 1) * (self.args.fake_updates + 1),
+                   **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}}
             if self.encoder is not None and len(self.seeds) > 1:
                 row["diversity"] = float(np.mean([pairwise_diversity(torch.stack([found[(i, s)][2] for s in self.seeds]))
                                                   for i in range(len(self.conds))]))

@@ -30,7 +30,8 @@ from dfd_video.data import LatentShards
 from dfd_video.distributed import cast_keeping_fp32, compute_dtype
 from dfd_video.evaluation.evaluate import saturation_stats
 from dfd_video.files import fail, write_text
-from dfd_video.planning.memory import GiB, largest_batch, network_sizes, part_rows, plan_model
+from dfd_video.planning.memory import GiB, gan_sizes, largest_batch, network_sizes, part_rows, plan_model
+from dfd_video.spec import model_options
 from dfd_video.weights import describe_dmd2, describe_lines, load_weights, match_state_dict, read_checkpoint
 
 # parity threshold: max |x0 ours - x0 pipeline| <= REL[dtype] * max |x0 pipeline|. Both sides run the same weights in
@@ -74,7 +75,7 @@ def checkpoint_report(args: argparse.Namespace, spec, net: nn.Module) -> dict:
     desc = describe_dmd2(args.dmd2_ckpt, args.init_from, args.fake_init, args.bidirectional_ckpt,
                          args.rectified_flow_ckpt)
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    lines = describe_lines(desc) + ([spec.describe_student] if spec.describe_student else [])  # e.g. causal
+    lines = describe_lines(desc, args.gan_weight > 0) + ([spec.describe_student] if spec.describe_student else [])
     out = {"path": args.dmd2_ckpt, "format": desc["format"], "summary": desc["summary"], "lines": lines,
            "networks": {}, "warnings": list(desc["warnings"]), "problems": list(desc["refusals"]),
            "causal": bool(spec.describe_student)}
@@ -96,6 +97,10 @@ def checkpoint_report(args: argparse.Namespace, spec, net: nn.Module) -> dict:
             if m[what]:
                 out["problems"].append(f"{name} ({src['source']}): {len(m[what])} {what.replace('_', ' ')} of "
                                        f"{m['keys']} keys [{show(m[what])}]")
+    if args.gan_weight > 0:  # where train's discriminator would start (its keys are checked when train loads it)
+        found = desc["networks"].get("discriminator")
+        out["networks"]["discriminator"] = {"source": found["source"] if found else
+                                            "a fresh one (the checkpoint holds none)"}
     if out["networks"]["ema"] is not None:  # train's --ema starts from the student's weights, not from this one
         out["networks"]["ema"]["note"] = "the checkpoint's own EMA; --init-from generator_ema starts the student from it"
     return out
@@ -122,7 +127,9 @@ def teacher_parity(spec, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: d
     pipeline's (spec.pipeline_x0); appends to rep's warnings / problems."""
     t, g = args.parity_t, args.guidance
     dtype_name = "bf16" if dtype is not None else "fp32"
-    par: dict[str, Any] = {"t": t, "guidance": g, "latent_shape": list(x_t.shape), "dtype": dtype_name}
+    opt = model_options(spec, args)  # the run's (Cosmos: --cond-frame-t); the pipeline has its own
+    par: dict[str, Any] = {"t": t, "guidance": g, "latent_shape": list(x_t.shape), "dtype": dtype_name,
+                           "options": opt}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if dtype_name == "fp32":  # fp32 means fp32 here: cuDNN's default TF32 convolutions would blur the comparison to 1e-3
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -130,10 +137,11 @@ def teacher_parity(spec, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: d
         with torch.no_grad():
             x0_pipe, cond_used, mask = spec.pipeline_x0(net, x_t, t, cond, uncond, g, dtype, args.model_dir)
             tt = torch.tensor([t], device=x_t.device)
-            x0_ours = spec.denoiser(net, g, uncond, dtype)(x_t, tt, cond_used).float()
+            x0_ours = spec.denoiser(net, g, uncond, dtype, **opt)(x_t, tt, cond_used).float()
             # what the comparison must resolve: a guidance off by one (g vs g - 1, the pipeline-vs-paper slip) moves
             # x0 by exactly cond - uncond
-            off_by_one = spec.denoiser(net, g - 1, uncond, dtype)(x_t, tt, cond_used).float() if g != 1.0 else None
+            off_by_one = (spec.denoiser(net, g - 1, uncond, dtype, **opt)(x_t, tt, cond_used).float() if g != 1.0
+                          else None)
         diff, scale = _masked_max(x0_ours - x0_pipe, mask), _masked_max(x0_pipe, mask)
         threshold = PARITY_REL[dtype_name] * scale
         par.update(max_abs_diff=diff, scale=scale, threshold=threshold, passed=bool(diff <= threshold and scale > 0))
@@ -146,8 +154,10 @@ def teacher_parity(spec, net: nn.Module, x_t: torch.Tensor, cond: Any, uncond: d
                         "rerun check with --dtype fp32" if dtype_name != "fp32" else
                         "the prompt barely changes x0 (random weights or stand-in embeddings?)"))
         if not par["passed"]:
+            ran = "".join(f", --{k.replace('_', '-')} {v}" for k, v in opt.items())
             rep["problems"].append(f"teacher parity failed: max |x0 ours - x0 pipeline| = {diff:.3g} > "
-                                   f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {g})")
+                                   f"{PARITY_REL[dtype_name]:g} x {scale:.3g} ({dtype_name}, t = {t}, g = {g}{ran}"
+                                   + ("; the pipeline runs its own defaults of those" if opt else "") + ")")
     except ValueError as e:
         par.update(passed=None, skipped=str(e))
         rep["warnings"].append(f"teacher parity skipped: {e}")
@@ -175,7 +185,7 @@ def student_report(spec, args: argparse.Namespace, source: tuple[str, str], shap
     net = net.to(device).eval()
     if dtype is not None:
         cast_keeping_fp32(net, dtype)
-    student = spec.denoiser(net, dtype=dtype)
+    student = spec.denoiser(net, dtype=dtype, **model_options(spec, args))
     with torch.no_grad():  # as `sample` draws it: noise and re-noising from one generator on the device
         gs = torch.Generator(device).manual_seed(args.seed)
         noise = torch.randn((1, *shape), generator=gs, device=device)
@@ -251,6 +261,11 @@ def run(spec, args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise fail(e)
     sizes = network_sizes(spec, teacher_net)
+    if args.gan_weight > 0:
+        try:
+            sizes["gan"] = gan_sizes(spec, teacher_net, args.gan_disc_type, args.gan_blocks)
+        except ValueError as e:
+            rep["problems"].append(str(e))
     ck = rep["checkpoint"] = checkpoint_report(args, spec, teacher_net)  # 1. the checkpoint
     rep["problems"] += ck["problems"]
     rep["warnings"] += ck["warnings"]
@@ -340,7 +355,8 @@ def memory_report(spec, args: argparse.Namespace, sizes: dict, data: LatentShard
     lora_rank = getattr(args, "lora_rank", 0)
     plan = plan_model(spec, sizes, world=world, lora_rank=lora_rank, shared_fake=fake_from_teacher,
                         compute_bytes=4 if compute == "fp32" else 2, ema=args.ema > 0, batch_per_gpu=per_rank,
-                        latent=lat, checkpointing=not args.no_checkpointing, kv_cache=bool(spec.describe_student))
+                        latent=lat, checkpointing=not args.no_checkpointing, kv_cache=bool(spec.describe_student),
+                        gan=sizes.get("gan"))
     out.update(parts=plan["parts"], exact=plan["exact"], total=plan["total"], per_clip=plan["per_clip"],
                fixed=plan["fixed"], activations_counted=plan["counted"],
                rows=part_rows(plan, lora_rank > 0, args.ema > 0, per_rank), per_rank_batch=per_rank,
@@ -367,7 +383,8 @@ def format_report(rep: dict) -> str:
     ck = rep["checkpoint"]
     L.append(f"[1] checkpoint {ck['path']}")
     L.append(f"    format: {ck['summary'] or ck['format']}")
-    for name, label in (("student", "student   "), ("fake_score", "fake score"), ("ema", "EMA       ")):
+    for name, label in (("student", "student   "), ("fake_score", "fake score"), ("ema", "EMA       "),
+                        ("discriminator", "GAN disc. ")):
         n = ck["networks"].get(name)
         if n is None:
             continue
@@ -382,7 +399,8 @@ def format_report(rep: dict) -> str:
         L.append(f"    {label} <- {src:<22} {cov}" + (f"  ({'; '.join(extra)})" if extra else ""))
     p = rep["parity"]
     L += ["", f"[2] teacher parity with the diffusers pipeline: one step at t = {p['t']}, g = {p['guidance']}, "
-              f"{p['dtype']}, latents {'x'.join(map(str, p['latent_shape']))}, {p['conditioning']}"]
+              f"{p['dtype']}, latents {'x'.join(map(str, p['latent_shape']))}, {p['conditioning']}"
+              + "".join(f", --{k.replace('_', '-')} {v}" for k, v in p.get("options", {}).items())]
     if p.get("passed") is None:
         L.append(f"    skipped: {p.get('skipped')}")
     elif "error" in p:

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from dfd_video.planning.tables import PUBLIC_CONFIG, SAVED_FOR_BACKWARD
+from dfd_video.planning.tables import PUBLIC_CONFIG, PUBLIC_CONFIGS, SAVED_FOR_BACKWARD
 
 GiB = 2**30
 
@@ -149,14 +149,14 @@ def lora_shapes(sizes: dict, rank: int) -> list[tuple[int, int]]:
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def read_config(spec, model_dir: str | None) -> tuple[dict, str]:
+def read_config(spec, model_dir: str | None, name: str | None = None) -> tuple[dict, str]:
     """The transformer's config.json: from --model-dir (its transformer/ folder, or the folder itself), else the
-    public config of the model in dfd_video/configs/ (its "_source" says where the values come
-    from). Returns (config, where it was read)."""
+    public config `name` of the model in dfd_video/configs/ (None: its first; the file's "_source" says where the
+    values come from). Returns (config, where it was read)."""
     if model_dir is None:
         if spec.name not in PUBLIC_CONFIG:
             raise ValueError(f"no public config of {spec.family} is stored; give --model-dir")
-        path = os.path.join(CONFIGS, PUBLIC_CONFIG[spec.name])
+        path = os.path.join(CONFIGS, PUBLIC_CONFIGS[spec.name][name] if name else PUBLIC_CONFIG[spec.name])
     else:
         path = next((p for p in (os.path.join(model_dir, "transformer", "config.json"),
                                  os.path.join(model_dir, "config.json")) if os.path.exists(p)), None)
@@ -178,6 +178,24 @@ def meta_network(config: dict):
         return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
+def gan_sizes(spec, net, disc_type: str | None = None, blocks=None) -> dict:
+    """What DMD2's GAN head (--gan-weight > 0) adds to a run, from the network alone: the discriminator's parameter
+    shapes (built on the meta device), its type and feature blocks (the flags, else FastGen's config for the
+    architecture; dfd_video.gan.gan_settings), and the elements one head keeps for backward per input element."""
+    import torch
+    from dfd_video import gan
+    disc_type, blocks, source = gan.gan_settings(spec, net, disc_type, blocks)
+    with torch.device("meta"):
+        disc = gan.Discriminator(disc_type, blocks, spec.feature_dim(net))
+    if disc_type in gan.MULTISCALE:  # per scale: the 1x1 conv's output, its norm and activation at full size, then
+        scales, reduction, _ = gan.MULTISCALE[disc_type]  # the same three after pooling by s in each dimension
+        per_input = 1 + sum(3 + 3 / s**3 for s in scales) / reduction  # + the input the 1x1 convs share
+    else:  # dit_simple_conv3d: the input, then conv / norm / activation at half the channels and 1/8 of the size
+        per_input = 1 + 3 / 16
+    return {"shapes": [tuple(q.shape) for q in disc.parameters()], "disc_type": disc_type, "blocks": blocks,
+            "source": source, "heads": len(blocks), "per_input": per_input}
+
+
 @dataclass
 class PlanConfig:
     """One planned `train` run."""
@@ -191,6 +209,7 @@ class PlanConfig:
     text_len: int = 512             # conditioning tokens the cross-attention reads
     checkpointing: bool = True      # activation checkpointing of every block of the trained networks
     kv_cache: bool = False          # a causal student (wan_dfd.CausalWanAdapter): its rollout's KV cache
+    gan: dict | None = None         # gan_sizes(...) of a --gan-weight > 0 run (None: no GAN head)
 
 
 def shape_elements(sizes: dict, cfg: PlanConfig) -> dict[str, int]:
@@ -262,9 +281,20 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
              "optimizer": sum(v["optimizer"] for v in trained), "teacher": exact["teacher"]["params"],
              "gathered": gathered, "activations": act["total"], "working": (working_per_clip - kv) * cfg.batch_per_gpu,
              **({"kv_cache": kv * cfg.batch_per_gpu} if kv else {})}
+    gan_per_clip = 0
+    if cfg.gan is not None:
+        # exact: the discriminator trains like the networks (fp32 shards, gradients, AdamW); rough: the student's
+        # GAN term backpropagates through the teacher (checkpointed like a trained network), and the discriminator
+        # keeps what its convolutions save, per head, for the real and the fake features at once (fake phase)
+        n = sharded_numel(cfg.gan["shapes"], cfg.world)
+        exact["discriminator"] = {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n + 4 * len(cfg.gan["shapes"])}
+        parts["discriminator"] = sum(exact["discriminator"].values())
+        disc = 2 * cfg.gan["heads"] * cfg.gan["per_input"] * act["tokens"] * D * c
+        gan_per_clip = act["per_clip"] + int(disc)
+        parts["gan_activations"] = gan_per_clip * cfg.batch_per_gpu
     state = sum(sum(v.values()) for v in exact.values())
     return {"parts": parts, "exact": exact, "state": state, "activations": act["total"],
-            "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip,
+            "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip + gan_per_clip,
             "fixed": state + gathered, "total": sum(parts.values()), "counted": saved is not None,
             "adapter_params": sum(math.prod(s) for s in lshapes)}
 
@@ -288,7 +318,10 @@ def part_rows(plan: dict, lora: bool, ema: bool, batch: int) -> list[tuple[str, 
             (f"activations ({batch} clip(s))", parts["activations"], "counted" if plan["counted"] else "rough"),
             ("working buffers (the no-grad teacher with CFG)", parts["working"], "rough"),
             *([("KV cache of the causal student's rollout (every layer, all frames)", parts["kv_cache"], "exact")]
-              if "kv_cache" in parts else [])]
+              if "kv_cache" in parts else [])] + (
+        [("GAN discriminator (fp32 shards, gradients, AdamW)", parts["discriminator"], "exact"),
+         (f"GAN activations (the teacher with grad, the discriminator; {batch} clip(s))", parts["gan_activations"],
+          "rough")] if "discriminator" in parts else [])
 
 
 def largest_batch(plan: dict, gpu_bytes: float, reserve_bytes: float) -> int:

@@ -56,5 +56,11 @@ def _without_fp32_norm_copies(table: dict) -> dict:
 COSMOS.update({f"{k}_fp32": _without_fp32_norm_copies(COSMOS[k]) for k in ("full", "lora")})
 
 SAVED_FOR_BACKWARD = {"wan": WAN, "cosmos": COSMOS}
-PUBLIC_CONFIG = {"wan": "wan2.1_t2v_1.3b_transformer.json",  # dfd_video/configs/, with their sources
-                 "cosmos": "cosmos_predict2.5_2b_transformer.json"}
+# the public transformer configs in dfd_video/configs/ (each with its "_source"), by model and `plan --config` name;
+# the first of each model is the default of `plan`
+PUBLIC_CONFIGS = {"wan": {"wan2.1-t2v-1.3b": "wan2.1_t2v_1.3b_transformer.json",
+                          "wan2.1-t2v-14b": "wan2.1_t2v_14b_transformer.json",
+                          "wan2.2-ti2v-5b": "wan2.2_ti2v_5b_transformer.json"},
+                  "cosmos": {"cosmos-predict2.5-2b": "cosmos_predict2.5_2b_transformer.json",
+                             "cosmos-predict2.5-14b": "cosmos_predict2.5_14b_transformer.json"}}
+PUBLIC_CONFIG = {name: next(iter(files.values())) for name, files in PUBLIC_CONFIGS.items()}
