@@ -706,8 +706,9 @@ def test_evaluate_cache_resumes_and_invalidates(methods, encoders, tmp_path, mon
     argv = ["evaluate", "--samples", folder, "--clip", encoders["clip"], "--figure-prompts", "--device", "cpu",
             "--out", out]
     stop_after = 4
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line and exit status 130 (cli.run_driver)
         wan_dfd.main(argv)
+    assert e.value.code == 130
     calls.clear()
     stop_after = None
     first = wan_dfd.main(argv)["methods"][0]["summary"]
