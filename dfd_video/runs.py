@@ -178,7 +178,8 @@ class MetricLog:
             self.file.flush()
         if self.bar:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss_student", "loss_fake", "delta2", "dfd") if k in logs})
+            shown = ("loss_student", "loss_fake", "delta2", "dfd", "samples_per_s", "mfu_pct")
+            self.bar.set_postfix({k: f"{logs[k]:.3g}" for k in shown if k in logs})
 
     def close(self) -> None:
         if self.file:

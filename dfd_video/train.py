@@ -23,6 +23,7 @@ from dfd_video.distributed import (Dist, compute_dtype, mean_over_ranks, on_main
 from dfd_video.files import fail, write_text
 from dfd_video.runs import (MetricLog, latest_checkpoint, load_checkpoint, read_weights, save_checkpoint,
                            set_rng_state, start_run_folder)
+from dfd_video.throughput import open_throughput
 from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, read_checkpoint, read_raw
 
 
@@ -161,8 +162,8 @@ def open_data(spec, args: argparse.Namespace, d: Dist, dtype, teacher_net) -> La
 
 
 class Progress:
-    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples) and `step_end` (the
-    LoRA EMA, probes, checkpoints every --save-every steps and after the last)."""
+    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples and throughput; the
+    --tracker) and `step_end` (the LoRA EMA, probes, checkpoints every --save-every steps and after the last)."""
 
     def __init__(self, spec, args, d: Dist, nets: Networks, opts: dict, start: int, position: int, per_rank: int,
                  saved: str | None, probes: Any):
@@ -173,6 +174,8 @@ class Progress:
         self.last_saved, self.last_logs = saved, {}
         self.clock = time.perf_counter()
         self.sampler = None  # the denoiser probes sample with (the EMA's if any)
+        self.throughput = None  # dfd_video.throughput.Throughput: samples/s, tokens/s, TFLOP/s, MFU
+        self.tracker = None  # rank 0 with --tracker: a dfd_video.tracking.Tracker
 
     def log(self, step: int, logs: dict) -> None:
         now = time.perf_counter()
@@ -180,15 +183,27 @@ class Progress:
         logs.update(step_time_s=now - self.clock, peak_mem_gb=peak_memory_gb(self.d.device),
                     lr=self.opts["student"].param_groups[0]["lr"],
                     samples=(step + 1) * self.per_step * self.per_rank * self.d.world)
+        if self.throughput is not None:
+            logs.update(self.throughput(step, logs["step_time_s"]))
         self.clock = now
         self.last_logs = {"step": step, **logs}
         self.metrics(step, logs)
+        if self.tracker is not None:
+            self.tracker.log(step, logs)
+
+    def track_probe(self) -> None:
+        """The probe just taken (rank 0): statistics, seed grid and clip, to the --tracker."""
+        if self.tracker is not None and self.probes is not None and self.probes.last is not None:
+            self.tracker.probe(self.probes.last)
 
     def step_end(self, step: int) -> None:
         a, nets = self.args, self.nets
         if nets.lora and nets.lora.ema is not None:  # dfd.train got ema=None: the EMA covers the adapter only
             nets.lora.ema.update(a.ema)
-        drift = self.probes(step, self.sampler) if self.probes is not None and self.probes.due(step) else None
+        drift = None
+        if self.probes is not None and self.probes.due(step):
+            drift = self.probes(step, self.sampler)
+            self.track_probe()
         if (a.save_every and (step + 1) % a.save_every == 0) or step + 1 == a.steps or drift:
             self.save(step)
             self.clock = time.perf_counter()  # do not bill the save (or the probe) to the next step
@@ -214,6 +229,21 @@ def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
     return open_(spec, args, d, data, start, dtype)
 
 
+def open_tracker(spec, args, d: Dist, start: int):
+    """--tracker (rank 0; the optional layer dfd_video.tracking, imported only when asked for), resumed at `start`."""
+    from dfd_video.tracking import open_tracker as open_
+    config = {**vars(args), "world": d.world, "adapter": spec.name}
+    return open_(args.tracker, args.out, config, start, args.wandb_project)
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Before any model loads (every rank): the --tracker package is installed."""
+    if getattr(args, "tracker", None) is None:
+        return []
+    from dfd_video.tracking import missing_package
+    return [line for line in [missing_package(args.tracker)] if line]
+
+
 def run(spec, args: argparse.Namespace) -> dict:
     """DFD post-training (dfd.train) with FSDP2, checkpoints and resume. Returns the last logged metrics."""
     d = setup_distributed(args.device)
@@ -224,7 +254,8 @@ def run(spec, args: argparse.Namespace) -> dict:
     dtype = compute_dtype(args.dtype, d.device)
     try:
         resume = read_resume(args, d, spec)
-        data = open_data(spec, args, d, dtype, spec.load_network(args.model_dir, meta=True))
+        arch = spec.load_network(args.model_dir, meta=True)  # the architecture alone: data checks, FLOP count
+        data = open_data(spec, args, d, dtype, arch)
         nets = build_networks(spec, args, d, dtype, resume)
         probes = open_probes(spec, args, d, data, resume.state["step"] + 1 if resume else 0, dtype)
     except ValueError as e:
@@ -247,11 +278,16 @@ def run(spec, args: argparse.Namespace) -> dict:
         write_text(os.path.join(args.out, "args.json"), json.dumps(vars(args), indent=1))
     progress = Progress(spec, args, d, nets, opts, start, position, per_rank, resume.folder if resume else None, probes)
     progress.sampler = ema or student
+    progress.throughput = open_throughput(spec, args, arch, data.shapes["latents"], per_rank, d.world, d.device, dtype,
+                                          d.main)
+    if args.tracker:
+        progress.tracker = on_main_rank(d, lambda: open_tracker(spec, args, d, start))
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if probes is not None and resume is None:
         probes(-1, progress.sampler)  # the starting checkpoint: the reference of --stop-on-drift
-        progress.clock = time.perf_counter()
+        progress.track_probe()
+    progress.clock = time.perf_counter()  # the first step's time: not the set-up's, nor the first probe's
     try:
         dfd.train(student, teacher, fake, opts["student"], opts["fake"], batches, args.steps, dfd_config(args),
                   start_step=start, rank=d.rank, ema=None if nets.lora else ema, log=progress.log,
@@ -264,6 +300,8 @@ def run(spec, args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --stop-on-drift: {e}")
     finally:
         progress.metrics.close()
+        if progress.tracker is not None:
+            progress.tracker.close()
     if d.main:
         print(f"trained to step {args.steps} of --steps {args.steps}: last checkpoint {progress.last_saved}, metrics "
               f"{os.path.join(args.out, 'metrics.jsonl')}", file=sys.stderr)
