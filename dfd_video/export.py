@@ -11,6 +11,7 @@ import dfd
 from dfd_video import lora
 from dfd_video.distributed import setup_distributed
 from dfd_video.files import fail
+from dfd_video.model_card import write_model_card
 from dfd_video.runs import latest_checkpoint
 from dfd_video.sample import load_student
 
@@ -34,6 +35,8 @@ def run(spec, args: argparse.Namespace) -> str:
     if d.main:
         if args.lora:  # <out>/lora/: the adapter alone, in diffusers' LoRA format; then merged for the folder
             net = lora.save_lora(spec, net, args.out)
-        spec.export(net, args.out, tuple(args.student_ts or trained_student_ts(args.ckpt)))
+        student_ts = tuple(args.student_ts or trained_student_ts(args.ckpt))
+        spec.export(net, args.out, student_ts)
+        write_model_card(spec, args, student_ts)  # README.md (and lora/README.md): how it was made, how to load it
         print(f"exported the student to {args.out}", file=sys.stderr)
     return args.out
