@@ -204,6 +204,7 @@ class Progress:
         if self.probes is not None and self.probes.due(step):
             drift = self.probes(step, self.sampler)
             self.track_probe()
+            self.clock = time.perf_counter()  # the probe is not the next step's time (throughput)
         if (a.save_every and (step + 1) % a.save_every == 0) or step + 1 == a.steps or drift:
             self.save(step)
             self.clock = time.perf_counter()  # do not bill the save (or the probe) to the next step
@@ -241,7 +242,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if getattr(args, "tracker", None) is None:
         return []
     from dfd_video.tracking import missing_package
-    return [line for line in [missing_package(args.tracker)] if line]
+    line = missing_package(args.tracker)
+    return [line] if line else []
 
 
 def run(spec, args: argparse.Namespace) -> dict:

@@ -82,10 +82,11 @@ def read_leveldb_log(path: str) -> list[bytes]:
 
 
 def wandb_records(run_folder: str) -> list[tuple[str, list]]:
-    """(run id, records) of every offline wandb run under <run_folder>/wandb, oldest first."""
+    """(run id, records) of every offline wandb run under <run_folder>/wandb, oldest first (by the time its file
+    was last written: a second run started in the same second gets the folder <first>-1, which sorts first)."""
     from wandb.proto import wandb_internal_pb2 as pb
     found = []
-    for path in sorted(glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb"))):
+    for path in sorted(glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime):
         records = []
         for raw in read_leveldb_log(path):
             r = pb.Record()
