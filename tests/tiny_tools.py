@@ -82,18 +82,19 @@ def read_leveldb_log(path: str) -> list[bytes]:
 
 
 def wandb_records(run_folder: str) -> list[tuple[str, list]]:
-    """(run id, records) of every offline wandb run under <run_folder>/wandb, oldest first (by the time its file
-    was last written: a second run started in the same second gets the folder <first>-1, which sorts first)."""
+    """(run id, records) of every offline wandb run under <run_folder>/wandb, oldest first by the start time its run
+    record holds (not by folder name: a second run started in the same second gets the folder <first>-1)."""
     from wandb.proto import wandb_internal_pb2 as pb
     found = []
-    for path in sorted(glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime):
+    for path in glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb")):
         records = []
         for raw in read_leveldb_log(path):
             r = pb.Record()
             r.ParseFromString(raw)
             records.append(r)
-        found.append((os.path.basename(path)[4:-6], records))
-    return found
+        start = next(r.run.start_time for r in records if r.WhichOneof("record_type") == "run")
+        found.append(((start.seconds, start.nanos), os.path.basename(path)[4:-6], records))
+    return [(run_id, records) for _, run_id, records in sorted(found, key=lambda x: x[0])]
 
 
 def history(records: list) -> dict[int, dict[str, str]]:
