@@ -338,6 +338,7 @@ class CosmosAdapter(ModelSpec):
     lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
                     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
     lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
+    base_model = "nvidia/Cosmos-Predict2.5-2B"  # its diffusers folder: branch diffusers/base/post-trained
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32."""
@@ -458,6 +459,20 @@ class CosmosAdapter(ModelSpec):
               f"num_train_timesteps={scheduler.config.num_train_timesteps}), {len(student_ts)} steps at "
               f"{[round(x, 4) for x in scheduler.sigmas[:-1].tolist()]} (student times {list(student_ts)}, max diff "
               f"{err:.2g})", file=sys.stderr)
+
+    def load_lines(self, student_ts, transformer_from: str = "student") -> list[str]:
+        """The model card's Python (docs/cosmos.md): the transformer from the folder in the variable `transformer_from`
+        and the scheduler export wrote into `student`/scheduler, into the pipeline from `base`; the last line samples
+        from a first frame (the pipeline also wants NVIDIA's cosmos_guardrail safety checker)."""
+        return ["import torch",
+                "from diffusers import Cosmos2_5_PredictBasePipeline, CosmosTransformer3DModel, "
+                "FlowMatchEulerDiscreteScheduler",
+                f"transformer = CosmosTransformer3DModel.from_pretrained({transformer_from}, torch_dtype=torch.bfloat16)",
+                "sched = FlowMatchEulerDiscreteScheduler.from_pretrained(student, subfolder='scheduler')",
+                "pipe = Cosmos2_5_PredictBasePipeline.from_pretrained(base, revision='diffusers/base/post-trained', "
+                "transformer=transformer, scheduler=sched, torch_dtype=torch.bfloat16).to('cuda')",
+                "video = pipe(video=[first_frame], prompt=prompt, num_frames=81, height=480, width=832, "
+                f"num_inference_steps={len(student_ts)}, guidance_scale=1.0, num_latent_conditional_frames=1).frames[0]"]
 
     # --- check ---------------------------------------------------------------------------------------
 

@@ -221,6 +221,7 @@ class WanAdapter(ModelSpec):
     # --lora-rank: the attention q/k/v/out projections (self and cross) and the two FFN linears of every block
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
+    base_model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     presets = {"sf-dfd": SF_DFD_PRESET}  # --preset: SF-DFD's recipe for Self-Forcing students
 
     def add_model_args(self, p, cmd: str) -> None:
@@ -301,6 +302,19 @@ class WanAdapter(ModelSpec):
         if text is None or text.ndim != 3:
             raise ValueError("--embeddings: need a tensor 'text' of shape [N, 512, D]")
         return [{"text": t.float().cpu()} for t in text]
+
+    def load_lines(self, student_ts, transformer_from: str = "student") -> list[str]:
+        """The model card's Python (docs/wan.md): the transformer from the folder in the variable `transformer_from`
+        into WanPipeline from `base`, FlowMatchEulerDiscreteScheduler at the student's times (its ODE sampler, no
+        CFG); the last line samples."""
+        return ["import functools", "import torch",
+                "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
+                "sched = FlowMatchEulerDiscreteScheduler(shift=1.0)  # Euler at the student's times",
+                f"sched.set_timesteps = functools.partial(sched.set_timesteps, sigmas={list(student_ts)})",
+                f"transformer = WanTransformer3DModel.from_pretrained({transformer_from}, torch_dtype=torch.bfloat16)",
+                "pipe = WanPipeline.from_pretrained(base, transformer=transformer, scheduler=sched, "
+                "torch_dtype=torch.bfloat16).to('cuda')",
+                f"video = pipe('a fox in the snow', num_inference_steps={len(student_ts)}, guidance_scale=1.0).frames[0]"]
 
     # --- check ---------------------------------------------------------------------------------------
 

@@ -13,6 +13,9 @@ The method path, what `train` runs:
   gan          --gan-weight: DMD2's GAN head as FastGen trains it (imported only then)
   prepare, sample, export
                the other drivers of the method path; lmdb_latents: Self-Forcing's latent LMDBs as `prepare` input
+  throughput   samples/s, tokens/s, TFLOP/s and MFU in the log, from a FLOP count of a step's passes
+  webdataset   `prepare --videos` from FastGen's WebDataset tar shards
+  model_card   the README.md `export` writes: how the student was made and how to load it
   vae, video, files
                the Wan 2.1 VAE both models share; PyAV and captions; atomic writes and one-line write errors
   cli          the subcommands and their flags, the checks before any model loads, main(spec)
@@ -20,4 +23,5 @@ The method path, what `train` runs:
 Optional layers, imported only by the subcommand that needs them:
   evaluation/  evaluate, VBench dimensions, training probes, plot
   planning/    plan (memory per rank), check (the preflight), the per-model memory tables
+  tracking     --tracker wandb | tensorboard (train imports it only with the flag)
 """

@@ -124,6 +124,7 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     lora.add_lora_flags(p)
     add_gan_args(p)
     add_probe_args(p)
+    add_tracking_args(p)
     if spec is not None:
         spec.add_model_args(p, "check" if check else "train")
     p.set_defaults(**defaults)
@@ -227,6 +228,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fps": (lambda v: v > 0, "must be > 0"),
     "world_size": (lambda v: v >= 1, "must be >= 1"),
     "parity_t": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "peak_tflops": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
     "check_batch": (lambda v: v >= 1, "must be >= 1"),
     "seeds": (lambda v: len(v) >= 1, "give at least one seed"),
     "model_dir": (os.path.isdir, "no such folder"),
@@ -306,6 +308,18 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                    "(0: never)")
 
 
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracking and throughput", "besides metrics.jsonl (docs/tools.md)")
+    g.add_argument("--tracker", default=None, choices=("wandb", "tensorboard"),
+                   help="also log to Weights & Biases or TensorBoard (<out>/tensorboard): every metrics.jsonl key, "
+                        "probe grids and clips, the configuration; a resumed run continues the same record (default: "
+                        "off; needs that package)")
+    g.add_argument("--wandb-project", default="dfd", help="the wandb project of --tracker wandb (entity: WANDB_ENTITY; "
+                   "WANDB_MODE=offline logs without an account)")
+    g.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak TFLOP/s in the compute dtype, for "
+                   "mfu_pct in the log (default: bf16 on a GPU of dfd_video/throughput.py's table; else no MFU)")
+
+
 def add_sample_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--ckpt", required=True, help="training checkpoint (step folder, run folder or `latest`) or any "
@@ -354,7 +368,9 @@ def add_export_args(p: argparse.ArgumentParser, spec) -> None:
 def add_prepare_args(p: argparse.ArgumentParser, spec) -> None:
     add_common_args(p)
     p.add_argument("--videos", required=True, help="folder of videos with sidecar .txt captions, or captions.csv / "
-                   "captions.jsonl (columns video, caption), or a Self-Forcing latent LMDB (SF-DFD's data; "
+                   "captions.jsonl (columns video, caption); WebDataset tar shards as FastGen's video loader reads "
+                   "them (keys mp4 and txt): a folder of .tar files (or WDS:<folder>), one .tar, or a quoted brace "
+                   "pattern such as 'shards/{00000..00099}.tar'; or a Self-Forcing latent LMDB (SF-DFD's data; "
                    "docs/causal.md)")
     p.add_argument("--out", required=True, help="output data folder")
     add_clip_args(p, "frames per clip (4k + 1)", "frames are sampled at this rate from the start of each video")

@@ -10,6 +10,7 @@ import dfd
 from dfd_video import lora
 from dfd_video.distributed import setup_distributed
 from dfd_video.files import check_new_folder, fail, write_folder
+from dfd_video.model_card import write_model_card
 from dfd_video.runs import latest_checkpoint, refuse_non_finite, run_args
 from dfd_video.sample import load_student
 
@@ -42,7 +43,9 @@ def run(spec, args: argparse.Namespace) -> str:
     if d.main:
         def write(folder: str) -> None:  # into a temporary folder, renamed to --out when complete
             merged = lora.save_lora(spec, net, folder) if args.lora else net  # <out>/lora/: the adapter alone
-            spec.export(merged, folder, tuple(args.student_ts or trained_student_ts(args.ckpt)))
+            student_ts = tuple(args.student_ts or trained_student_ts(args.ckpt))
+            spec.export(merged, folder, student_ts)
+            write_model_card(spec, args, student_ts, folder)  # README.md (and lora/README.md): how it was made
         aside = write_folder(args.out, write, args.overwrite)
         if aside:
             print(f"--overwrite: moved the earlier {args.out} to {aside}", file=sys.stderr)

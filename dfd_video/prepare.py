@@ -16,7 +16,8 @@ from dfd_video.distributed import compute_dtype, setup_distributed
 from dfd_video import lmdb_latents
 from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT, negative_prompt
 from dfd_video.files import fail, write_text
-from dfd_video.video import VIDEO_EXT, list_videos, read_video_frames
+from dfd_video.video import VIDEO_EXT, read_video_frames
+from dfd_video.webdataset import list_sources, open_source, seed_root
 
 
 def earlier_prepare(out: str) -> str:
@@ -61,7 +62,7 @@ def run(spec, args: argparse.Namespace) -> dict:
             args.negative_prompt, spec.pipeline_negative_prompt())
         return lmdb_latents.prepare(spec, args, neg)
     try:
-        videos = list_videos(args.videos)
+        videos = list_sources(args.videos)  # a folder of videos, or WebDataset tar shards
     except ValueError as e:
         raise fail(e)
     if not videos:
@@ -99,12 +100,12 @@ def run(spec, args: argparse.Namespace) -> dict:
             skipped.append({"file": path, "reason": why_not})
             continue
         try:
-            frames = read_video_frames(path, args.num_frames, args.fps, args.height, args.width)
+            frames = read_video_frames(open_source(path), args.num_frames, args.fps, args.height, args.width)
         except ValueError as e:
             skipped.append({"file": path, "reason": str(e)})
             continue
         with torch.no_grad():
-            seed = video_seed(path, args.videos) if args.vae_latent == "sample" else None
+            seed = video_seed(path, seed_root(args.videos)) if args.vae_latent == "sample" else None
             item = {**enc.encode_video(frames, seed), **{k: v[0] for k, v in encode_text([caption]).items()}}
         writer.add({k: v.to(storage_dtype(args)) for k, v in item.items()})
         if not writer.pending:  # a shard was just written
@@ -146,9 +147,9 @@ def merge_manifests(part: dict, d, args: argparse.Namespace, n_videos: int) -> d
 
 
 def video_seed(path: str, videos: str) -> int:
-    """The seed of a video's VAE posterior sample: a hash of its path relative to --videos, so the same clip gets
-    the same latent whatever the number of ranks, the order or a --resume (one fixed sample per clip, where
-    FastGen's trainer draws a fresh one every time it sees the clip)."""
+    """The seed of a video's VAE posterior sample: a hash of its path relative to --videos (for tar shards, to their
+    folder: webdataset.seed_root), so the same clip gets the same latent whatever the number of ranks, the order or a
+    --resume (one fixed sample per clip, where FastGen's trainer draws a fresh one every time it sees the clip)."""
     rel = os.path.relpath(path, videos)
     return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "little") >> 1
 

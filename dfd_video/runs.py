@@ -183,7 +183,8 @@ class MetricLog:
                 raise OSError(write_error(self.path, e)) from None
         if self.bar:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss_student", "loss_fake", "delta2", "dfd") if k in logs})
+            shown = ("loss_student", "loss_fake", "delta2", "dfd", "samples_per_s", "mfu_pct")
+            self.bar.set_postfix({k: f"{logs[k]:.3g}" for k in shown if k in logs})
 
     def close(self) -> None:
         if self.file:
@@ -377,11 +378,11 @@ def data_fingerprint(data: str | None) -> str | None:
 # where and how often it saves, the hardware (a different rank count is checked by the global batch), logging and
 # probes, and where the starting weights came from (a resume reads them from the checkpoint). Every other flag the
 # checkpoint recorded must be the same, unless --allow-changes; a flag the checkpoint did not record is not compared.
-RESUME_FREE = {"cmd", "steps", "iterations", "student_steps", "out", "resume", "overwrite", "allow_changes", "save_every", "keep", "monitor_every",
-               "device", "no_checkpointing", "grad_accum", "dmd2_ckpt", "init_from", "fake_init",
-               "bidirectional_ckpt", "rectified_flow_ckpt", "model_dir", "data", "lora_rank", "lora_alpha",
-               "probe_every", "probe_prompts", "probe_count", "probe_seeds", "probe_sampler", "probe_encoder",
-               "stop_on_drift"}
+RESUME_FREE = {"cmd", "steps", "iterations", "student_steps", "out", "resume", "overwrite", "allow_changes",
+               "save_every", "keep", "monitor_every", "device", "no_checkpointing", "grad_accum", "dmd2_ckpt",
+               "init_from", "fake_init", "bidirectional_ckpt", "rectified_flow_ckpt", "model_dir", "data", "lora_rank",
+               "lora_alpha", "probe_every", "probe_prompts", "probe_count", "probe_seeds", "probe_sampler",
+               "probe_encoder", "stop_on_drift", "tracker", "wandb_project", "peak_tflops", "causal_student", "preset"}
 
 
 def resume_changes(saved: dict, now: dict, saved_data: str | None) -> dict[str, list]:

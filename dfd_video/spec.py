@@ -65,6 +65,7 @@ class ModelSpec:
     image_conditioned: bool = False     # the first latent frame is a clean conditioning image (`sample --images`)
     lora_targets: str = ""              # --lora-rank: regular expression peft matches against whole module names
     lora_loader: str = ""               # the diffusers LoRA mixin whose save_lora_weights writes `export --lora`
+    base_model: str = ""                # the base model's Hugging Face id (the model card `export` writes)
 
     # --- the networks ------------------------------------------------------------------------------------------
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
@@ -87,6 +88,11 @@ class ModelSpec:
         """What stays fp32 under bf16 mixed precision: a dfd_video.distributed.Islands."""
         from dfd_video.distributed import fp32_islands
         return fp32_islands(net)  # diffusers' _keep_in_fp32_modules
+
+    def tokens(self, net: nn.Module, shape: tuple[int, ...]) -> int:
+        """The transformer's sequence length for one clip's latents [C, T, H, W]: its patches (the log's tokens/s)."""
+        pt, ph, pw = net.config.patch_size
+        return (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
 
     def denoiser(self, net: nn.Module, guidance: float | None = None, uncond: dict | None = None,
                  dtype: torch.dtype | None = None, **options: Any) -> nn.Module:
@@ -153,6 +159,12 @@ class ModelSpec:
     def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
         """Writes the export format into the folder `out` (the student's times: for a pipeline scheduler)."""
         net.save_pretrained(out, safe_serialization=True)
+
+    def load_lines(self, student_ts: tuple[float, ...], transformer_from: str = "student") -> list[str]:
+        """Python for the model card: loads the exported transformer (the folder in the variable `transformer_from`;
+        `student` is the export folder, `base` the base model) into the model's diffusers pipeline as `pipe`; the
+        last line samples a video."""
+        raise NotImplementedError
 
     # --- students that are not one network call (the causal Wan, wan_dfd.CausalWanAdapter) ---------------------
     presets: dict[str, dict[str, Any]] = {}  # --preset NAME -> train flag defaults (a published recipe)

@@ -25,6 +25,7 @@ from dfd_video.runs import (MetricLog, accept_resume, claim_run_folder, data_fin
                            load_checkpoint, read_weights, record_segment, save_checkpoint, set_rng_state,
                            where_it_stopped)
 from dfd_video.spec import model_options
+from dfd_video.throughput import open_throughput
 from dfd_video.weights import describe_dmd2, describe_lines, fit_state_dict, read_checkpoint, read_raw
 
 
@@ -214,8 +215,9 @@ def open_data(spec, args: argparse.Namespace, d: Dist, dtype, teacher_net) -> La
 
 
 class Progress:
-    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples, FastGen iterations)
-    and `step_end` (the LoRA EMA, probes, checkpoints every --save-every steps and after the last)."""
+    """dfd.train's callbacks: `log` (metrics.jsonl with the step's time, memory, lr, samples, FastGen iterations and
+    throughput; the --tracker) and `step_end` (the LoRA EMA, probes, checkpoints every --save-every steps and after
+    the last)."""
 
     def __init__(self, spec, args, d: Dist, nets: Networks, opts: dict, start: int, position: int, per_rank: int,
                  saved: str | None, probes: Any, length: RunLength, disc: torch.nn.Module | None = None):
@@ -226,6 +228,8 @@ class Progress:
         self.last_saved, self.last_logs = saved, {}
         self.clock = time.perf_counter()
         self.sampler = None  # the denoiser probes sample with (the EMA's if any)
+        self.throughput = None  # dfd_video.throughput.Throughput: samples/s, tokens/s, TFLOP/s, MFU
+        self.tracker = None  # rank 0 with --tracker: a dfd_video.tracking.Tracker
 
     def drawn(self, step: int) -> int:
         """Micro-batches dfd.train draws from the run's start through step `step` (-1: none): one per network
@@ -239,16 +243,28 @@ class Progress:
                     lr=self.opts["student"].param_groups[0]["lr"],
                     samples=self.drawn(step) * self.per_rank * self.d.world,
                     iteration=self.length.iteration(step), student_updates=self.length.updates(step))
+        if self.throughput is not None:
+            logs.update(self.throughput(step, logs["step_time_s"]))
         self.clock = now
         self.last_logs = {"step": step, **logs}
         self.metrics(step, logs)
+        if self.tracker is not None:
+            self.tracker.log(step, logs)
+
+    def track_probe(self) -> None:
+        """The probe just taken (rank 0): statistics, seed grid and clip, to the --tracker."""
+        if self.tracker is not None and self.probes is not None and self.probes.last is not None:
+            self.tracker.probe(self.probes.last)
 
     def step_end(self, step: int) -> None:
         a, nets = self.args, self.nets
         if nets.lora and nets.lora.ema is not None and step < self.length.student_steps:  # dfd.train got ema=None
             nets.lora.ema.update(a.ema)
-        due = self.probes is not None and step < self.length.student_steps and self.probes.due(step)
-        drift = self.probes(step, self.sampler) if due else None
+        drift = None
+        if self.probes is not None and step < self.length.student_steps and self.probes.due(step):
+            drift = self.probes(step, self.sampler)
+            self.track_probe()
+            self.clock = time.perf_counter()  # the probe is not the next step's time (throughput)
         if (a.save_every and (step + 1) % a.save_every == 0) or step + 1 == self.length.lines or drift:
             self.save(step)
             self.clock = time.perf_counter()  # do not bill the save (or the probe) to the next step
@@ -284,6 +300,22 @@ def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
         return None
     from dfd_video.evaluation.probes import open_probes as open_
     return open_(spec, args, d, data, start, dtype)
+
+
+def open_tracker(spec, args, d: Dist, start: int):
+    """--tracker (rank 0; the optional layer dfd_video.tracking, imported only when asked for), resumed at `start`."""
+    from dfd_video.tracking import open_tracker as open_
+    config = {**vars(args), "world": d.world, "adapter": spec.name}
+    return open_(args.tracker, args.out, config, start, args.wandb_project)
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Before any model loads (every rank): the --tracker package is installed."""
+    if getattr(args, "tracker", None) is None:
+        return []
+    from dfd_video.tracking import missing_package
+    line = missing_package(args.tracker)
+    return [line] if line else []
 
 
 def open_gan(spec, args: argparse.Namespace, d: Dist, dtype, nets: Networks, resume: Resume | None, options: dict):
@@ -328,8 +360,9 @@ def run(spec, args: argparse.Namespace) -> dict:
     try:
         resume = read_resume(args, d, spec)
         length = run_length(spec, args, resume)
-        data = open_data(spec, args, d, dtype, spec.load_network(args.model_dir, meta=True))
-        log_recipe(spec, args, d, spec.load_network(args.model_dir, meta=True), length)
+        arch = spec.load_network(args.model_dir, meta=True)  # the architecture alone: data checks, FLOP count
+        data = open_data(spec, args, d, dtype, arch)
+        log_recipe(spec, args, d, arch, length)
         nets = build_networks(spec, args, d, dtype, resume)
         if args.gan_weight > 0:
             adversary = open_gan(spec, args, d, dtype, nets, resume, options)
@@ -359,11 +392,16 @@ def run(spec, args: argparse.Namespace) -> dict:
     progress = Progress(spec, args, d, nets, opts, start, position, per_rank, resume.folder if resume else None, probes,
                         length, adversary.disc if adversary is not None else None)
     progress.sampler = ema or student
+    progress.throughput = open_throughput(spec, args, arch, data.shapes["latents"], per_rank, d.world, d.device, dtype,
+                                          d.main)
+    if args.tracker:
+        progress.tracker = on_main_rank(d, lambda: open_tracker(spec, args, d, start))
     # FSDP2 warns that the transformer returns a view; the adapters never modify outputs in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if probes is not None and resume is None:
         probes(-1, progress.sampler)  # the starting checkpoint: the reference of --stop-on-drift
-        progress.clock = time.perf_counter()
+        progress.track_probe()
+    progress.clock = time.perf_counter()  # the first step's time: not the set-up's, nor the first probe's
     try:
         dfd.train(student, teacher, fake, opts["student"], opts["fake"], batches, length.student_steps,
                   dfd_config(args), start_step=start, rank=d.rank, ema=None if nets.lora else ema, log=progress.log,
@@ -377,6 +415,8 @@ def run(spec, args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --stop-on-drift: {e}")
     finally:
         progress.metrics.close()
+        if progress.tracker is not None:
+            progress.tracker.close()
     if d.main:
         print(f"trained {length.describe()}: last checkpoint {progress.last_saved}, metrics "
               f"{os.path.join(args.out, 'metrics.jsonl')}", file=sys.stderr)

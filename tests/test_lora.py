@@ -150,7 +150,7 @@ def test_resume_export_and_pipeline_lora(setup):
     # export --lora: the LoRA file and the merged folder
     exp = str(root / "export")
     wan_dfd.main(["export", "--model-dir", s["pipe"], "--ckpt", run_a, "--out", exp, "--lora"])
-    assert sorted(os.listdir(os.path.join(exp, "lora"))) == [lora.LORA_FILE]
+    assert sorted(os.listdir(os.path.join(exp, "lora"))) == ["README.md", lora.LORA_FILE]  # README: the model card
     from diffusers import WanPipeline, WanTransformer3DModel
     merged = WanTransformer3DModel.from_pretrained(exp)
     kw = dict(prompt="a red ball rolls left", height=32, width=48, num_frames=9, num_inference_steps=2,

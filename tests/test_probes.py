@@ -66,7 +66,7 @@ def test_probes_leave_training_unchanged_and_resume_their_series(data, tmp_path)
         assert 0 <= r["saturation"] <= 1 and 0 <= r["clipped"] <= 1 and 0 <= r["hf_energy"] <= 1
     assert rows[0] != rows[2]  # the student moved, and the probe sees it
     grids = sorted(os.listdir(tmp_path / "probed" / "probes"))
-    assert grids == ["start.png", "step-000001.png", "step-000003.png"]
+    assert grids == sorted(f"{n}{ext}" for n in ("start", "step-000001", "step-000003") for ext in (".mp4", ".png"))
 
 
 def test_stop_on_drift_ends_the_run_after_a_checkpoint(data, tmp_path):

@@ -7,8 +7,10 @@ Probes use their own torch.Generator per video, never the global RNG, so a run w
 as one without (tests/test_probes.py).
 
 Files (rank 0): <out>/probes.jsonl, one line per probe {"step", "iteration", "saturation", "clipped", "hf_energy"[,
-"diversity"]}, step -1 (iteration 0) being the starting checkpoint, iteration the FastGen iterations done; <out>/probes/start.png and step-NNNNNN.png, the middle frame of every
-(condition, seed).
+"diversity"]}, step -1 (iteration 0) being the starting checkpoint, iteration the FastGen iterations done;
+<out>/probes/start.png and step-NNNNNN.png, the middle frame of every (condition, seed); start.mp4 and
+step-NNNNNN.mp4, the clip of the first condition and seed (rank 0 sampled it). `Probes.last` holds rank 0's latest
+result for --tracker (dfd_video.tracking.Tracker.probe).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from dfd_video.evaluation.evaluate import ImageEncoder, pairwise_diversity, saturation_stats
 from dfd_video.files import atomic_write, write_text
-from dfd_video.video import read_prompts
+from dfd_video.video import read_prompts, write_mp4
 
 FRAMES = 8  # evenly spaced frames per video for the statistics and the encoder
 
@@ -75,9 +77,11 @@ class Probes:
     running the same number of forwards (FSDP2 gathers parameters collectively), and rank 0 writes the results."""
 
     def __init__(self, spec, args: argparse.Namespace, conds: list[dict[str, torch.Tensor]], seeds: list[int],
-                 noise_shape: tuple[int, ...], d, start: int, vae, encoder: ImageEncoder | None = None):
+                 noise_shape: tuple[int, ...], d, start: int, vae, encoder: ImageEncoder | None = None,
+                 fps: float = 16.0):
         self.spec, self.args, self.conds, self.seeds, self.d, self.vae = spec, args, conds, list(seeds), d, vae
-        self.noise_shape, self.encoder = tuple(noise_shape), encoder
+        self.noise_shape, self.encoder, self.fps = tuple(noise_shape), encoder, fps
+        self.last: dict | None = None  # rank 0: {"step", "row", "grid", "clip", "fps"} of the latest probe
         self.every, self.drift = args.probe_every, args.stop_on_drift
         self.path = os.path.join(args.out, "probes.jsonl")
         self.first: dict | None = None
@@ -111,6 +115,8 @@ class Probes:
             if k >= len(mine):
                 continue
             video = self.vae.decode(x0)[0].cpu().numpy()  # uint8 [T, H, W, 3]
+            if k == 0:
+                clip = video  # jobs[0] on rank 0: the first condition and seed
             pick = np.linspace(0, len(video) - 1, min(FRAMES, len(video))).round().astype(int)
             frames = video[pick]
             feat = self.encoder(frames).mean(0) if self.encoder is not None else None
@@ -130,8 +136,11 @@ class Probes:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             middles = [[found[(i, s)][1] for s in self.seeds] for i in range(len(self.conds))]
-            name = f"step-{step:06d}.png" if step >= 0 else "start.png"
-            seed_grid(os.path.join(self.args.out, "probes", name), middles, self.seeds, step)
+            name = f"step-{step:06d}" if step >= 0 else "start"
+            grid, clip_path = (os.path.join(self.args.out, "probes", name + ext) for ext in (".png", ".mp4"))
+            seed_grid(grid, middles, self.seeds, step)
+            write_mp4(clip_path, clip, self.fps)
+            self.last = {"step": step, "row": row, "grid": grid, "clip": clip_path, "fps": self.fps}
             self.first = self.first or row
             message = self._drifted(row)
         flag = [message]
@@ -167,4 +176,5 @@ def open_probes(spec, args: argparse.Namespace, d, data, start: int, dtype) -> P
         conds = [{k: v for k, v in data[i].items() if k != "latents"} for i in range(min(args.probe_count, len(data)))]
     encoder = ImageEncoder(args.probe_encoder, d.device, "--probe-encoder") if args.probe_encoder else None
     vae = spec.open_encoders(args.model_dir, d.device, torch.float32, text=False).vae
-    return Probes(spec, args, conds, args.probe_seeds, data.shapes["latents"], d, start, vae, encoder)
+    return Probes(spec, args, conds, args.probe_seeds, data.shapes["latents"], d, start, vae, encoder,
+                  fps=float(data.manifest.get("fps", 16.0)))
