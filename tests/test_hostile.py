@@ -119,7 +119,7 @@ def test_export_refuses_a_non_empty_out_and_overwrite_moves_it_aside(s, tmp_path
     aside = glob.glob(f"{out}.old-*")
     assert len(aside) == 1 and open(os.path.join(aside[0], "notes.txt")).read() == "my notes"
     assert f"--overwrite: moved the earlier {out} to {aside[0]}" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]  # + the card
 
 
 def test_export_on_a_full_disk_leaves_nothing_behind(s, tmp_path, capfd):
