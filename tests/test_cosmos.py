@@ -495,6 +495,7 @@ def test_bad_inputs(e2e, tmp_path):
 # Distributed: torchrun on 2 CPU ranks against one process emulating them
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(e2e, tmp_path):
     """`torchrun --nproc_per_node=2 cosmos_dfd.py ...` (gloo, FSDP2, bare launch line = train) on the online-text
     data (the text encoder sharded over both ranks) ends with the weights of one process that runs each rank's

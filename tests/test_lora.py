@@ -200,6 +200,7 @@ def two_rank_run(setup, tmp_path):
     return argv, torchrun
 
 
+@pytest.mark.slow
 def test_two_ranks_match_single_process(setup, tmp_path):
     two_rank_run(setup, tmp_path)
 
