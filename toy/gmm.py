@@ -186,7 +186,8 @@ def ring_shared(std: float = 0.2, radius: float = 2.0, n_classes: int = 4) -> GM
     """8 ring modes, 4 classes that share modes: class c holds modes 2c, 2c + 1, 2c + 2 (mod 8) with P(k | c) = 1/3,
     so each even mode belongs to two classes and each odd one to one. Under CFG the guided class-c target
     p(x | c)^g p(x)^(1 - g) weights a shared mode (twice as likely unconditionally) by 2^(1 - g) relative to the
-    class's own mode: g = 3 keeps 1/6 of the class on each shared mode instead of 1/3. This is the CFG-induced
+    class's own mode: 1/4 at g = 3 (Cosmos), 1/16 at g = 5 (Wan); the exact CFG teacher's own samples are more
+    extreme still (~20% and ~2% of the data's share on each shared mode, toy/RESULTS.md). This is the CFG-induced
     diversity loss of few-step video students (guidance suppresses what a prompt shares with others) in 2D."""
     n_modes = 2 * n_classes
     m = ring(std, radius, n_modes)

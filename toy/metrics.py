@@ -1,6 +1,7 @@
-"""Sample-quality metrics for the 2D mixtures (VEEGAN / PacGAN style, a per-mode variance that does not saturate,
-over-saturation, energy distance). All take samples [N, 2] from a sampler and the true mixture; the unit tests on
-known distributions (perfect sampler, half the modes, means x 1.05, a 4x blur) are in tests/test_toy.py.
+"""Sample-quality metrics for the 2D mixtures (VEEGAN / PacGAN style mode counts, a per-mode variance that does not
+saturate, over-saturation, energy distance). All take samples [N, 2] from a sampler and the true mixture; the unit
+tests on known distributions (perfect sampler, a sampler missing k modes, means x 1.05, a 4x blur) are in
+tests/test_toy.py.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from toy.gmm import GMM
 
-COVER_FRACTION = 0.1  # a mode is covered when it holds >= 10% of its expected share of high-quality samples
+COVER_FRACTION = 0.1  # a mode is lost when it holds < 10% of the data's share of high-quality samples
 HQ_STD = 3.0  # "high quality": within 3 std of the nearest mean (VEEGAN)
 
 
@@ -18,6 +19,30 @@ def assign(x: torch.Tensor, gmm: GMM) -> tuple[torch.Tensor, torch.Tensor]:
     """(nearest mode [N], distance to it in units of the data std [N])."""
     dist, k = torch.cdist(x.double(), gmm.means.double()).min(1)
     return k, dist / gmm.std
+
+
+def mode_shares(x: torch.Tensor, gmm: GMM) -> torch.Tensor:
+    """[K] each mode's count of high-quality samples over what the data would put there (N w_k): 1 = the data's
+    share, 0 = no sample within HQ_STD std of that mode."""
+    k, dist = assign(x, gmm)
+    counts = torch.bincount(k[dist <= HQ_STD], minlength=gmm.K).double()
+    return counts / (x.shape[0] * gmm.weights.double())
+
+
+def mode_status(before: list[float] | None, after: list[float]) -> list[str]:
+    """Per mode, from the shares (mode_shares) of a reference sampler (`before`, e.g. the stage-1 student) and of
+    the sampler measured (`after`): "kept" (not lost in either), "recovered" (lost before, not after), "lost" (lost
+    in both) or "dropped" (lost only after). before=None: "kept" or "lost" on `after` alone."""
+    out = []
+    for j, a in enumerate(after):
+        lost_now = a < COVER_FRACTION
+        lost_before = before is not None and before[j] < COVER_FRACTION
+        if before is None:
+            out.append("lost" if lost_now else "kept")
+        else:
+            out.append({(False, False): "kept", (True, False): "recovered", (True, True): "lost",
+                        (False, True): "dropped"}[(lost_before, lost_now)])
+    return out
 
 
 def mode_variances(x: torch.Tensor, gmm: GMM, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +81,8 @@ def evaluate(x: torch.Tensor, gmm: GMM, x_ref: torch.Tensor, y: torch.Tensor | N
     """Metrics of samples x [N, 2] (x_ref [M, 2]: fresh data samples for the energy distance; y [N]: the samples'
     class labels, for the class-conditional KL).
 
-    modes:     number of modes with >= COVER_FRACTION * N * w_k high-quality samples
+    lost:      number of modes with < COVER_FRACTION of the data's share of high-quality samples (mode_shares)
+    shares:    [K] mode_shares as a list (what mode_status reads)
     hq:        % of samples within HQ_STD std of the nearest mean (VEEGAN's "high quality")
     kl:        KL(q || w), q the histogram of high-quality samples over modes, w the true weights
     kl_cond:   with y: the class-weighted mean over classes c of KL(q_c || P(k | c)), q_c the histogram of class
@@ -68,12 +94,12 @@ def evaluate(x: torch.Tensor, gmm: GMM, x_ref: torch.Tensor, y: torch.Tensor | N
                responsibilities, (mean_k - mu_k) . mu_k / |mu_k|, in units of s; > 0: beyond the data
     energy:    energy distance to x_ref
     """
-    N = x.shape[0]
     k, dist = assign(x, gmm)
     hq = dist <= HQ_STD
     counts = torch.bincount(k[hq], minlength=gmm.K).double()
     w = gmm.weights.double()
-    covered = counts >= COVER_FRACTION * N * w
+    shares = mode_shares(x, gmm)
+    covered = shares >= COVER_FRACTION
     kl_all = kl(counts / counts.sum(), w) if counts.sum() > 0 else math.inf
     kl_cond = off_class = math.nan
     if y is not None and gmm.conditional:
@@ -90,7 +116,8 @@ def evaluate(x: torch.Tensor, gmm: GMM, x_ref: torch.Tensor, y: torch.Tensor | N
             mean_j = (r[:, j:j + 1] * x.double()).sum(0) / r[:, j].sum()
             shifts.append(((mean_j - mu) @ (mu / mu.norm()) / gmm.std).item())
     return {
-        "modes": int(covered.sum()),
+        "lost": int((~covered).sum()),
+        "shares": shares.tolist(),
         "hq": 100.0 * hq.double().mean().item(),
         "kl": kl_all,
         "kl_cond": kl_cond,

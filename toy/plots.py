@@ -38,45 +38,58 @@ def contours(ax, gmm: GMM, lim: float, n: int = 160) -> None:
                linewidths=0.6)
 
 
-def arms_figure(gmm: GMM, cols: list[tuple[str, torch.Tensor, torch.Tensor | None, dict]], path: str, title: str,
-                n_show: int = 1500) -> None:
-    """One large square panel per column (name, samples [N, 2] of one seed, their class labels [N] or None, the
-    row's summary {metric: {"mean", ...}}): density contours, samples coloured by class, each mode centre marked as
-    covered (black circle) or missed (red cross) with its share of the samples relative to the data's (x 0.5 =
-    half the data's share), and the key numbers in the title."""
-    from toy.metrics import COVER_FRACTION, HQ_STD, assign
+STYLE = {"kept": dict(marker="o", ms=10, mfc="none", mec="k", mew=1.5, ls="none"),
+         "recovered": dict(marker="o", ms=12, mfc="none", mec="limegreen", mew=3.5, ls="none"),
+         "lost": dict(marker="x", ms=12, color="red", mew=3.0, ls="none"),
+         "dropped": dict(marker="x", ms=12, color="darkorange", mew=3.0, ls="none")}
+LABEL = {"kept": "kept", "recovered": "recovered (lost by stage 1)", "lost": "lost",
+         "dropped": "lost (kept by stage 1)"}
+
+
+def arms_figure(gmm: GMM, panels: list[tuple[str, torch.Tensor, torch.Tensor | None, list[str], dict]], path: str,
+                title: str, n_show: int = 1500) -> None:
+    """One square panel per sampler (name, samples [N, 2] of one seed, class labels [N] or None, the status of each
+    mode from toy.metrics.mode_status, that seed's metrics): density contours, samples coloured by class, each mode
+    centre marked kept (black circle), recovered (green circle), lost (red cross) or newly lost (orange cross) with its
+    share of the samples relative to the data's (x0.5 = half the data's share), and the counts in the title."""
+    from toy.metrics import COVER_FRACTION
 
     lim = view(gmm)
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 4.9), squeeze=False)
-    for (name, x, y, summ), ax in zip(cols, axes[0]):
+    cols = len(panels) if len(panels) <= 5 else math.ceil(len(panels) / 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 4.5 * rows + 0.7), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for (name, x, y, status, m), ax in zip(panels, axes.flat):
         contours(ax, gmm, lim)
         xs, ys = x[:n_show], (None if y is None else y[:n_show])
         colours = "C0" if ys is None else [f"C{int(c)}" for c in ys]
         ax.scatter(xs[:, 0].numpy(), xs[:, 1].numpy(), s=2.0, c=colours, linewidths=0)
-        k, dist = assign(x, gmm)
-        counts = torch.bincount(k[dist <= HQ_STD], minlength=gmm.K).double()
-        share = counts / (x.shape[0] * gmm.weights.double())  # 1 = the data's share
-        for j in range(gmm.K):
-            mx, my = gmm.means[j].tolist()
-            if share[j] >= COVER_FRACTION:
-                ax.plot(mx, my, "o", ms=9, mfc="none", mec="k", mew=1.4)
-            else:
-                ax.plot(mx, my, "x", ms=11, color="red", mew=2.5)
+        for j, (mx, my) in enumerate(gmm.means.tolist()):
+            ax.plot(mx, my, **STYLE[status[j]])
             r = math.hypot(mx, my)
-            ox, oy = (0.55 * mx / r, 0.55 * my / r) if r > 0 else (0.4, 0.4)
-            ax.text(mx + ox, my + oy, f"x{share[j]:.1f}", ha="center", va="center", fontsize=9)
+            ox, oy = (0.62 * mx / r, 0.62 * my / r) if r > 0 else (0.4, 0.4)
+            ax.text(mx + ox, my + oy, f"x{m['shares'][j]:.2f}", ha="center", va="center", fontsize=8.5)
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
         ax.set_xticks([]), ax.set_yticks([])
-        m = lambda key, nd: "n/a" if not math.isfinite(summ[key]["mean"]) else f"{summ[key]['mean']:.{nd}f}"
-        kl = f"KL/class {m('kl_cond', 2)}" if gmm.conditional else f"KL {m('kl', 3)}"
-        ax.set_title(f"{name}\n{kl}   var x{m('var_ratio', 1)}\nHQ {m('hq', 0)}%   shift {m('shift', 2)} std",
-                     fontsize=12)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+        counts = "  ".join(f"{k} {status.count(k)}" for k in ("lost", "dropped", "recovered", "kept")
+                           if status.count(k) or k in ("lost", "kept"))
+        ax.set_title(f"{name}\n{counts}\nHQ {m['hq']:.0f}%   off-class {m['off_class']:.1f}%", fontsize=11)
+    handles = [plt.Line2D([], [], **STYLE[k], label=LABEL[k]) for k in STYLE]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=10, frameon=False,
+               title=f"a mode is lost below x{COVER_FRACTION:g} of the data's share; "
+                     "x = the mode's share of the samples relative to the data's", title_fontsize=9.5)
+    fig.suptitle(title, fontsize=12)
+    H = fig.get_size_inches()[1]  # inches: the suptitle, 3 title lines per panel, the legend below
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 1.25 / H, bottom=0.8 / H, wspace=0.06, hspace=0.32)
     save(fig, path, dpi=100)
 
 
-def paired_figure(diffs: dict, path: str, title: str, metrics=("kl_cond", "shift", "energy", "var_ratio")) -> None:
+HEADER = {"recovered": "modes recovered", "lost": "modes lost", "hq": "% HQ", "off_class": "% off class",
+          "kl_cond": "KL per class"}
+
+
+def paired_figure(diffs: dict, path: str, title: str, metrics=("recovered", "lost", "hq", "kl_cond")) -> None:
     """One panel per metric: per-seed differences arm - control (dots), their mean and 95% interval (bar)."""
     metrics = [m for m in metrics if any(d[m]["n"] for d in diffs.values())]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
@@ -93,7 +106,7 @@ def paired_figure(diffs: dict, path: str, title: str, metrics=("kl_cond", "shift
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=10)
-        ax.set_title(f"{m}: arm - dmd", fontsize=12)
+        ax.set_title(f"{HEADER.get(m, m)}: arm - continued DMD", fontsize=11)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     save(fig, path, dpi=100)
