@@ -31,8 +31,9 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x_t, t, cond) -> x0_hat
 Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detached, x_real, cond) -> x per G
 # (student, x_real, cond, generator, shared) -> G: how a student other than a one-call denoiser makes its sample, e.g.
-# the autoregressive rollout of a causal video student (causal_wan.py). x_real gives the shape; `generator` is this
-# rank's, `shared` draws the same on every rank (what must agree across ranks, e.g. how many network calls FSDP makes)
+# the autoregressive rollout of a causal video student (dfd_video/causal_wan.py). x_real gives the shape; `generator`
+# is this rank's, `shared` draws the same on every rank (what must agree across ranks, e.g. how many network calls
+# FSDP makes)
 Generate = Callable[[Any, torch.Tensor, Any, torch.Generator, torch.Generator], torch.Tensor]
 
 

@@ -15,7 +15,7 @@ Launch lines (every subcommand has --help):
       --dino dinov2-large/ [--poses poses_dmd2/ poses_dfd/] --out eval/
 A plain `python wan_dfd.py ...` (no torchrun) runs as a world of one; no subcommand means train.
 A Self-Forcing / CausVid model.pt is a block-causal student: it trains through Self-Forcing's KV-cache rollout
-(causal_wan.py); `--preset sf-dfd` is SF-DFD's recipe (docs/causal.md).
+(dfd_video/causal_wan.py); `--preset sf-dfd` is SF-DFD's recipe (docs/causal.md).
 
 Conventions (Wan2.1, verified against diffusers 0.42.1 in tests/test_wan_oracle.py): x_t = (1 - t) x0 + t eps, the
 transformer predicts v = eps - x0 and takes timestep t * 1000 as a float [B]; CFG is uncond + g (cond - uncond) with
@@ -60,8 +60,9 @@ RECIPES = {(30, 1536): FastGenRecipe("WanT2V/config_dmd2.py", 5.0, 1e-5, dfd.STU
 
 
 # ---------------------------------------------------------------------------------------------------
-# Causal (Self-Forcing / CausVid) students: the command-line side. The network and its rollouts are causal_wan.py,
-# imported only when a causal student is built (diffusers is a slow import; --help and the flag checks stay fast).
+# Causal (Self-Forcing / CausVid) students: the command-line side. The network and its rollouts are in
+# dfd_video/causal_wan.py, imported only when a causal student is built (diffusers is a slow import; --help and the
+# flag checks stay fast).
 
 FRAMES_PER_BLOCK = 3  # Self-Forcing's num_frame_per_block (configs/self_forcing_dmd.yaml, self_forcing_dfd.yaml)
 # Self-Forcing's denoising_step_list [1000, 750, 500, 250] under warp_denoising_step: the timesteps of its 1000-step
@@ -337,7 +338,7 @@ class WanAdapter(ModelSpec):
 
 
 class CausalWanAdapter(WanAdapter):
-    """A block-causal Wan student (Self-Forcing / CausVid; causal_wan.py): the same weights and names, G from
+    """A block-causal Wan student (Self-Forcing / CausVid; dfd_video/causal_wan.py): the same weights and names, G from
     Self-Forcing's autoregressive rollout with the KV cache, samples streamed block by block. The teacher and the
     critic stay bidirectional: the same class called without a cache is diffusers' WanTransformer3DModel."""
 
@@ -350,15 +351,15 @@ class CausalWanAdapter(WanAdapter):
                                  "full-sequence student)")
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
-        from causal_wan import CausalWanTransformer
+        from dfd_video.causal_wan import CausalWanTransformer
         return load_transformer(CausalWanTransformer, model_dir, self.family, fix=self.init_buffers, meta=meta)
 
     def generate(self, student_ts):
-        import causal_wan
+        from dfd_video import causal_wan
         return causal_wan.make_generate(student_ts, self.frames_per_block, self.context_sigma)
 
     def sample_video(self, student, noise, cond, student_ts, generator, renoise):
-        import causal_wan
+        from dfd_video import causal_wan
         return causal_wan.stream_sample(student, noise, cond, student_ts, generator, renoise, self.frames_per_block)
 
     def check_data(self, shapes: dict[str, tuple], net: nn.Module) -> None:
@@ -370,7 +371,7 @@ class CausalWanAdapter(WanAdapter):
     def export(self, net: nn.Module, out: str, student_ts: tuple[float, ...]) -> None:
         """<out>/model.pt in Self-Forcing's layout ({"generator": WanDiffusionWrapper's state dict}), what its
         inference.py --checkpoint_path loads; diffusers has no causal Wan pipeline (docs/causal.md)."""
-        from causal_wan import save_self_forcing
+        from dfd_video.causal_wan import save_self_forcing
         save_self_forcing(net.state_dict(), os.path.join(out, "model.pt"))
 
 

@@ -18,6 +18,8 @@ The method path, what `train` runs:
   model_card   the README.md `export` writes: how the student was made and how to load it
   vae, video, files
                the Wan 2.1 VAE both models share; PyAV and captions; atomic writes and one-line write errors
+  causal_wan   Self-Forcing / CausVid students: the block-causal Wan with a KV cache, its rollout, streaming
+               sampler and .pt export (wan_dfd.py imports it only for a causal student)
   cli          the subcommands and their flags, the checks before any model loads, main(spec)
 
 Optional layers, imported only by the subcommand that needs them:

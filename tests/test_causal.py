@@ -1,4 +1,4 @@
-"""The causal (Self-Forcing / CausVid) Wan student: causal_wan.py against diffusers and against itself, dfd's
+"""The causal (Self-Forcing / CausVid) Wan student: dfd_video/causal_wan.py against diffusers and against itself, dfd's
 `generate` hook, the Self-Forcing .pt and LMDB formats, the sf-dfd preset; the end-to-end runs are marked slow."""
 import argparse
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import causal_wan
+from dfd_video import causal_wan
 import dfd
 import dfd_video.cli
 import dfd_video.data

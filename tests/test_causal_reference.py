@@ -1,4 +1,4 @@
-"""Opt-in parity of causal_wan.py with the reference code: DFD_SELF_FORCING_REPO=<checkout of csy2077/DFD-self-forcing>
+"""Opt-in parity of dfd_video/causal_wan.py with the reference code: DFD_SELF_FORCING_REPO=<checkout of csy2077/DFD-self-forcing>
 (the Self-Forcing fork SF-DFD ran; needs einops, regex, ftfy). On tiny random weights, at fixed draws:
   1. CausalWanModel's KV-cache forward (wan/modules/causal_model.py), block by block, vs ours;
   2. SelfForcingTrainingPipeline.inference_with_trajectory (the training rollout) vs causal_wan.rollout;
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import causal_wan
+from dfd_video import causal_wan
 import dfd
 import tiny_wan
 import wan_dfd

@@ -1,4 +1,4 @@
-"""examples/slurm.sbatch, run with a stand-in `srun` that starts every "node" on this machine (each in a folder of its
+"""docs/slurm.sbatch, run with a stand-in `srun` that starts every "node" on this machine (each in a folder of its
 own, so node-local scratch is a real copy per node) and `scontrol` naming localhost as the head node: its
 `torchrun --nnodes 2 --rdzv-backend c10d` rendezvous (gloo) trains, and the run equals a single-node 2-rank run;
 each node reads its own copy of the data, and only rank 0 writes the run folder on the shared filesystem."""
@@ -16,7 +16,7 @@ import tiny_tools
 import tiny_wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SBATCH = os.path.join(ROOT, "examples", "slurm.sbatch")
+SBATCH = os.path.join(ROOT, "docs", "slurm.sbatch")
 
 FAKE_SRUN = """#!/bin/bash
 # stand-in for srun: the command once per node (SLURM_NNODES), node i in $FAKE_NODES/node$i, all at once
