@@ -83,6 +83,26 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the student (paper: 1e-5)")
     p.add_argument("--lr-fake", type=float, default=1e-5, help="AdamW lr of the fake score (paper: 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, both networks")
+    add_method_args(p)
+    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
+    p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N student steps and after the last "
+                   "one (0: only after the last step)")
+    p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
+    p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
+    add_recipe_args(p, spec)
+    lora.add_lora_flags(p)
+    add_gan_args(p)
+    add_probe_args(p)
+    add_tracking_args(p)
+    if spec is not None:
+        spec.add_model_args(p, "check" if check else "train")
+    p.set_defaults(**defaults)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """The flags that set the method: dfd.DFDConfig's fields (train.dfd_config) and the teacher's guidance."""
     p.add_argument("--p", type=float, default=0.5, help="P(teacher sees the real video) per student step, Eq. 10; "
                    "0 = plain DMD, 1 = DFD only")
     p.add_argument("--per-sample-coin", action="store_true", help="one DFD coin per sample instead of per step")
@@ -113,21 +133,6 @@ def add_train_args(p: argparse.ArgumentParser, spec=None, check: bool = False) -
     p.add_argument("--zero-nonfinite-grads", action="store_true", help="set the student's NaN gradients to 0 and "
                    "+-inf to the largest finite value, then clip and step, as FastGen's GradClipCallback does "
                    "(default: stop the run with the last checkpoint untouched)")
-    p.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: no EMA)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise, t and the DFD coin")
-    p.add_argument("--monitor-every", type=int, default=10, help="every N steps log teacher_gap (one extra teacher call)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N student steps and after the last "
-                   "one (0: only after the last step)")
-    p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept in <out>/checkpoints")
-    p.add_argument("--no-checkpointing", action="store_true", help="turn off activation checkpointing")
-    add_recipe_args(p, spec)
-    lora.add_lora_flags(p)
-    add_gan_args(p)
-    add_probe_args(p)
-    add_tracking_args(p)
-    if spec is not None:
-        spec.add_model_args(p, "check" if check else "train")
-    p.set_defaults(**defaults)
 
 
 def add_recipe_args(p: argparse.ArgumentParser, spec) -> None:
