@@ -16,7 +16,9 @@ drives the 2D toy (toy/mixture.py) and the video models (wan_dfd.py, cosmos_dfd.
 rank work: points (B, 2), images (B, C, H, W), videos (B, C, T, H, W).
 
 Reading order: schedule -> guidance -> the loss (copy `dm_loss` alone into your repo) -> the DFD coin
--> fake-score loss -> sampler -> one update step -> the alternating loop.
+-> fake-score loss -> sampler -> one update step -> the alternating loop. The steps take two optional hooks that
+are not the paper's method and are off unless given: `generate` (how a student that is not one network call makes
+G, e.g. a causal rollout) and an `Adversary` (DMD2's GAN head, which the paper removes for DFD).
 """
 from __future__ import annotations
 
