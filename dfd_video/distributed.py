@@ -223,10 +223,17 @@ def mean_over_ranks(logs: dict[str, float], device: torch.device) -> dict[str, f
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process in GiB: CUDA's allocated peak, or on CPU the peak resident set of this process's
+    own address space (Linux's VmHWM; getrusage's ru_maxrss would also count a parent's peak that a process started
+    by fork and exec inherits)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def compute_dtype(flag: str, device: torch.device) -> torch.dtype | None:

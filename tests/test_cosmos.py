@@ -577,7 +577,8 @@ def test_torchrun_two_rank_prepare_holds_the_same_samples(e2e, tmp_path):
     assert len(one) == len(two) == 4
     by_latents = lambda d: sorted((d[i] for i in range(len(d))), key=lambda it: it["latents"].sum().item())
     for a, b in zip(by_latents(one), by_latents(two), strict=True):
-        for k in keys:
+        assert a.keys() == b.keys() == {"latents", "image", "text"}  # the caption key looked up in prompts/
+        for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert sorted(os.listdir(os.path.join(out, dfd_video.data.PROMPTS))) == sorted(os.listdir(os.path.join(e2e["data"], dfd_video.data.PROMPTS)))
     for name in os.listdir(os.path.join(out, dfd_video.data.PROMPTS)):

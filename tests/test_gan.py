@@ -323,10 +323,10 @@ def emulate(s, argv, steps: int, world: int):
     for k in range(steps):
         for j in range(c.fake_updates):
             for r in range(world):
-                dfd.fake_score_step(student, fake, tiny_wan.Deferred(), batches(r), c, k, j, r, adv)
+                dfd.fake_score_step(student, fake, tiny_wan.Deferred(), batches(r), c, k, j, r, adversary=adv)
             step(fake_net, disc)
         for r in range(world):
-            dfd.student_step(student, teacher, fake, tiny_wan.Deferred(), batches(r), c, k, r, None, adv)
+            dfd.student_step(student, teacher, fake, tiny_wan.Deferred(), batches(r), c, k, r, None, adversary=adv)
         step(student_net)
     return {"student": student_net.state_dict(), "fake": fake_net.state_dict(), "discriminator": disc.state_dict()}
 
