@@ -220,10 +220,7 @@ def test_preset_sets_the_sf_dfd_recipe_and_given_flags_win(tmp_path):
 # End to end (slow): a tiny Self-Forcing .pt through wan_dfd.py
 
 
-def cli(args, **kw):
-    r = subprocess.run([sys.executable, SCRIPT, *args], env=tiny_wan.quiet_env(), capture_output=True, text=True, **kw)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+cli = tiny_wan.run_script
 
 
 @pytest.fixture(scope="module")

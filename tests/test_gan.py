@@ -3,12 +3,11 @@ discriminator is fed, FastGen's parameter names loading from a FastGen FSDP fold
 feature layouts, the method untouched at weight 0; a tiny GAN run; and (slow) kill / resume bit-identical at 1 and 2
 ranks, 2 ranks equal to a single-process emulation."""
 import argparse
+import functools
 import json
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -335,10 +334,7 @@ def setup_disc(s) -> dict:
     return {k: v.clone() for k, v in s["disc"].state_dict().items()}
 
 
-def run(argv, launch=(sys.executable,)):
-    r = subprocess.run([*launch, SCRIPT, *argv], env=tiny_wan.quiet_env(), capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+run = functools.partial(tiny_wan.run_script, timeout=1200)
 
 
 @pytest.mark.slow

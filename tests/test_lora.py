@@ -4,10 +4,10 @@ resume bit-identical at 1 rank (bf16, grad accumulation, EMA), 2 ranks on gloo e
 emulation (and, slow, resuming bit-identically), the LoRA file WanPipeline.load_lora_weights reads reproducing the merged
 student, Cosmos's export format, and every bad input's one line."""
 import argparse
+import functools
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -41,10 +41,7 @@ def train_argv(s, out, *more):
             "--monitor-every", "0", "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8", *more]
 
 
-def run(argv, launch=(sys.executable,), **kw):
-    r = subprocess.run([*launch, SCRIPT, *argv], env=tiny_wan.quiet_env(), capture_output=True, text=True, timeout=900, **kw)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+run = functools.partial(tiny_wan.run_script, timeout=900)
 
 
 def parse(argv):

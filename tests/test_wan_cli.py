@@ -31,10 +31,7 @@ SCRIPT = os.path.join(ROOT, "wan_dfd.py")
 SIZE = ["--num-frames", "9", "--height", "32", "--width", "48", "--fps", "8"]
 
 
-def run(args, **kw):
-    r = subprocess.run([sys.executable, SCRIPT, *args], env=tiny_wan.quiet_env(), capture_output=True, text=True, **kw)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+run = tiny_wan.run_script
 
 
 @pytest.fixture(scope="module")

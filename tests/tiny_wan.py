@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -246,6 +248,16 @@ def quiet_env() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_script(argv: list[str], launch=(sys.executable,), script: str = "wan_dfd.py", **kw) -> subprocess.CompletedProcess:
+    """`launch script *argv` (script relative to the repo root) in quiet_env(); the test fails with the end of its
+    stderr unless it exits 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([*launch, os.path.join(root, script), *argv], env=quiet_env(), capture_output=True, text=True,
+                       **kw)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 # ---------------------------------------------------------------------------------------------------
