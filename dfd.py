@@ -37,6 +37,10 @@ Pairing = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (G detach
 # is this rank's, `shared` draws the same on every rank (what must agree across ranks, e.g. how many network calls
 # FSDP makes)
 Generate = Callable[[Any, torch.Tensor, Any, torch.Generator, torch.Generator], torch.Tensor]
+# An adversary (DMD2's GAN head, dfd_video/gan.py; the paper removes it for DFD) has three methods the steps call:
+# gen_loss(x~_t, t, cond) -> (weighted loss with grad into G, stats); disc_loss(x~_t detached, x_real, eps, t, cond,
+# generator) -> (its loss, stats), backward by the caller; step(step) -> stats, its optimizer step after the fake score's
+Adversary = Any
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,27 +347,6 @@ def make_sample(student, x_real: torch.Tensor, cond: Any, c: DFDConfig, g: torch
         return generate(student, x_real, cond, g, _generator(c, x_real.device, *parts, -1))
     x_in, t_in = student_input(x_real, c.student_ts, g, student if c.backward_sim else None, cond)
     return student(x_in, t_in, cond)
-
-
-class Adversary:
-    """An optional adversarial term beside the DMD / DFD loss: DMD2's GAN head (a discriminator on the teacher's
-    features, dfd_video/gan.py). The paper removes it for DFD (Table 5); the steps below call it only when one is
-    given, so without it they are exactly the plain method. Subclasses implement the three methods."""
-
-    def gen_loss(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, dict]:
-        """The student's extra loss (already weighted) on G noised as the fake score sees it, x~_t, with grad into G;
-        and stats to log."""
-        raise NotImplementedError
-
-    def disc_loss(self, x_noisy: torch.Tensor, x_real: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
-                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The adversary's own loss on a detached x~_t against the real sample x (noised with the same eps and t, or
-        fresh draws from `generator`); backward fills its gradients."""
-        raise NotImplementedError
-
-    def step(self, step: int) -> dict:
-        """Its optimizer step after the fake-score phase's gradients; returns stats to log."""
-        raise NotImplementedError
 
 
 def fake_score_step(student, fake, opt, batches: list[Batch], c: DFDConfig, step: int, j: int, rank: int = 0,

@@ -1,5 +1,5 @@
 """DMD2's GAN head as FastGen trains it (--gan-weight > 0; the paper drops it for DFD, Table 5, Fig. 7a): a
-discriminator on the frozen teacher's block features, its losses, and the dfd.Adversary that adds it to the steps.
+discriminator on the frozen teacher's block features, its losses, and the adversary dfd's steps call (`GAN`).
 
 What FastGen computes (fastgen/methods/distribution_matching/dmd2.py, fastgen/methods/common_loss.py), and so we:
   student phase   the teacher's conditional branch (no CFG) runs on x~_t = alpha_t G + sigma_t eps, the same eps and
@@ -174,8 +174,16 @@ def teacher_features(spec, net: nn.Module, denoiser: nn.Module, indices: Sequenc
 # The adversary dfd's steps call.
 
 
-class GAN(dfd.Adversary):
-    """DMD2's GAN head: `disc` (sharded or not) with its optimizer, the teacher's `features`, FastGen's settings."""
+class GAN:
+    """DMD2's GAN head: `disc` (sharded or not) with its optimizer, the teacher's `features`, FastGen's settings. The
+    adversary dfd's steps call when given one (without it they are exactly the plain method):
+      gen_loss(x~_t, t, cond)     the student's extra loss (weighted) on G noised as the fake score sees it, with
+                                  grad into G; and stats to log
+      disc_loss(x~_t, x, eps, t, cond, generator)
+                                  the discriminator's loss on a detached x~_t against the real x (noised with the
+                                  same eps and t, or fresh draws from `generator`); the caller's backward fills its
+                                  gradients
+      step(step)                  its optimizer step after the fake-score phase's gradients; stats to log"""
 
     def __init__(self, disc: nn.Module, opt: torch.optim.Optimizer, features: Features, weight: float,
                  c: dfd.DFDConfig, same_t_noise: bool = True, r1_weight: float = 0.0, r1_alpha: float = 0.1):
