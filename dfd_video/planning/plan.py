@@ -82,8 +82,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
             bad.append(f"--out {args.out_file}: expected a file in an existing folder this process may write into")
     if min(args.worlds) < 1 or min(args.gpus_gb) <= args.reserve_gb:
         bad.append(f"--worlds / --gpus-gb: need GPU counts >= 1 and sizes above --reserve-gb {args.reserve_gb:g}")
-    if args.gan_weight < 0:
-        bad.append(f"--gan-weight {args.gan_weight:g}: must be >= 0")
     return bad
 
 
