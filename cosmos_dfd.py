@@ -339,6 +339,7 @@ class CosmosAdapter(ModelSpec):
                     r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
     lora_loader = "CosmosLoraLoaderMixin"  # Cosmos2_5_PredictBasePipeline's load_lora_weights reads the export
     base_model = "nvidia/Cosmos-Predict2.5-2B"  # its diffusers folder: branch diffusers/base/post-trained
+    recipes = RECIPES
 
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
         """CosmosTransformer3DModel from model_dir/transformer (or model_dir itself), fp32."""
@@ -379,10 +380,6 @@ class CosmosAdapter(ModelSpec):
 
     def feature_dim(self, net) -> int:
         return net.config.num_attention_heads * net.config.attention_head_dim
-
-    def fastgen_recipe(self, net) -> FastGenRecipe | None:
-        cfg = net.config
-        return RECIPES.get((cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim))
 
     def make_cond(self, items: dict[str, torch.Tensor], device: torch.device) -> CosmosCond:
         return CosmosCond(items["text"].float().to(device), items["image"].float().to(device))

@@ -223,6 +223,7 @@ class WanAdapter(ModelSpec):
     lora_targets = r"blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|blocks\.\d+\.ffn\.net\.(0\.proj|2)"
     lora_loader = "WanLoraLoaderMixin"  # WanPipeline's: export --lora writes what its load_lora_weights reads
     base_model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    recipes = RECIPES
     presets = {"sf-dfd": SF_DFD_PRESET}  # --preset: SF-DFD's recipe for Self-Forcing students
 
     def add_model_args(self, p, cmd: str) -> None:
@@ -274,10 +275,6 @@ class WanAdapter(ModelSpec):
         cfg = net.config  # the token's D channels over the p_t p_h p_w latent positions it covers
         pt, ph, pw = cfg.patch_size
         return cfg.num_attention_heads * cfg.attention_head_dim // (pt * ph * pw)
-
-    def fastgen_recipe(self, net) -> FastGenRecipe | None:
-        cfg = net.config
-        return RECIPES.get((cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim))
 
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
         return items["latents"].float(), self.make_cond(items, device)

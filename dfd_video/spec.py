@@ -66,6 +66,7 @@ class ModelSpec:
     lora_targets: str = ""              # --lora-rank: regular expression peft matches against whole module names
     lora_loader: str = ""               # the diffusers LoRA mixin whose save_lora_weights writes `export --lora`
     base_model: str = ""                # the base model's Hugging Face id (the model card `export` writes)
+    recipes: dict = {}                  # FastGen's DMD2 configs by (blocks, width): dfd_video.spec.FastGenRecipe
 
     # --- the networks ------------------------------------------------------------------------------------------
     def load_network(self, model_dir: str, meta: bool = False) -> nn.Module:
@@ -116,8 +117,10 @@ class ModelSpec:
         raise NotImplementedError
 
     def fastgen_recipe(self, net: nn.Module) -> FastGenRecipe | None:
-        """FastGen's DMD2 config for this architecture (matched on block count and width); None when it has none."""
-        return None
+        """FastGen's DMD2 config for this architecture (`recipes`, matched on block count and width); None when it has
+        none."""
+        cfg = net.config
+        return self.recipes.get((cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim))
 
     # --- conditioning and data ---------------------------------------------------------------------------------
     def make_batch(self, items: dict[str, torch.Tensor], device: torch.device) -> tuple:
