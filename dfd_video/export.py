@@ -3,7 +3,6 @@ the adapter alone in diffusers' LoRA format."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import dfd
@@ -11,7 +10,7 @@ from dfd_video import lora
 from dfd_video.distributed import setup_distributed
 from dfd_video.files import check_new_folder, fail, write_folder
 from dfd_video.model_card import write_model_card
-from dfd_video.runs import latest_checkpoint, refuse_non_finite, run_args
+from dfd_video.runs import checkpoint_run, refuse_non_finite, run_args
 from dfd_video.sample import load_student
 
 
@@ -19,10 +18,8 @@ def trained_student_ts(ckpt: str) -> tuple[float, ...]:
     """The --student-ts the training run used for this checkpoint (its segments.jsonl / args.json, next to
     checkpoints/), else the paper's."""
     try:
-        folder = latest_checkpoint(ckpt)
-        step = os.path.basename(folder.rstrip(os.sep)).rpartition("step-")[2]
-        return tuple(run_args(os.path.dirname(os.path.dirname(folder)), int(step) if step.isdigit() else None)
-                     ["student_ts"])
+        found = checkpoint_run(ckpt)
+        return dfd.STUDENT_TS if found is None else tuple(run_args(*found)["student_ts"])
     except (ValueError, OSError, KeyError, TypeError):
         return dfd.STUDENT_TS
 

@@ -9,42 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 
 from dfd_video.files import write_text
+from dfd_video.runs import checkpoint_run, latest_checkpoint, metric_rows
 
 BOOKKEEPING = ("cmd", "out", "resume", "overwrite", "unit", "length", "causal_student")  # flags that say where a run went, not how it was made
 TAGS = ["dfd", "data-forcing-distillation", "dmd2", "distillation", "few-step", "video"]
 
 
 def run_of(ckpt: str) -> tuple[str, int] | None:
-    """(run folder, the last student step the checkpoint holds, counted from 0 as metrics.jsonl's "step") when --ckpt
-    is a training checkpoint of a run folder, else None. The step comes from the folder's name: step-NNNNNN is that
-    step; iteration-NNNNNNN (a run counted in FastGen iterations) is the logged step whose "iteration" it is."""
-    from dfd_video.runs import latest_checkpoint
-    try:
-        folder = latest_checkpoint(ckpt)
-    except ValueError:
+    """(run folder, the last student step the checkpoint holds) when --ckpt is a training checkpoint of a run folder
+    (with its args.json) whose step is known (dfd_video.runs.checkpoint_run), else None."""
+    found = checkpoint_run(ckpt)
+    if found is None or found[1] is None or not os.path.exists(os.path.join(found[0], "args.json")):
         return None
-    name = os.path.basename(os.path.normpath(folder))
-    run = os.path.dirname(os.path.dirname(os.path.normpath(folder)))
-    if not os.path.exists(os.path.join(run, "args.json")):
-        return None
-    if m := re.fullmatch(r"step-(\d{6})", name):
-        return run, int(m[1])
-    if m := re.fullmatch(r"iteration-(\d{7})", name):
-        rows = metric_rows(run)
-        step = next((r["step"] for r in rows if r.get("iteration") == int(m[1])), None)
-        return (run, step) if step is not None else None
-    return None
-
-
-def metric_rows(run: str) -> list[dict]:
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return found
 
 
 def recipe(spec, run_args: dict) -> list[tuple[str, str, str]]:
@@ -82,7 +61,6 @@ def provenance(spec, args: argparse.Namespace, student_ts: tuple[float, ...]) ->
     run, step = found
     with open(os.path.join(run, "args.json")) as f:
         run_args = json.load(f)
-    from dfd_video.runs import latest_checkpoint
     has_ema = os.path.exists(os.path.join(latest_checkpoint(args.ckpt), "ema.safetensors"))
     weights = "the EMA" if args.weights == "ema" or (args.weights == "auto" and has_ema) else "the student"
     rows = [("base model", f"{spec.base_model} (local folder `{run_args.get('model_dir')}`)"),

@@ -429,6 +429,32 @@ def record_segment(out: str, args: dict, start: int, resumed_from: str | None, c
     write_text(path, before + json.dumps(line) + "\n")
 
 
+def metric_rows(run_folder: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl; [] without one."""
+    path = os.path.join(run_folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def checkpoint_run(ckpt: str) -> tuple[str, int | None] | None:
+    """(run folder, the last student step the checkpoint holds, counted from 0 as metrics.jsonl's "step") for a
+    training checkpoint (a step folder, its run folder or `latest`), else None. The step comes from the folder's name:
+    step-NNNNNN is that step; iteration-NNNNNNN (a run counted in FastGen iterations) is the logged step whose
+    "iteration" it is; None when the name or the log does not tell."""
+    try:
+        folder = os.path.normpath(latest_checkpoint(ckpt))
+    except ValueError:
+        return None
+    run, name = os.path.dirname(os.path.dirname(folder)), os.path.basename(folder)
+    if m := re.fullmatch(r"step-(\d{6})", name):
+        return run, int(m[1])
+    if m := re.fullmatch(r"iteration-(\d{7})", name):
+        return run, next((r["step"] for r in metric_rows(run) if r.get("iteration") == int(m[1])), None)
+    return run, None
+
+
 def run_args(run_folder: str, step: int | None = None) -> dict:
     """The flags of the segment of a run that trained `step` (None: the last segment), from segments.jsonl, else
     args.json; {} when the folder holds neither."""

@@ -585,3 +585,19 @@ def test_torchrun_two_rank_prepare_holds_the_same_samples(e2e, tmp_path):
         if name.endswith(".safetensors"):
             torch.testing.assert_close(load_file(os.path.join(out, dfd_video.data.PROMPTS, name))["text"],
                                        load_file(os.path.join(e2e["data"], dfd_video.data.PROMPTS, name))["text"])
+
+
+def test_export_takes_the_student_times_of_the_segment_an_iteration_checkpoint_ends(tmp_path):
+    """A run counted in FastGen iterations (the default) names its checkpoints iteration-NNNNNNN: export reads the
+    student times of the segment that trained it, not the last segment's."""
+    run = tmp_path / "run"
+    for name in ("iteration-0000010", "iteration-0000020"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / "state.pt").write_bytes(b"")
+    (run / "args.json").write_text(json.dumps({"student_ts": [1.0, 0.5]}))
+    (run / "segments.jsonl").write_text("".join(json.dumps({"start_step": s, "args": {"student_ts": ts}}) + "\n"
+                                                for s, ts in ((0, [1.0, 0.5]), (2, [1.0, 0.25]))))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "iteration": 5 * (s + 1)}) + "\n"
+                                               for s in range(4)))
+    assert dfd_video.export.trained_student_ts(str(run / "checkpoints" / "iteration-0000010")) == (1.0, 0.5)
+    assert dfd_video.export.trained_student_ts(str(run / "checkpoints" / "iteration-0000020")) == (1.0, 0.25)
