@@ -40,7 +40,7 @@ import torch.nn as nn
 
 import dfd
 from dfd_video.cli import main as cli_main
-from dfd_video.runs import latest_checkpoint
+from dfd_video.runs import checkpoint_run, run_args
 from dfd_video.spec import (SELF_FORCING_NEGATIVE_PROMPT, FastGenRecipe, GuidedDenoiser, ModelSpec, load_transformer,
                             one_step_scheduler)
 from dfd_video.vae import WanVAE
@@ -121,16 +121,9 @@ def add_causal_args(p, cmd: str) -> None:
 
 
 def _run_args(ckpt: str) -> dict | None:
-    """The args.json of the training run a checkpoint (step folder, run folder or `latest`) belongs to, else None."""
-    try:
-        folder = latest_checkpoint(ckpt)
-    except ValueError:
-        return None
-    try:
-        with open(os.path.join(os.path.dirname(os.path.dirname(folder)), "args.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    """The flags of the training run a checkpoint (step folder, run folder or `latest`) belongs to, else None."""
+    found = checkpoint_run(ckpt)
+    return None if found is None else run_args(found[0])
 
 
 def reads_causal(args) -> bool:
