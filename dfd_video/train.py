@@ -294,12 +294,12 @@ def interrupted(args: argparse.Namespace) -> str:
     return where_it_stopped(args.out)
 
 
-def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype):
+def open_probes(spec, args, d: Dist, data: LatentShards, start: int, dtype, length: RunLength):
     """The training probes (--probe-every; the evaluation layer, imported only when asked for)."""
     if args.probe_every <= 0:
         return None
     from dfd_video.evaluation.probes import open_probes as open_
-    return open_(spec, args, d, data, start, dtype)
+    return open_(spec, args, d, data, start, dtype, length)
 
 
 def open_tracker(spec, args, d: Dist, start: int):
@@ -366,7 +366,7 @@ def run(spec, args: argparse.Namespace) -> dict:
         nets = build_networks(spec, args, d, dtype, resume)
         if args.gan_weight > 0:
             adversary = open_gan(spec, args, d, dtype, nets, resume, options)
-        probes = open_probes(spec, args, d, data, resume.state["step"] + 1 if resume else 0, dtype)
+        probes = open_probes(spec, args, d, data, resume.state["step"] + 1 if resume else 0, dtype, length)
     except ValueError as e:
         raise fail(e)
     uncond = {k: v.to(d.device) for k, v in data.negative.items()} if data.negative else None

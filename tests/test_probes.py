@@ -62,6 +62,7 @@ def test_probes_leave_training_unchanged_and_resume_their_series(data, tmp_path)
         #                                                      probes touch neither the nets' settings nor the data)
     rows = [json.loads(x) for x in open(tmp_path / "probed" / "probes.jsonl")]
     assert [r["step"] for r in rows] == [-1, 1, 3]  # the start, then every 2 steps; the resume continued the series
+    assert [r["iteration"] for r in rows] == [0, 4, 8]  # FastGen iterations done: 2 per student step (--fake-updates 1)
     for r in rows:
         assert 0 <= r["saturation"] <= 1 and 0 <= r["clipped"] <= 1 and 0 <= r["hf_energy"] <= 1
     assert rows[0] != rows[2]  # the student moved, and the probe sees it

@@ -77,9 +77,10 @@ class Probes:
     running the same number of forwards (FSDP2 gathers parameters collectively), and rank 0 writes the results."""
 
     def __init__(self, spec, args: argparse.Namespace, conds: list[dict[str, torch.Tensor]], seeds: list[int],
-                 noise_shape: tuple[int, ...], d, start: int, vae, encoder: ImageEncoder | None = None,
+                 noise_shape: tuple[int, ...], d, start: int, vae, length, encoder: ImageEncoder | None = None,
                  fps: float = 16.0):
         self.spec, self.args, self.conds, self.seeds, self.d, self.vae = spec, args, conds, list(seeds), d, vae
+        self.length = length  # the run's dfd_video.length.RunLength: FastGen iterations of a step
         self.noise_shape, self.encoder, self.fps = tuple(noise_shape), encoder, fps
         self.last: dict | None = None  # rank 0: {"step", "row", "grid", "clip", "fps"} of the latest probe
         self.every, self.drift = args.probe_every, args.stop_on_drift
@@ -128,7 +129,7 @@ class Probes:
             found = {(i, s): r for part in gathered for (i, s, *r) in part}
             stats = [found[j][0] for j in jobs]
             # step: the student step the probe follows (-1: the start); iteration: FastGen iterations done by then
-            row = {"step": step, "iteration": (step + 1) * (self.args.fake_updates + 1),
+            row = {"step": step, "iteration": self.length.iteration(step),
                    **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}}
             if self.encoder is not None and len(self.seeds) > 1:
                 row["diversity"] = float(np.mean([pairwise_diversity(torch.stack([found[(i, s)][2] for s in self.seeds]))
@@ -159,7 +160,7 @@ class Probes:
         return None
 
 
-def open_probes(spec, args: argparse.Namespace, d, data, start: int, dtype) -> Probes:
+def open_probes(spec, args: argparse.Namespace, d, data, start: int, dtype, length) -> Probes:
     """The run's probes: conditions from --probe-prompts (encoded once, then the text encoder is freed) or the first
     --probe-count samples of the data, the data's latent shape, and the --probe-encoder if given."""
     if args.probe_prompts:
@@ -176,5 +177,5 @@ def open_probes(spec, args: argparse.Namespace, d, data, start: int, dtype) -> P
         conds = [{k: v for k, v in data[i].items() if k != "latents"} for i in range(min(args.probe_count, len(data)))]
     encoder = ImageEncoder(args.probe_encoder, d.device, "--probe-encoder") if args.probe_encoder else None
     vae = spec.open_encoders(args.model_dir, d.device, torch.float32, text=False).vae
-    return Probes(spec, args, conds, args.probe_seeds, data.shapes["latents"], d, start, vae, encoder,
+    return Probes(spec, args, conds, args.probe_seeds, data.shapes["latents"], d, start, vae, length, encoder,
                   fps=float(data.manifest.get("fps", 16.0)))
