@@ -57,7 +57,7 @@ def read_rows(path: str) -> Iterator[tuple[torch.Tensor, str]]:
         env.close()
 
 
-def prepare(spec, args: argparse.Namespace, negative_text: str) -> dict:
+def prepare(spec, args: argparse.Namespace, negative_text: str, store: torch.dtype) -> dict:
     """The LMDB rows -> shards of latents and text embeddings (one process; the text encoder of --model-dir)."""
     if args.resume:
         raise SystemExit(f"error: --resume: an LMDB --videos {args.videos} is converted in one go; give an empty --out")
@@ -67,7 +67,6 @@ def prepare(spec, args: argparse.Namespace, negative_text: str) -> dict:
     try:
         enc = spec.open_encoders(args.model_dir, d.device, compute_dtype(args.dtype, d.device) or torch.float32,
                                  vae=False)
-        store = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.store_dtype]
         writer = ShardWriter(args.out, args.per_shard)
         from tqdm import tqdm
         for lat, caption in tqdm(read_rows(args.videos), desc="prepare (LMDB)", file=sys.stderr):

@@ -60,7 +60,7 @@ def run(spec, args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --out {args.out} already holds a prepared data set; give an empty --out")
         neg = SELF_FORCING_NEGATIVE_PROMPT if args.negative_prompt is None else negative_prompt(
             args.negative_prompt, spec.pipeline_negative_prompt())
-        return lmdb_latents.prepare(spec, args, neg)
+        return lmdb_latents.prepare(spec, args, neg, storage_dtype(args))
     try:
         videos = list_sources(args.videos)  # a folder of videos, or WebDataset tar shards
     except ValueError as e:
