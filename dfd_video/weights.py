@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from dfd_video.files import read_error
+from dfd_video.files import first_line, read_error
 from dfd_video.runs import latest_checkpoint, load_checkpoint
 
 
@@ -135,7 +135,7 @@ def _dcp_damage(reader, path: str, e: BaseException) -> str:
                     f"{name} is truncated: {size} bytes, its .metadata needs {end}") + "; copy the folder again"
     failures = getattr(e, "failures", {}) or {}
     inner = next((getattr(f, "exc", f) for f in failures.values()), e)
-    return f"{type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}" if str(inner).strip() else type(inner).__name__
+    return first_line(inner)
 
 
 def _by_role(sd: dict[str, Any]) -> dict[str, dict[str, Any]]:
