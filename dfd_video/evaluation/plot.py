@@ -10,6 +10,7 @@ import os
 import sys
 
 from dfd_video.files import atomic_write
+from dfd_video.runs import run_args
 
 # panels in this order when the run logged them; any other numeric key follows
 FIRST = ("loss_student", "loss_fake", "delta2", "teacher_gap", "dm_normaliser", "dm_grad_norm", "grad_norm_student",
@@ -93,12 +94,9 @@ def plot_run(run: str, out: str) -> list[str]:
 
 
 def run_unit(run: str) -> str:
-    """The unit the run counts in (args.json's "unit"; runs from before it counted student steps)."""
-    try:
-        with open(os.path.join(run, "args.json")) as f:
-            unit = json.load(f).get("unit", "student_steps")
-    except (OSError, ValueError, AttributeError):
-        unit = "student_steps"
+    """The unit the run counts in (its recorded flags' "unit"; runs from before it counted student steps)."""
+    flags = run_args(run)
+    unit = flags.get("unit", "student_steps") if isinstance(flags, dict) else "student_steps"
     return unit if unit in AXES else "student_steps"
 
 
