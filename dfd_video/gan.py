@@ -139,23 +139,6 @@ def block_outputs(blocks: Sequence[nn.Module], indices: Sequence[int]):
 Features = Callable[[torch.Tensor, torch.Tensor, Any], list]  # (x_t, t, cond) -> [B, C, T, H, W] per feature block
 
 
-class Uncheckpointed(nn.Module):
-    """A call of `denoiser` with the network's activation checkpointing off: for a teacher whose LoRA adapters are
-    switched off only for the call (dfd_video.lora.AdaptersOff), a recomputation in backward would run with them on."""
-
-    def __init__(self, denoiser: nn.Module, net: nn.Module):
-        super().__init__()
-        self.denoiser, self._net = denoiser, [net]  # a list: not a second registration of the network
-
-    def forward(self, *args, **kwargs):
-        net = self._net[0]
-        net.disable_gradient_checkpointing()
-        try:
-            return self.denoiser(*args, **kwargs)
-        finally:
-            net.enable_gradient_checkpointing()
-
-
 def teacher_features(spec, net: nn.Module, denoiser: nn.Module, indices: Sequence[int], dtype) -> Features:
     """(x_t, t, cond) -> the outputs of the teacher's blocks `indices` (sorted) on its conditional branch, each in
     the layout FastGen's discriminator reads (spec.feature_grid), in the discriminator's compute dtype. `denoiser` is

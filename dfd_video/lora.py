@@ -166,7 +166,9 @@ def read_base(info: dict, path: str | None = None) -> tuple[dict[str, torch.Tens
 
 class AdaptersOff(nn.Module):
     """The teacher when it shares its network with the fake score: the network's LoRA layers are bypassed
-    (diffusers' disable_adapters) for the call and switched back on afterwards. The teacher runs under no_grad."""
+    (diffusers' disable_adapters) for the call and switched back on afterwards. The DMD teacher runs under no_grad;
+    a call with grad (the GAN head's features, with grad into G) also runs without activation checkpointing, which
+    would recompute in backward with the adapters on again."""
 
     def __init__(self, denoiser: nn.Module, net: nn.Module):
         super().__init__()
@@ -174,11 +176,16 @@ class AdaptersOff(nn.Module):
 
     def forward(self, *args, **kwargs):
         net = self._net[0]
+        recomputes = torch.is_grad_enabled() and net.is_gradient_checkpointing
         net.disable_adapters()
+        if recomputes:
+            net.disable_gradient_checkpointing()
         try:
             return self.denoiser(*args, **kwargs)
         finally:
             net.enable_adapters()
+            if recomputes:
+                net.enable_gradient_checkpointing()
 
 
 class LoraEMA(nn.Module):

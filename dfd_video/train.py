@@ -324,8 +324,8 @@ def open_gan(spec, args: argparse.Namespace, d: Dist, dtype, nets: Networks, res
     score's)."""
     from dfd_video import gan
     features_of = spec.denoiser(nets.teacher, None, None, dtype, **options)
-    if nets.lora and nets.lora.fake is nets.lora.teacher:
-        features_of = gan.Uncheckpointed(nets.lora.teacher_denoiser(features_of), nets.teacher)
+    if nets.lora:
+        features_of = nets.lora.teacher_denoiser(features_of)
     return gan.open_gan(spec, args, d, dtype, nets.teacher, features_of, nets.desc, resume.folder if resume else None,
                         dfd_config(args))
 

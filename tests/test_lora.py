@@ -281,3 +281,24 @@ def test_bad_lora_inputs_get_one_line(setup, tmp_path):
         got = main_error(["export", "--model-dir", s["pipe"], "--ckpt", ckpt, "--out", str(tmp_path / "e"), "--lora"])
         assert "not a LoRA training checkpoint (export --lora needs a run trained with --lora-rank" in got, got
         assert "\n" not in got
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_adapters_off_runs_a_call_with_grad_unrecomputed_and_restores_the_switches(checkpointing):
+    """The teacher that shares the fake score's network: adapters off for the call; a call with grad (the GAN head's
+    features) also without activation checkpointing, whose backward recomputation would run with the adapters on;
+    afterwards both switches as they were (a run with --no-checkpointing stays without)."""
+    net = lora.attach(tiny_wan.tiny_transformer(), lora.lora_info(argparse.Namespace(lora_rank=4, lora_alpha=None),
+                                                                  wan_dfd.WanAdapter()), seed=0)
+    if checkpointing:
+        net.enable_gradient_checkpointing()
+    seen = []
+    record = lambda grad: seen.append((grad, net.is_gradient_checkpointing,
+                                       all(not m.disable_adapters for m in net.modules() if hasattr(m, "lora_A"))))
+    off = lora.AdaptersOff(lambda: record(torch.is_grad_enabled()), net)
+    off()
+    with torch.no_grad():
+        off()
+    assert seen == [(True, False, False), (False, checkpointing, False)]  # inside: adapters off; with grad, no ckpt
+    assert net.is_gradient_checkpointing == checkpointing
+    assert all(not m.disable_adapters for m in net.modules() if hasattr(m, "lora_A"))  # adapters back on
