@@ -98,7 +98,7 @@ def evaluate(x: torch.Tensor, gmm: GMM, x_ref: torch.Tensor, y: torch.Tensor | N
     hq = dist <= HQ_STD
     counts = torch.bincount(k[hq], minlength=gmm.K).double()
     w = gmm.weights.double()
-    shares = mode_shares(x, gmm)
+    shares = counts / (x.shape[0] * w)  # mode_shares, from the counts above
     covered = shares >= COVER_FRACTION
     kl_all = kl(counts / counts.sum(), w) if counts.sum() > 0 else math.inf
     kl_cond = off_class = math.nan
