@@ -347,29 +347,22 @@ def refuse_non_finite_save(weights: dict[str, dict[str, torch.Tensor]], step: in
                              "(a diverged run: a smaller --lr / --lr-fake, or --grad-clip)")
 
 
-_FINGERPRINTS: dict[tuple, str | None] = {}
-
-
 def data_fingerprint(data: str | None) -> str | None:
     """sha256 over a prepared data folder's manifest and, per data file (shards, negative embedding), its size and
     first bytes (the safetensors header and the start of its first tensor): the same data set wherever it is copied
-    to, another one of the same layout told apart, at a few kB read per shard (once per process and manifest)."""
+    to, another one of the same layout told apart, at a few kB read per shard."""
     import hashlib
     try:
-        manifest = os.path.join(data, "manifest.json")
-        key = (os.path.realpath(manifest), os.stat(manifest).st_mtime_ns)
-        if key not in _FINGERPRINTS:
-            with open(manifest, "rb") as f:
-                raw = f.read()
-            h = hashlib.sha256(raw)
-            m = json.loads(raw)
-            for name in [x["file"] for x in m["shards"]] + ([m["negative"]] if m.get("negative") else []):
-                with open(os.path.join(data, name), "rb") as f:
-                    head = int.from_bytes(f.read(8), "little")
-                    f.seek(0)
-                    h.update(f"{name} {os.fstat(f.fileno()).st_size}".encode() + f.read(8 + min(head, 2**24) + 4096))
-            _FINGERPRINTS[key] = h.hexdigest()
-        return _FINGERPRINTS[key]
+        with open(os.path.join(data, "manifest.json"), "rb") as f:
+            raw = f.read()
+        h = hashlib.sha256(raw)
+        m = json.loads(raw)
+        for name in [x["file"] for x in m["shards"]] + ([m["negative"]] if m.get("negative") else []):
+            with open(os.path.join(data, name), "rb") as f:
+                head = int.from_bytes(f.read(8), "little")
+                f.seek(0)
+                h.update(f"{name} {os.fstat(f.fileno()).st_size}".encode() + f.read(8 + min(head, 2**24) + 4096))
+        return h.hexdigest()
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

@@ -224,6 +224,7 @@ class Progress:
         self.spec, self.args, self.d, self.nets, self.opts = spec, args, d, nets, opts
         self.start, self.position, self.per_rank, self.probes = start, position, per_rank, probes
         self.length, self.disc = length, disc
+        self.data_manifest = data_fingerprint(args.data) if d.main else None  # state.pt's record (rank 0 writes it)
         self.metrics = MetricLog(os.path.join(args.out, "metrics.jsonl"), length.lines, start, d.main)
         self.last_saved, self.last_logs = saved, {}
         self.clock = time.perf_counter()
@@ -279,7 +280,7 @@ class Progress:
                  "per_rank_batch": self.per_rank, "adapter": self.spec.name, "args": vars(a),
                  "length": {"unit": n.unit, "count": n.count}, "iteration": n.iteration(step),
                  "student_updates": n.updates(step), "tail_done": step >= n.student_steps,
-                 "data_manifest": data_fingerprint(a.data)}
+                 "data_manifest": self.data_manifest}
         if nets.lora:
             extra["lora"] = nets.lora.info
         of = None  # LoRA runs save their adapters, and the discriminator whole
