@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import dfd
 from dfd_video import lora
 from dfd_video.distributed import teardown_distributed, wait_for_rank0
-from dfd_video.files import check_writable, error_line
+from dfd_video.files import cannot_move_working_dir, check_writable, error_line, holds_working_dir
 from dfd_video.length import DEFAULT_ITERATIONS, add_length_args
 from dfd_video.runs import held_run_error, release_run_locks, run_files
 from dfd_video.spec import model_family_error
@@ -279,8 +279,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     held = run_files(args.out) if args.cmd == "train" else []  # check's --out is its report
     if held and args.resume is None and not args.overwrite:
         bad.append(held_run_error(args.out))
-    if held and args.overwrite and (os.getcwd() + os.sep).startswith(os.path.abspath(args.out) + os.sep):
-        bad.append(f"--overwrite: --out {args.out} holds the working directory, which cannot be moved aside")
+    if held and args.overwrite and holds_working_dir(args.out):
+        bad.append(cannot_move_working_dir("--out", args.out))
     return bad + lora.check_lora_flags(args)
 
 

@@ -82,13 +82,26 @@ def check_new_folder(path: str, flag: str, overwrite: bool, keep_out: dict[str, 
     if os.path.isfile(path):
         bad.append(f"{flag} {path}: a file, not a folder")
     elif os.path.isdir(path) and os.listdir(path) and not overwrite:
-        names = sorted(os.listdir(path))
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        bad.append(f"{flag} {path} is not empty ({shown}): pass --overwrite to move it to "
-                   f"{os.path.normpath(path)}.old-<date>-<time> first, or choose a new folder")
-    elif overwrite and inside(os.getcwd(), real):
-        bad.append(f"--overwrite: {flag} {path} holds the working directory, which cannot be moved aside")
+        bad.append(f"{flag} {path} is not empty ({first_names(sorted(os.listdir(path)))}): pass --overwrite to move "
+                   f"it to {os.path.normpath(path)}.old-<date>-<time> first, or choose a new folder")
+    elif overwrite and holds_working_dir(path):
+        bad.append(cannot_move_working_dir(flag, path))
     return bad
+
+
+def first_names(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def holds_working_dir(path: str) -> bool:
+    """Whether the folder `path` is, or holds, this process's working directory (which --overwrite cannot move)."""
+    real, cwd = os.path.realpath(path), os.getcwd()
+    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
+
+
+def cannot_move_working_dir(flag: str, path: str) -> str:
+    return f"--overwrite: {flag} {path} holds the working directory, which cannot be moved aside"
 
 
 def write_text(path: str, text: str) -> None:

@@ -15,7 +15,7 @@ from dfd_video.data import MANIFEST, PromptStore, ShardWriter, write_manifest
 from dfd_video.distributed import compute_dtype, setup_distributed
 from dfd_video import lmdb_latents
 from dfd_video.spec import SELF_FORCING_NEGATIVE_PROMPT, negative_prompt
-from dfd_video.files import fail, write_text
+from dfd_video.files import fail, first_names, write_text
 from dfd_video.video import VIDEO_EXT, read_video_frames
 from dfd_video.webdataset import list_sources, open_source, seed_root
 
@@ -25,7 +25,7 @@ def earlier_prepare(out: str) -> str:
     if not os.path.isdir(out):
         return ""
     names = sorted(f for f in os.listdir(out) if f == MANIFEST or re.fullmatch(r"(shard-.*\.safetensors|progress-r\d+\.json)", f))
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return first_names(names)
 
 
 class TextStorer:

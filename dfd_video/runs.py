@@ -218,8 +218,9 @@ def claim_run_folder(out: str, overwrite: bool, resume: bool = False) -> None:
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     lock_run_folder(out, created)
-    if not (overwrite or resume) and held_run_error(out):
-        raise ValueError(held_run_error(out))
+    held = None if overwrite or resume else held_run_error(out)
+    if held:
+        raise ValueError(held)
     if overwrite and run_files(out):
         _unlock(os.path.join(out, LOCK))  # it would move aside with the earlier run
         start_run_folder(out, overwrite=True)

@@ -122,6 +122,17 @@ def test_export_refuses_a_non_empty_out_and_overwrite_moves_it_aside(s, tmp_path
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]  # + the card
 
 
+def test_overwrite_never_moves_the_working_directory(s, tmp_path, monkeypatch):
+    """export's and train's --overwrite move the earlier folder aside; not when it holds the working directory."""
+    run = copy_run(s, tmp_path)
+    before = digest(run)
+    monkeypatch.chdir(os.path.join(run, "checkpoints"))
+    line = f"error: --overwrite: --out {run} holds the working directory, which cannot be moved aside"
+    assert main_error(train_argv(s, run, "--overwrite")) == line
+    assert main_error(["export", "--model-dir", s["pipe"], "--ckpt", s["run"], "--out", run, "--overwrite"]) == line
+    assert digest(run) == before
+
+
 def test_export_on_a_full_disk_leaves_nothing_behind(s, tmp_path, capfd):
     out = str(tmp_path / "exp")
     with disk_full_at(50_000, capfd):  # config.json fits, the 98 kB of weights do not
