@@ -30,16 +30,7 @@ def write_folder(path: str, write: Callable[[str], Any], overwrite: bool = False
     leaves nothing (and an earlier folder untouched). An existing non-empty `path` is moved aside first when
     `overwrite` (the caller refused it otherwise); returns where it went, or None."""
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        write(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_write_failure(e):
-            raise
-        raise OSError(write_error(path, e)) from None
+    tmp = fill_temp_folder(path, write)
     aside = None
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
@@ -50,6 +41,23 @@ def write_folder(path: str, write: Callable[[str], Any], overwrite: bool = False
         os.rmdir(path)
     os.replace(tmp, path)
     return aside
+
+
+def fill_temp_folder(path: str, write: Callable[[str], Any], also: tuple[type, ...] = ()) -> str:
+    """A fresh folder <path>.tmp<pid> beside `path`, filled by write(tmp); returns it for the caller to rename into
+    place. On any failure it is removed again; a failed write (is_write_failure, or one of `also`) is an OSError whose
+    one line names `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (is_write_failure(e) or isinstance(e, also)):
+            raise
+        raise OSError(write_error(path, e)) from None
+    return tmp
 
 
 def move_aside(path: str) -> str:

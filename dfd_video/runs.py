@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from dfd_video.distributed import Dist, full_state_dict, on_main_rank
-from dfd_video.files import is_write_failure, move_aside, torch_save, write_error, write_text
+from dfd_video.files import fill_temp_folder, move_aside, torch_save, write_error, write_text
 
 
 CKPT_DIR = "checkpoints"
@@ -59,23 +59,17 @@ def save_checkpoint(folder: str, step: int, nets: dict[str, nn.Module], opts: di
     optim = {name: get_optimizer_state_dict(nets[name], opt, options=opt_full) for name, opt in opts.items()}
     final = os.path.join(folder, CKPT_DIR, name or f"step-{step:06d}")
 
+    def fill(tmp: str) -> None:
+        for name, sd in weights.items():
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"))
+        torch_save({"step": step, "optim": optim, "rng": rng_state(), **extra}, os.path.join(tmp, "state.pt"))
+
     def write() -> None:
         root = os.path.dirname(final)
         refuse_non_finite_save(weights, step, root)
         os.makedirs(root, exist_ok=True)
-        tmp = f"{final}.tmp{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            for name, sd in weights.items():
-                save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, f"{name}.safetensors"))
-            state = {"step": step, "optim": optim, "rng": rng_state(), **extra}
-            torch_save(state, os.path.join(tmp, "state.pt"))
-        except Exception as e:  # torch.save reports a full disk as a RuntimeError, safetensors as its own error
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (is_write_failure(e) or isinstance(e, RuntimeError)):
-                raise
-            raise OSError(write_error(final, e)) from None
+        # torch.save reports a full disk as a RuntimeError, safetensors as its own error
+        tmp = fill_temp_folder(final, fill, also=(RuntimeError,))
         if os.path.exists(final):  # re-saving a step after a resume: move the old one out of the way first
             old = f"{final}.old{os.getpid()}"
             os.replace(final, old)
