@@ -360,21 +360,9 @@ def test_prepare_resumes_after_the_last_full_shard(setup, tmp_path, capsys):
             "fp32", "--device", "cpu"]
     full = wan_dfd.main([*argv, "--out", str(tmp_path / "full")])
     out = tmp_path / "cut"
-    calls = {"n": 0}
-    real = dfd_video.prepare.read_video_frames  # prepare's own name for it is what prepare calls
-
-    def dies_on_the_fourth(*a, **k):  # 5 files: clip00..03 and broken0; the kill hits after shard 0 (2 clips)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    dfd_video.prepare.read_video_frames = dies_on_the_fourth
-    try:
-        with pytest.raises(SystemExit) as e:  # Ctrl-C: one line (cli.run_driver), status 130
-            wan_dfd.main([*argv, "--out", str(out)])
-        assert e.value.code == 130
-    finally:
-        dfd_video.prepare.read_video_frames = real
+    # 5 files: clip00..03 and broken0; a Ctrl-C on the fourth read hits after shard 0 (2 clips)
+    tiny_wan.interrupted_prepare([*argv, "--out", str(out)], at=4)
+    real = dfd_video.prepare.read_video_frames
     prog = json.load(open(out / "progress-r00.json"))
     assert prog["done"] == 2 and len(prog["shards"]) == 1 and not (out / "manifest.json").exists()
     seen = []

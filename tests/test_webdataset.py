@@ -120,21 +120,7 @@ def test_interrupted_prepare_from_shards_resumes_and_two_ranks_match(shards, tmp
     pipe = tiny_wan.cached_pipeline()
     argv = ["prepare", "--model-dir", pipe, "--videos", shards["folder"], *SIZE, "--per-shard", "1"]
     full = wan_dfd.main([*argv, "--out", str(tmp_path / "full")])
-    calls = {"n": 0}
-    real = dfd_video.prepare.read_video_frames
-
-    def dies_on_the_second(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    dfd_video.prepare.read_video_frames = dies_on_the_second
-    try:
-        with pytest.raises(SystemExit) as e:  # Ctrl-C: one line, exit status 130 (cli.run_driver)
-            wan_dfd.main([*argv, "--out", str(tmp_path / "cut")])
-        assert e.value.code == 130
-    finally:
-        dfd_video.prepare.read_video_frames = real
+    tiny_wan.interrupted_prepare([*argv, "--out", str(tmp_path / "cut")], at=2)  # Ctrl-C on the second clip
     assert json.load(open(tmp_path / "cut" / "progress-r00.json"))["done"] == 1
     resumed = wan_dfd.main([*argv, "--out", str(tmp_path / "cut"), "--resume"])
     assert resumed["shards"] == full["shards"] and resumed["skipped"] == full["skipped"]

@@ -243,6 +243,29 @@ def kill_at_first_checkpoint(cmd: list[str], run_dir: str, timeout: float) -> st
     return latest
 
 
+def interrupted_prepare(argv: list[str], at: int) -> None:
+    """wan_dfd.main(argv), a prepare, with a Ctrl-C at its `at`-th video read (prepare's own name for the reader is
+    what it calls); checks that it ends as cli.run_driver ends one: a SystemExit of status 130."""
+    import pytest
+    import dfd_video.prepare
+    import wan_dfd
+    calls = {"n": 0}
+    real = dfd_video.prepare.read_video_frames
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    dfd_video.prepare.read_video_frames = dies
+    try:
+        with pytest.raises(SystemExit) as e:
+            wan_dfd.main(argv)
+        assert e.value.code == 130
+    finally:
+        dfd_video.prepare.read_video_frames = real
+
+
 def quiet_env() -> dict:
     """Environment for subprocess runs: offline hub, one thread, repo root on the path."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
