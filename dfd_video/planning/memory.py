@@ -276,10 +276,9 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
     # until the student's backward; its exit forwards with grad save what one full-video forward saves (the
     # activations above, which count the recompute of a whole-video block: an upper bound for a 3-frame block)
     kv = sizes["n_blocks"] * 2 * act["tokens"] * D * c if cfg.kv_cache else 0
-    working_per_clip += kv
     parts = {"parameters": sum(v["params"] for v in trained), "gradients": sum(v["grads"] for v in trained),
              "optimizer": sum(v["optimizer"] for v in trained), "teacher": exact["teacher"]["params"],
-             "gathered": gathered, "activations": act["total"], "working": (working_per_clip - kv) * cfg.batch_per_gpu,
+             "gathered": gathered, "activations": act["total"], "working": working_per_clip * cfg.batch_per_gpu,
              **({"kv_cache": kv * cfg.batch_per_gpu} if kv else {})}
     gan_per_clip = 0
     if cfg.gan is not None:
@@ -294,7 +293,7 @@ def plan_memory(sizes: dict, cfg: PlanConfig, saved: dict | None = None) -> dict
         parts["gan_activations"] = gan_per_clip * cfg.batch_per_gpu
     state = sum(sum(v.values()) for v in exact.values())
     return {"parts": parts, "exact": exact, "state": state, "activations": act["total"],
-            "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip + gan_per_clip,
+            "activation_detail": act, "per_clip": act["per_clip"] + working_per_clip + kv + gan_per_clip,
             "fixed": state + gathered, "total": sum(parts.values()), "counted": saved is not None,
             "adapter_params": sum(math.prod(s) for s in lshapes)}
 
